@@ -1,0 +1,36 @@
+# Everything runs from a local virtualenv (.venv) that `make` creates and keeps in step with
+# pyproject.toml: a fresh machine needs only Python 3.11+ and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SAMPLE := data/binance-xrpeth-2019-10/XRPETH-aggTrades-2019-10-11_13.csv
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	@touch $@
+
+## The main job on embedded defaults: exact 1m candles from the bundled Binance sample.
+demo: $(BIN)/.installed
+	$(BIN)/candlekeep aggregate $(SAMPLE) --fill-gaps --output-format binance-klines --interval 1m -o XRPETH-klines-1m.csv
+	@echo "wrote XRPETH-klines-1m.csv ($$(wc -l < XRPETH-klines-1m.csv) klines)"
+
+## Lint, then the whole test suite.
+test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+bench: $(BIN)/.bench-installed
+	$(BIN)/python bench/aggregate_vs_bytewax.py
+
+clean:
+	rm -rf $(VENV) .candlekeep .pytest_cache .hypothesis

@@ -1,0 +1,3 @@
+from candlekeep.cli import main
+
+main()

@@ -1,0 +1,142 @@
+"""``candlekeep aggregate``: candles from trade files with the core, no services."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
+
+import click
+
+from candlekeep.errors import UserError
+from candlekeep.trade_input import TradeInput
+from shared.aggregation import CandleBook, fill_gaps
+from shared.candle_formats import OUTPUT_FORMATS, candle_json_line, kline_row
+from shared.intervals import IntervalError, IntervalSet
+from shared.trade_files import FORMATS
+
+
+def _interval_names(values: tuple[str, ...]) -> list[str]:
+    return [name for value in values for name in value.split(",") if name.strip()]
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option(
+    "--input-format",
+    type=click.Choice(FORMATS),
+    default="auto",
+    show_default=True,
+    help="Format of the trade files (auto: from the name and first line).",
+)
+@click.option(
+    "--interval",
+    "intervals",
+    multiple=True,
+    metavar="NAME",
+    help="Candle interval (1m 5m 15m 1h 4h 1d); repeat or comma-separate. "
+    "Default: CANDLEKEEP_INTERVALS, or 1m for binance-klines.",
+)
+@click.option("--symbol", help="Symbol of Binance CSV files (default: the file name's prefix).")
+@click.option(
+    "--exchange", default="binance", show_default=True, help="Exchange of Binance CSV files."
+)
+@click.option(
+    "--fill-gaps",
+    "fill_gaps_",
+    is_flag=True,
+    help="Write windows without trades the way Binance does (volume 0, previous close).",
+)
+@click.option(
+    "--output-format", type=click.Choice(OUTPUT_FORMATS), default="jsonl", show_default=True
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    default="-",
+    help="Output file (default: standard output).",
+)
+@click.pass_obj
+def aggregate(
+    settings_loader,
+    files,
+    input_format,
+    intervals,
+    symbol,
+    exchange,
+    fill_gaps_,
+    output_format,
+    output,
+):
+    """Candles from trade files, exactly, with no services (SPEC §8)."""
+    names = _interval_names(intervals)
+    if not names:
+        names = (
+            ["1m"] if output_format == "binance-klines" else settings_loader().intervals.split(",")
+        )
+    try:
+        interval_set = IntervalSet.parse(names)
+    except IntervalError as exc:
+        raise UserError(str(exc)) from None
+    if output_format == "binance-klines" and len(interval_set.intervals) != 1:
+        raise UserError(
+            "binance-klines output holds one interval per file: pass a single --interval "
+            "(or use --output-format jsonl)"
+        )
+    started = time.perf_counter()
+    source = TradeInput(list(files), input_format, symbol, exchange)
+    book = CandleBook(interval_set)
+    book.add_all(source.trades())
+    symbols = book.symbols()
+    if output_format == "binance-klines" and len(symbols) > 1:
+        raise UserError(
+            f"the input holds {len(symbols)} symbols and binance-klines has no symbol column: "
+            "aggregate one symbol per run, or use --output-format jsonl"
+        )
+    with _output(output) as out:
+        written = _write(
+            out, book, interval_set, output_format, fill_gaps_, bool(source.microseconds)
+        )
+    elapsed = time.perf_counter() - started
+    source.console.print(
+        f"aggregated {book.trades:,} trades ({book.dedup.duplicates:,} duplicates, "
+        f"{source.invalid:,} invalid lines) from {len(files)} file(s) into {written:,} candles "
+        f"in {elapsed:.2f}s",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@contextmanager
+def _output(path: str) -> Iterator[TextIO]:
+    if path == "-":
+        yield sys.stdout
+    else:
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+
+
+def _write(
+    out: TextIO,
+    book: CandleBook,
+    intervals: IntervalSet,
+    output_format: str,
+    fill: bool,
+    microseconds: bool,
+) -> int:
+    """Write every candle, symbol by symbol and interval by interval; return how many."""
+    written = 0
+    for symbol in book.symbols():
+        for interval in intervals.intervals:
+            candles = book.candles(interval, symbol)
+            if fill:
+                candles = fill_gaps(candles, interval)
+            if output_format == "jsonl":
+                out.writelines(candle_json_line(c) for c in candles)
+            else:
+                out.writelines(",".join(kline_row(c, microseconds)) + "\n" for c in candles)
+            written += len(candles)
+    return written

@@ -1,0 +1,128 @@
+"""Reading trades from files for the CLI: format detection, symbols, invalid-line reports and
+progress. Shared by ``aggregate``, ``load`` and ``feed replay``."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from candlekeep.errors import UserError
+from candlekeep.files import check_readable, first_line, inner_name, open_trade_file
+from shared.trade_files import (
+    FormatError,
+    TradeLineReader,
+    detect_format,
+    symbol_from_filename,
+)
+from shared.trades import Rejection, Trade
+
+#: How many invalid lines are printed one by one before only their count is kept.
+MAX_LINES_SHOWN = 1000
+
+
+@dataclass
+class InvalidLine:
+    path: str
+    line_number: int
+    line: str
+    rejection: Rejection
+
+
+@dataclass
+class TradeInput:
+    """Trades from several files, with counts of what was read and rejected."""
+
+    paths: list[str]
+    input_format: str = "auto"
+    symbol: str | None = None
+    exchange: str = "binance"
+    console: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
+    keep_invalid: bool = False
+    lines: int = 0
+    invalid: int = 0
+    invalid_reasons: Counter = field(default_factory=Counter)
+    invalid_lines: list[InvalidLine] = field(default_factory=list)
+    microseconds: bool | None = None
+
+    def __post_init__(self) -> None:
+        for path in self.paths:
+            check_readable(path)
+        self._plan = [(path, self._format_of(path), self._symbol_of(path)) for path in self.paths]
+
+    def _format_of(self, path: str) -> str:
+        if self.input_format != "auto":
+            return self.input_format
+        try:
+            return detect_format(inner_name(path), first_line(path))
+        except FormatError as exc:
+            raise UserError(str(exc)) from None
+
+    def _symbol_of(self, path: str) -> str | None:
+        return self.symbol or symbol_from_filename(inner_name(path))
+
+    def _reported(self, path: str):
+        def report(number: int, line: str, rejection: Rejection) -> None:
+            self.invalid += 1
+            self.invalid_reasons[rejection.code] += 1
+            if self.keep_invalid:
+                self.invalid_lines.append(InvalidLine(path, number, line, rejection))
+            if self.invalid <= MAX_LINES_SHOWN:
+                self.console.print(
+                    f"{path}:{number}: invalid: {rejection.reason}", markup=False, highlight=False
+                )
+            elif self.invalid == MAX_LINES_SHOWN + 1:
+                self.console.print("(more invalid lines: only their count is shown from here)")
+
+        return report
+
+    def trades(self) -> Iterator[Trade]:
+        """Every trade of every file, in file order; invalid lines reported on stderr."""
+        total = sum(os.path.getsize(p) for p in self.paths)
+        show = self.console.is_terminal and total > 2_000_000
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=not show,
+        )
+        with progress:
+            task = progress.add_task("reading trades", total=total)
+            for path, fmt, symbol in self._plan:
+                if fmt != "jsonl" and not symbol:
+                    raise UserError(
+                        f"{path}: Binance files carry no symbol and the file name does not start "
+                        "with one: pass --symbol"
+                    )
+                try:
+                    reader = TradeLineReader(
+                        fmt, symbol=symbol, exchange=self.exchange, on_invalid=self._reported(path)
+                    )
+                except FormatError as exc:
+                    raise UserError(str(exc)) from None
+                with open_trade_file(path) as handle:
+                    lines: Iterable[str] = handle
+                    if show:
+                        lines = _counting(handle, progress, task)
+                    yield from reader.trades(lines)
+                self.lines += reader.lines
+                if self.microseconds is None:
+                    self.microseconds = reader.microseconds
+
+
+def _counting(lines: Iterable[str], progress: Progress, task) -> Iterator[str]:
+    pending = 0
+    for line in lines:
+        pending += len(line)
+        if pending > 1 << 20:
+            progress.advance(task, pending)
+            pending = 0
+        yield line
+    progress.advance(task, pending)

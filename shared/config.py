@@ -1,0 +1,92 @@
+"""Settings, read from the environment in one place (documented in docs/configuration.md).
+
+``DATABASE_URL`` and ``KAFKA_BOOTSTRAP_SERVERS`` name the real services; everything else has a
+``CANDLEKEEP_`` prefix. Durations accept seconds (``5``, ``0.5``) or ISO-8601 (``PT5S``).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.intervals import DEFAULT_INTERVALS, IntervalSet
+from shared.windows import WindowSettings
+
+_DURATION_RE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str) -> timedelta | str:
+    """``5``, ``2.5s``, ``500ms``, ``2m``, ``1h`` as a timedelta; anything else is left to
+    pydantic (ISO-8601 ``PT5S``, ``HH:MM:SS``)."""
+    match = _DURATION_RE.fullmatch(text)
+    if not match:
+        return text
+    number, unit = match.groups()
+    return timedelta(seconds=float(number) * _UNIT_SECONDS[unit])
+
+
+def _us(delta: timedelta) -> int:
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+class Settings(BaseSettings):
+    """Every setting of candlekeep, with its default."""
+
+    model_config = SettingsConfigDict(env_prefix="CANDLEKEEP_", extra="ignore", frozen=True)
+
+    database_url: str | None = Field(
+        None, validation_alias=AliasChoices("DATABASE_URL", "CANDLEKEEP_DATABASE_URL")
+    )
+    kafka_bootstrap_servers: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "KAFKA_BOOTSTRAP_SERVERS", "CANDLEKEEP_KAFKA_BOOTSTRAP_SERVERS"
+        ),
+    )
+    intervals: str = ",".join(DEFAULT_INTERVALS)
+    max_delay: timedelta = timedelta(seconds=5)
+    allowed_lateness: timedelta = timedelta(0)
+    idle_timeout: timedelta = timedelta(seconds=5)
+    max_future_skew: timedelta = timedelta(minutes=5)
+    topic_trades: str = "trades"
+    topic_candles: str = "candles"
+    topic_late: str = "trades.late"
+    topic_invalid: str = "trades.invalid"
+    consumer_group: str = "candlekeep-stream"
+    data_dir: str = ".candlekeep"
+
+    @field_validator("intervals")
+    @classmethod
+    def _check_intervals(cls, value: str) -> str:
+        IntervalSet.parse(value)
+        return value
+
+    @field_validator(
+        "max_delay", "allowed_lateness", "idle_timeout", "max_future_skew", mode="before"
+    )
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("max_delay", "allowed_lateness", "idle_timeout", "max_future_skew")
+    @classmethod
+    def _non_negative(cls, value: timedelta) -> timedelta:
+        if value < timedelta(0):
+            raise ValueError("must not be negative")
+        return value
+
+    @property
+    def interval_set(self) -> IntervalSet:
+        return IntervalSet.parse(self.intervals)
+
+    def window_settings(self) -> WindowSettings:
+        return WindowSettings(
+            self.interval_set,
+            max_delay_us=_us(self.max_delay),
+            allowed_lateness_us=_us(self.allowed_lateness),
+            idle_timeout_us=_us(self.idle_timeout),
+        )
