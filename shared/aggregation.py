@@ -17,17 +17,28 @@ from shared.trades import Trade
 
 @dataclass
 class Deduplicator:
-    """Remembers trade keys; the first copy of a trade wins, later copies are counted."""
+    """Remembers trade ids; the first copy of a trade wins, later copies are counted.
 
-    seen: set[tuple[str, str, int]] = field(default_factory=set)
+    Ids are kept per (exchange, symbol) as plain ints: cheaper to hash and store than one
+    (exchange, symbol, id) tuple per trade, which mattered at millions of trades.
+    """
+
+    seen: dict[tuple[str, str], set[int]] = field(default_factory=dict)
     duplicates: int = 0
 
+    def ids(self, exchange: str, symbol: str) -> set[int]:
+        """The (live) set of trade ids seen so far for one symbol."""
+        ids = self.seen.get((exchange, symbol))
+        if ids is None:
+            ids = self.seen[exchange, symbol] = set()
+        return ids
+
     def first_seen(self, trade: Trade) -> bool:
-        key = (trade.exchange, trade.symbol, trade.trade_id)
-        if key in self.seen:
+        ids = self.ids(trade.exchange, trade.symbol)
+        if trade.trade_id in ids:
             self.duplicates += 1
             return False
-        self.seen.add(key)
+        ids.add(trade.trade_id)
         return True
 
     def unique(self, trades: Iterable[Trade]) -> Iterator[Trade]:
@@ -47,23 +58,31 @@ class CandleBook:
         self._bases: dict[tuple[str, str], dict[int, Candle]] = {}
 
     def add_all(self, trades: Iterable[Trade]) -> None:
-        """Fold trades (duplicates are counted once). The hot loop of ``aggregate``."""
+        """Fold trades (duplicates are counted once). The hot loop of ``aggregate``.
+
+        Files hold one symbol, so its book and seen-ids are looked up again only when the
+        symbol changes; a trade's id is hashed once (a duplicate leaves the set's size alone).
+        """
         base = self.intervals.base
         base_len = base.length_us
         books = self._bases
-        seen = self.dedup.seen
         count = 0
+        exchange = symbol = None
+        book: dict[int, Candle] | None = None
+        ids: set[int] = set()
         for trade in trades:
-            identity = (trade.exchange, trade.symbol, trade.trade_id)
-            if identity in seen:
+            if trade.symbol != symbol or trade.exchange != exchange:
+                exchange, symbol = trade.exchange, trade.symbol
+                ids = self.dedup.ids(exchange, symbol)
+                book = books.get((exchange, symbol))
+            before = len(ids)
+            ids.add(trade.trade_id)
+            if len(ids) == before:
                 self.dedup.duplicates += 1
                 continue
-            seen.add(identity)
             count += 1
-            symbol_key = (trade.exchange, trade.symbol)
-            book = books.get(symbol_key)
             if book is None:
-                book = books[symbol_key] = {}
+                book = books[exchange, symbol] = {}
             ts = trade.ts_us
             start = ts - ts % base_len
             candle = book.get(start)

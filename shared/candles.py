@@ -86,29 +86,40 @@ class Candle:
         return tuple(getattr(self, name) for name in CANDLE_FIELDS)
 
     def add(self, trade: Trade) -> None:
-        """Fold one more trade into this candle."""
+        """Fold one more trade into this candle.
+
+        Runs once per trade in ``aggregate``: plain int comparisons instead of (ts, id) tuples; the
+        open is only looked at when the trade is not the new close (open <= close).
+        """
         price = trade.price
         quantity = trade.quantity
-        order = (trade.ts_us, trade.trade_id)
-        if order < (self.open_ts_us, self.first_trade_id):
-            self.open = price
-            self.open_ts_us, self.first_trade_id = order
-        if order > (self.close_ts_us, self.last_trade_id):
+        ts = trade.ts_us
+        trade_id = trade.trade_id
+        close_ts = self.close_ts_us
+        if ts > close_ts or (ts == close_ts and trade_id > self.last_trade_id):
             self.close = price
-            self.close_ts_us, self.last_trade_id = order
+            self.close_ts_us = ts
+            self.last_trade_id = trade_id
+        else:
+            open_ts = self.open_ts_us
+            if ts < open_ts or (ts == open_ts and trade_id < self.first_trade_id):
+                self.open = price
+                self.open_ts_us = ts
+                self.first_trade_id = trade_id
         if price > self.high:
             self.high = price
-        if price < self.low:
+        elif price < self.low:
             self.low = price
         self.volume = _add(self.volume, quantity)
         notional = _mul(price, quantity)
         self.quote_volume = _add(self.quote_volume, notional)
         self.trade_count += trade.raw_trades
-        if trade.is_buyer_maker is not None:
+        is_buyer_maker = trade.is_buyer_maker
+        if is_buyer_maker is not None:
             if self.taker_buy_volume is None:
                 self.taker_buy_volume = Decimal(0)
                 self.taker_buy_quote_volume = Decimal(0)
-            if not trade.is_buyer_maker:
+            if not is_buyer_maker:
                 self.taker_buy_volume = _add(self.taker_buy_volume, quantity)
                 self.taker_buy_quote_volume = _add(self.taker_buy_quote_volume, notional)
 
