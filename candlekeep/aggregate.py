@@ -11,6 +11,7 @@ from typing import TextIO
 import click
 
 from candlekeep.errors import UserError
+from candlekeep.parallel_aggregate import add_trades, default_workers
 from candlekeep.trade_input import TradeInput
 from shared.aggregation import CandleBook, fill_gaps
 from shared.candle_formats import OUTPUT_FORMATS, candle_json_line, kline_row
@@ -59,6 +60,15 @@ def _interval_names(values: tuple[str, ...]) -> list[str]:
     default="-",
     help="Output file (default: standard output).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=default_workers,
+    show_default="number of CPUs",
+    help="Processes folding trades: large plain files are cut into line-aligned parts, "
+    "compressed files are one part each. 1 reads everything in this process.",
+)
+@click.option("--chunk-bytes", type=click.IntRange(min=1), hidden=True)
 @click.pass_obj
 def aggregate(
     settings_loader,
@@ -70,6 +80,8 @@ def aggregate(
     fill_gaps_,
     output_format,
     output,
+    workers,
+    chunk_bytes,
 ):
     """Candles from trade files, exactly, with no services (SPEC §8)."""
     names = _interval_names(intervals)
@@ -89,7 +101,7 @@ def aggregate(
     started = time.perf_counter()
     source = TradeInput(list(files), input_format, symbol, exchange)
     book = CandleBook(interval_set)
-    book.add_all(source.trades())
+    add_trades(source, book, workers, chunk_bytes)
     symbols = book.symbols()
     if output_format == "binance-klines" and len(symbols) > 1:
         raise UserError(

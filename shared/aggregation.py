@@ -92,6 +92,31 @@ class CandleBook:
                 candle.add(trade)
         self.trades += count
 
+    def exclude(self, exchange: str, symbol: str, trade_ids: Iterable[int]) -> None:
+        """Count later trades with these ids as duplicates: their first copy was folded elsewhere
+        (by another book that is merged into the same result)."""
+        self.dedup.ids(exchange, symbol).update(trade_ids)
+
+    def merge_from(self, other: CandleBook) -> None:
+        """Absorb ``other``'s base candles and counts (not its seen ids: dedup across books is
+        the caller's), taking over its candles. Exact; merge books in input order, so that of
+        equal highs or lows written differently (``1.5``, ``1.50``) the first read stays, as in
+        ``add_all``.
+        """
+        for key, theirs in other._bases.items():
+            mine = self._bases.get(key)
+            if mine is None:
+                self._bases[key] = dict(theirs)
+                continue
+            for start, candle in theirs.items():
+                held = mine.get(start)
+                if held is None:
+                    mine[start] = candle
+                else:
+                    held.absorb(candle)
+        self.trades += other.trades
+        self.dedup.duplicates += other.dedup.duplicates
+
     def symbols(self) -> list[tuple[str, str]]:
         return sorted(self._bases)
 

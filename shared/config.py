@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     topic_invalid: str = "trades.invalid"
     consumer_group: str = "candlekeep-stream"
     data_dir: str = ".candlekeep"
+    metrics_port: int = 9108
+    log_level: str = "INFO"
 
     @field_validator("intervals")
     @classmethod

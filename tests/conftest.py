@@ -7,6 +7,9 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
+# Session fixtures for integration tests: a fresh PostgreSQL database and a Kafka broker.
+from .services import database_url, kafka_bootstrap  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO / "data" / "binance-xrpeth-2019-10"
 

@@ -16,8 +16,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from candlekeep.embedded import redact, resolve_bootstrap_servers, resolve_database_url
+from candlekeep.embedded import resolve_bootstrap_servers, resolve_database_url
 from shared.config import Settings
+from shared.db import redact
 
 TEST_DATA_DIR = Path(__file__).resolve().parent.parent / ".candlekeep" / "test"
 

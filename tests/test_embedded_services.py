@@ -24,11 +24,11 @@ from candlekeep.embedded import (
     EmbeddedBroker,
     EmbeddedPostgres,
     kafka_api_versions,
-    redact,
     resolve_bootstrap_servers,
     resolve_database_url,
 )
 from shared.config import Settings
+from shared.db import redact
 
 pytestmark = pytest.mark.integration
 

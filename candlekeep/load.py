@@ -1,0 +1,79 @@
+"""``candlekeep load``: bulk-load trade files into ``trades`` (idempotent), invalid lines into
+``invalid_trades``."""
+
+from __future__ import annotations
+
+import os
+import time
+from itertools import islice
+
+import click
+
+from candlekeep.trade_input import TradeInput
+from shared.trade_files import FORMATS
+
+CHUNK = 200_000
+
+
+def load_trades(url: str, source: TradeInput, chunk: int = CHUNK) -> dict[str, int]:
+    """Load every trade of ``source`` in chunks, one transaction each; memory stays flat."""
+    from shared import db
+    from shared.trade_store import InvalidMessage, TradePartitions, store_invalid, store_trades
+
+    totals = {"read": 0, "stored": 0, "duplicates": 0, "invalid": 0}
+    partitions = TradePartitions()
+    trades = source.trades()
+    with db.connect(url) as conn:
+        db.require_schema(conn, url)
+        while True:
+            batch = list(islice(trades, chunk))
+            invalid = source.take_invalid()
+            if not batch and not invalid:
+                break
+            partitions.ensure(conn, batch)
+            result = store_trades(conn, batch)
+            store_invalid(
+                conn,
+                [
+                    InvalidMessage(
+                        os.path.abspath(line.path),
+                        -1,
+                        line.line_number,
+                        None,
+                        line.line.encode("utf-8", "replace"),
+                        line.rejection.code,
+                        line.rejection.reason,
+                    )
+                    for line in invalid
+                ],
+            )
+            conn.commit()
+            totals["read"] += len(batch)
+            totals["stored"] += result.stored
+            totals["duplicates"] += result.duplicates
+            totals["invalid"] += len(invalid)
+    return totals
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option("--input-format", type=click.Choice(FORMATS), default="auto", show_default=True)
+@click.option("--symbol", help="Symbol of Binance CSV files (default: the file name's prefix).")
+@click.option("--exchange", default="binance", show_default=True)
+@click.pass_context
+def load(ctx, files, input_format, symbol, exchange):
+    """Bulk-load trade files into PostgreSQL (loading a file twice adds nothing)."""
+    from candlekeep.services import database_url
+
+    url = database_url(ctx)
+    started = time.perf_counter()
+    source = TradeInput(list(files), input_format, symbol, exchange, keep_invalid=True)
+    totals = load_trades(url, source)
+    elapsed = time.perf_counter() - started
+    source.console.print(
+        f"loaded {totals['stored']:,} new trades ({totals['duplicates']:,} already stored or "
+        f"duplicated, {totals['invalid']:,} invalid lines kept in invalid_trades) from "
+        f"{len(files)} file(s) in {elapsed:.1f}s ({totals['read'] / max(elapsed, 1e-9):,.0f} "
+        "rows/s)",
+        highlight=False,
+    )

@@ -1,0 +1,53 @@
+"""``candlekeep stream``: run the streaming worker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+
+@click.command()
+@click.option(
+    "--exit-when-idle",
+    type=float,
+    metavar="SECONDS",
+    help="Exit once nothing has arrived for SECONDS and every closable window is "
+    "written (default: run until SIGINT/SIGTERM).",
+)
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Serve Prometheus metrics on this port (default CANDLEKEEP_METRICS_PORT; 0: off).",
+)
+@click.pass_context
+def stream(ctx, exit_when_idle, metrics_port):
+    """Consume trades from Kafka into candles, effectively once into PostgreSQL."""
+    from candlekeep.logs import configure_logging
+    from candlekeep.services import bootstrap_servers, database_url
+    from stream.worker import StreamWorker
+
+    settings = ctx.find_root().obj()
+    configure_logging(settings.log_level)
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    if port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(port)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot serve metrics on port {port}: {exc.strerror}: pick another with "
+                "--metrics-port or CANDLEKEEP_METRICS_PORT (0 turns metrics off)"
+            ) from None
+    worker = StreamWorker(
+        settings, database_url(ctx), bootstrap_servers(ctx), exit_when_idle_s=exit_when_idle
+    )
+    summary = asyncio.run(worker.run())
+    click.echo(
+        f"consumed {summary.consumed:,} messages: {summary.stored:,} trades stored, "
+        f"{summary.duplicates:,} duplicates, {summary.invalid:,} invalid, {summary.late:,} late; "
+        f"{summary.candles:,} candles written",
+        err=True,
+    )

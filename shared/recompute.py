@@ -1,0 +1,149 @@
+"""Batch recomputation (SPEC §6 step 2): every candle of an interval, from ``trades``, in SQL.
+
+The trades never travel into Python: one set-based statement folds them into base candles and
+merges those into the larger intervals, in the same way as the core (open and close are the
+trades first and last by ``(ts, trade_id)``: ``min``/``max`` over ``ARRAY[epoch, id, price]``
+find them in a single hash-aggregate pass, with no per-window sort).
+
+The run for ``[start, end)`` owns every window that *ends* in ``(start, end]``: with the default
+intervals and hourly runs, exactly the windows inside the hour; a ``1d`` window is computed by the
+run whose interval holds its end. Rerunning replaces the run's rows in one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import psycopg
+
+from shared.intervals import Interval, IntervalSet
+from shared.trades import datetime_to_ts, ts_to_datetime
+
+
+@dataclass(frozen=True)
+class WindowRange:
+    """The windows of one interval that a run owns: starts in ``[first_start, last_end - I]``."""
+
+    interval: Interval
+    first_start: datetime
+    last_end: datetime
+
+
+def owned_windows(start: datetime, end: datetime, intervals: IntervalSet) -> list[WindowRange]:
+    """For each interval, the windows whose end lies in ``(start, end]``."""
+    if end <= start:
+        raise ValueError(f"empty interval: end {end.isoformat()} is not after start")
+    ranges = []
+    s_us, e_us = datetime_to_ts(start), datetime_to_ts(end)
+    for interval in intervals.intervals:
+        first = interval.window_start(s_us)
+        last_end = interval.window_start(e_us)  # windows end on boundaries <= end
+        ranges.append(WindowRange(interval, ts_to_datetime(first), ts_to_datetime(last_end)))
+    return ranges
+
+
+def _pg_interval(interval: Interval) -> timedelta:
+    return timedelta(microseconds=interval.length_us)
+
+
+_BASE = """
+base AS (
+    SELECT exchange, symbol,
+           date_bin(%(base_len)s, ts, timestamptz 'epoch') AS window_start,
+           min(ARRAY[extract(epoch FROM ts), trade_id, price]) AS first,
+           max(ARRAY[extract(epoch FROM ts), trade_id, price]) AS last,
+           max(price) AS high,
+           min(price) AS low,
+           sum(quantity) AS volume,
+           sum(price * quantity) AS quote_volume,
+           sum(raw_trades) AS trade_count,
+           bool_or(is_buyer_maker IS NOT NULL) AS sided,
+           sum(quantity) FILTER (WHERE NOT is_buyer_maker) AS taker_volume,
+           sum(price * quantity) FILTER (WHERE NOT is_buyer_maker) AS taker_quote
+    FROM trades
+    WHERE ts >= %(scan_start)s AND ts < %(scan_end)s
+    GROUP BY 1, 2, 3
+)"""
+
+_ROLLUP = """
+SELECT exchange, symbol, date_bin({length}, window_start, timestamptz 'epoch') AS window_start,
+       min(first) AS first, max(last) AS last, max(high) AS high, min(low) AS low,
+       sum(volume) AS volume, sum(quote_volume) AS quote_volume,
+       sum(trade_count) AS trade_count, bool_or(sided) AS sided,
+       sum(taker_volume) AS taker_volume, sum(taker_quote) AS taker_quote
+FROM base
+GROUP BY 1, 2, 3
+"""
+
+_SELECT = """
+SELECT exchange, symbol, {name}, window_start, window_start + {length},
+       first[3], high, low, last[3], volume, quote_volume, trade_count,
+       first[2]::bigint, last[2]::bigint,
+       CASE WHEN sided THEN coalesce(taker_volume, 0) END,
+       CASE WHEN sided THEN coalesce(taker_quote, 0) END
+FROM ({source}) AS c
+WHERE window_start >= {first} AND window_start + {length} <= {last_end}
+"""
+
+
+def recompute_batch_candles(
+    conn: psycopg.Connection, start: datetime, end: datetime, intervals: IntervalSet
+) -> dict[str, int]:
+    """Replace the ``batch_candles`` of every window ending in ``(start, end]``, in one
+    transaction; return how many candles each interval got."""
+    ranges = owned_windows(start, end, intervals)
+    base = intervals.base
+    params: dict[str, object] = {
+        "base_len": _pg_interval(base),
+        "scan_start": min(r.first_start for r in ranges),
+        "scan_end": ranges[0].last_end,  # whole base windows only
+    }
+    selects = []
+    for n, window_range in enumerate(ranges):
+        interval = window_range.interval
+        params[f"name{n}"] = interval.name
+        params[f"len{n}"] = _pg_interval(interval)
+        params[f"first{n}"] = window_range.first_start
+        params[f"end{n}"] = window_range.last_end
+        source = "SELECT * FROM base" if interval == base else _ROLLUP.format(length=f"%(len{n})s")
+        selects.append(
+            _SELECT.format(
+                name=f"%(name{n})s::text",
+                length=f"%(len{n})s",
+                source=source,
+                first=f"%(first{n})s",
+                last_end=f"%(end{n})s",
+            )
+        )
+    with conn.transaction():
+        for n, _ in enumerate(ranges):
+            conn.execute(
+                "DELETE FROM batch_candles WHERE interval = %(name)s"
+                " AND window_start >= %(first)s AND window_end <= %(end)s",
+                {
+                    "name": params[f"name{n}"],
+                    "first": params[f"first{n}"],
+                    "end": params[f"end{n}"],
+                },
+            )
+        conn.execute(
+            "INSERT INTO batch_candles (exchange, symbol, interval, window_start, window_end,"
+            " open, high, low, close, volume, quote_volume, trade_count, first_trade_id,"
+            " last_trade_id, taker_buy_volume, taker_buy_quote_volume)"
+            f" WITH {_BASE} " + " UNION ALL ".join(selects),
+            params,
+        )
+        rows = conn.execute(
+            "SELECT interval, count(*) FROM batch_candles WHERE "
+            + " OR ".join(
+                f"(interval = %(name{n})s AND window_start >= %(first{n})s"
+                f" AND window_end <= %(end{n})s)"
+                for n, _ in enumerate(ranges)
+            )
+            + " GROUP BY interval",
+            params,
+        ).fetchall()
+    counts = {r.interval.name: 0 for r in ranges}
+    counts.update(dict(rows))
+    return counts

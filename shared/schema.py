@@ -1,0 +1,217 @@
+"""The PostgreSQL schema (SPEC §7): the one place that knows table and column names.
+
+The tables are created and upgraded by the Alembic migrations in ``shared/migrations`` (applied
+by ``candlekeep db upgrade``); a test checks that the migrated database matches these
+definitions. Money and sizes are ``NUMERIC`` (exact), times ``timestamptz``.
+
+``trades`` is range-partitioned by day on ``ts`` (see docs/storage.md): an hour's recomputation
+reads one partition, old days are dropped whole, and the partition key is part of the primary key
+``(exchange, symbol, trade_id, ts)``, as PostgreSQL requires.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    Interval,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+TRADES = "trades"
+STREAM_CANDLES = "stream_candles"
+BATCH_CANDLES = "batch_candles"
+LATE_TRADES = "late_trades"
+INVALID_TRADES = "invalid_trades"
+STREAM_PROGRESS = "stream_progress"
+CANDLE_MISMATCHES = "candle_mismatches"
+DQ_REPORTS = "dq_reports"
+
+MISMATCH_KINDS = ("late", "missing_in_stream", "missing_in_batch", "unexplained")
+
+
+def _ts(name: str, nullable: bool = False, **kw) -> Column:
+    return Column(name, DateTime(timezone=True), nullable=nullable, **kw)
+
+
+trades = Table(
+    TRADES,
+    metadata,
+    Column("exchange", Text, nullable=False),
+    Column("symbol", Text, nullable=False),
+    Column("trade_id", BigInteger, nullable=False),
+    _ts("ts"),
+    Column("price", Numeric, nullable=False),
+    Column("quantity", Numeric, nullable=False),
+    Column("is_buyer_maker", Boolean),
+    # Exchange trades this row stands for: 1, or last_id - first_id + 1 for a Binance aggTrade.
+    Column("raw_trades", Integer, nullable=False, server_default=text("1")),
+    _ts("ingested_at", server_default=func.now()),
+    PrimaryKeyConstraint("exchange", "symbol", "trade_id", "ts", name="trades_pkey"),
+    Index("trades_ts_brin", "ts", postgresql_using="brin"),
+    postgresql_partition_by="RANGE (ts)",
+)
+
+
+def _candle_table(name: str, *extra: Column) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("exchange", Text, nullable=False),
+        Column("symbol", Text, nullable=False),
+        Column("interval", Text, nullable=False),
+        _ts("window_start"),
+        _ts("window_end"),
+        Column("open", Numeric, nullable=False),
+        Column("high", Numeric, nullable=False),
+        Column("low", Numeric, nullable=False),
+        Column("close", Numeric, nullable=False),
+        Column("volume", Numeric, nullable=False),
+        Column("quote_volume", Numeric, nullable=False),
+        Column("trade_count", BigInteger, nullable=False),
+        Column("first_trade_id", BigInteger, nullable=False),
+        Column("last_trade_id", BigInteger, nullable=False),
+        Column("taker_buy_volume", Numeric),
+        Column("taker_buy_quote_volume", Numeric),
+        *extra,
+        PrimaryKeyConstraint("exchange", "symbol", "interval", "window_start", name=f"{name}_pkey"),
+        Index(f"{name}_window_start_idx", "window_start"),
+    )
+
+
+stream_candles = _candle_table(
+    STREAM_CANDLES,
+    Column("revision", Integer, nullable=False, server_default=text("0")),
+    _ts("updated_at", server_default=func.now()),
+)
+
+batch_candles = _candle_table(
+    BATCH_CANDLES,
+    _ts("computed_at", server_default=func.now()),
+)
+
+late_trades = Table(
+    LATE_TRADES,
+    metadata,
+    Column("exchange", Text, nullable=False),
+    Column("symbol", Text, nullable=False),
+    Column("trade_id", BigInteger, nullable=False),
+    _ts("ts"),
+    Column("price", Numeric, nullable=False),
+    Column("quantity", Numeric, nullable=False),
+    _ts("window_start"),
+    _ts("watermark"),
+    # How far past its base window's end the watermark already was when the trade arrived.
+    Column("lateness", Interval, nullable=False),
+    Column("source_partition", Integer),
+    Column("source_offset", BigInteger),
+    _ts("arrived_at", server_default=func.now()),
+    PrimaryKeyConstraint("exchange", "symbol", "trade_id", name="late_trades_pkey"),
+    Index("late_trades_ts_idx", "ts"),
+)
+
+invalid_trades = Table(
+    INVALID_TRADES,
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    # Where the message came from: "kafka:<topic>" or a file path; partition -1 for files,
+    # offset the line number. Unique, so reprocessing or reloading adds nothing.
+    Column("source", Text, nullable=False),
+    Column("source_partition", Integer, nullable=False),
+    Column("source_offset", BigInteger, nullable=False),
+    Column("message_key", LargeBinary),
+    Column("raw", LargeBinary),
+    Column("reason_code", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    _ts("received_at", server_default=func.now()),
+    UniqueConstraint(
+        "source", "source_partition", "source_offset", name="invalid_trades_source_key"
+    ),
+    Index("invalid_trades_received_at_idx", "received_at"),
+)
+
+stream_progress = Table(
+    STREAM_PROGRESS,
+    metadata,
+    Column("consumer_group", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    # The next offset to consume: committed with the rows of each batch (effectively once).
+    Column("next_offset", BigInteger, nullable=False),
+    _ts("watermark", nullable=True),
+    _ts("max_trade_ts", nullable=True),
+    Column("window_state", JSONB, nullable=False),
+    Column("consumed", BigInteger, nullable=False, server_default=text("0")),
+    Column("stored", BigInteger, nullable=False, server_default=text("0")),
+    Column("duplicates", BigInteger, nullable=False, server_default=text("0")),
+    Column("invalid", BigInteger, nullable=False, server_default=text("0")),
+    Column("late", BigInteger, nullable=False, server_default=text("0")),
+    _ts("updated_at", server_default=func.now()),
+    PrimaryKeyConstraint("consumer_group", "topic", "partition", name="stream_progress_pkey"),
+)
+
+candle_mismatches = Table(
+    CANDLE_MISMATCHES,
+    metadata,
+    Column("exchange", Text, nullable=False),
+    Column("symbol", Text, nullable=False),
+    Column("interval", Text, nullable=False),
+    _ts("window_start"),
+    Column("kind", Text, nullable=False),
+    # {field: {"stream": value, "batch": value}} for every field that differs.
+    Column("differences", JSONB, nullable=False),
+    Column("late_trades", Integer, nullable=False, server_default=text("0")),
+    _ts("detected_at", server_default=func.now()),
+    PrimaryKeyConstraint(
+        "exchange", "symbol", "interval", "window_start", name="candle_mismatches_pkey"
+    ),
+    CheckConstraint(
+        "kind IN ('late', 'missing_in_stream', 'missing_in_batch', 'unexplained')",
+        name="candle_mismatches_kind_check",
+    ),
+)
+
+dq_reports = Table(
+    DQ_REPORTS,
+    metadata,
+    _ts("interval_start"),
+    _ts("interval_end"),
+    Column("status", Text, nullable=False),
+    Column("summary", JSONB, nullable=False),
+    Column("html", Text),
+    _ts("created_at", server_default=func.now()),
+    PrimaryKeyConstraint("interval_start", "interval_end", name="dq_reports_pkey"),
+    CheckConstraint("status IN ('pass', 'warn', 'fail')", name="dq_reports_status_check"),
+)
+
+
+_PARTITION = re.compile(r"trades_\d{8}(_.*)?")
+
+
+def include_in_migrations(name: str | None, type_: str, parent_names: dict) -> bool:
+    """Alembic's ``include_name`` filter: daily ``trades_YYYYMMDD`` partitions (and their
+    indexes) are created at run time by ``candlekeep_ensure_trade_partition``, not by
+    migrations."""
+    if type_ == "table" and name and _PARTITION.fullmatch(name):
+        return False
+    table = parent_names.get("table_name") or ""
+    return not _PARTITION.fullmatch(table)

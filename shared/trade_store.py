@@ -1,0 +1,166 @@
+"""Storing trades: bulk COPY into a staging table, then one insert that keeps first copies.
+
+COPY cannot skip conflicts, so rows go to a temporary staging table first (COPY is the fast path
+for bulk rows), and ``INSERT … SELECT DISTINCT ON … ON CONFLICT DO NOTHING`` moves them into
+``trades``. The first copy of a trade wins, within a batch (by arrival order) and across
+batches (the primary key). The staging table stores microseconds since the epoch and converts
+in SQL, exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import psycopg
+
+from shared.trades import Trade
+
+US_PER_DAY = 86_400_000_000
+_EPOCH_PLUS = "timestamptz 'epoch' + {} * interval '1 microsecond'"
+
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS trades_staging (
+    seq bigint NOT NULL,
+    exchange text NOT NULL,
+    symbol text NOT NULL,
+    trade_id bigint NOT NULL,
+    ts_us bigint NOT NULL,
+    price numeric NOT NULL,
+    quantity numeric NOT NULL,
+    is_buyer_maker boolean,
+    raw_trades integer NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+
+_MOVE = f"""
+INSERT INTO trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)
+SELECT DISTINCT ON (exchange, symbol, trade_id, ts_us)
+       exchange, symbol, trade_id, {_EPOCH_PLUS.format("ts_us")}, price, quantity,
+       is_buyer_maker, raw_trades
+FROM trades_staging
+ORDER BY exchange, symbol, trade_id, ts_us, seq
+ON CONFLICT DO NOTHING
+"""
+
+
+@dataclass
+class StoreResult:
+    """How many trades were new and how many were copies of stored ones."""
+
+    stored: int
+    duplicates: int
+
+
+class TradePartitions:
+    """Creates the daily partitions of ``trades`` before rows need them (once per day)."""
+
+    def __init__(self) -> None:
+        self._known: set[int] = set()
+
+    def ensure(self, conn: psycopg.Connection, trades: Iterable[Trade]) -> None:
+        """Create missing partitions in a short transaction of their own.
+
+        Call it between transactions: partition DDL takes a strong lock on ``trades``, and
+        holding it for a whole batch, or waiting for it while holding locks, would block readers
+        or deadlock with another worker.
+        """
+        days = {t.ts_us // US_PER_DAY for t in trades} - self._known
+        if not days:
+            return
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            raise RuntimeError("TradePartitions.ensure must run between transactions")
+        for day in sorted(days):
+            conn.execute(
+                "SELECT candlekeep_ensure_trade_partition((date '1970-01-01' + %s::int))", (day,)
+            )
+        conn.commit()
+        self._known |= days
+
+
+def stage(conn: psycopg.Connection, trades: Sequence[Trade]) -> None:
+    """COPY trades into this transaction's staging table, in arrival order."""
+    conn.execute(_STAGING)
+    with conn.cursor().copy(
+        "COPY trades_staging (seq, exchange, symbol, trade_id, ts_us, price, quantity,"
+        " is_buyer_maker, raw_trades) FROM STDIN"
+    ) as copy:
+        for seq, t in enumerate(trades):
+            copy.write_row(
+                (
+                    seq,
+                    t.exchange,
+                    t.symbol,
+                    t.trade_id,
+                    t.ts_us,
+                    t.price,
+                    t.quantity,
+                    t.is_buyer_maker,
+                    t.raw_trades,
+                )
+            )
+
+
+def store_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> StoreResult:
+    """Insert trades, first copy wins; the caller commits. Partitions must exist."""
+    if not trades:
+        return StoreResult(0, 0)
+    stage(conn, trades)
+    cur = conn.execute(_MOVE)
+    stored = cur.rowcount
+    conn.execute("TRUNCATE trades_staging")
+    return StoreResult(stored, len(trades) - stored)
+
+
+def store_new_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> list[Trade]:
+    """Insert trades and return the ones that were new (first copies), in arrival order.
+
+    The stream worker feeds exactly these to the windowing core: a duplicate of a stored trade,
+    however late it comes, never reaches a candle.
+    """
+    if not trades:
+        return []
+    stage(conn, trades)
+    rows = conn.execute(
+        _MOVE + " RETURNING exchange, symbol, trade_id, (extract(epoch FROM ts) * 1000000)::bigint"
+    ).fetchall()
+    conn.execute("TRUNCATE trades_staging")
+    new = {tuple(r) for r in rows}
+    out = []
+    for trade in trades:
+        key = (trade.exchange, trade.symbol, trade.trade_id, trade.ts_us)
+        if key in new:
+            new.discard(key)  # only the first copy in the batch
+            out.append(trade)
+    return out
+
+
+@dataclass
+class InvalidMessage:
+    """A rejected message, kept raw with its reason and where it came from.
+
+    ``source`` is ``kafka:<topic>`` or a file path; ``partition`` is -1 for files and
+    ``offset`` the line number, so storing the same message twice adds nothing.
+    """
+
+    source: str
+    partition: int
+    offset: int
+    key: bytes | None
+    raw: bytes | None
+    code: str
+    reason: str
+
+
+def store_invalid(conn: psycopg.Connection, messages: Sequence[InvalidMessage]) -> int:
+    """Insert invalid messages (idempotent by source and offset); return how many were new."""
+    if not messages:
+        return 0
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO invalid_trades (source, source_partition, source_offset, message_key,"
+            " raw, reason_code, reason) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            [(m.source, m.partition, m.offset, m.key, m.raw, m.code, m.reason) for m in messages],
+        )
+        return cur.rowcount

@@ -1,0 +1,1 @@
+"""The streaming worker and the trade feeds: Kafka in and out, PostgreSQL sink (SPEC §4, §5)."""

@@ -1,0 +1,1 @@
+"""Trade feeds: produce canonical trade messages to Kafka."""

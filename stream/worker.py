@@ -1,0 +1,484 @@
+"""The streaming worker: Kafka trades → windowing core → PostgreSQL and Kafka (SPEC §4, §5).
+
+One loop, explicit batches: fetch, parse, then per batch one PostgreSQL transaction with the rows,
+offsets and window state (``stream.sink``). Outputs to Kafka are produced and acknowledged before
+that commit, so they are at least once. The worker resumes from the offsets and window state in
+PostgreSQL, never from Kafka's committed offsets (those are committed afterwards only so that the
+usual lag tools work).
+
+When PostgreSQL or the broker fails mid-batch, the in-memory windows go back to their last
+committed snapshot, the consumer seeks back to the committed offsets, and the batch is retried
+with backoff: nothing lost, nothing counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from shared import db
+from shared.config import Settings
+from shared.errors import CandlekeepError
+from shared.trade_store import InvalidMessage, TradePartitions
+from shared.trades import Rejection, check_key, parse_trade_message
+from shared.windows import Emission, PartitionWindows, StateMismatch
+from stream import messages, metrics
+from stream.sink import (
+    Fenced,
+    PartitionBatch,
+    load_progress,
+    write_batch,
+    write_tick,
+)
+
+log = structlog.get_logger("candlekeep.stream")
+
+MAX_BACKOFF_S = 30.0
+#: Failures that a retry with backoff can outlive: PostgreSQL or the broker away for a while.
+RETRYABLE = (
+    psycopg.OperationalError,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+    db.DatabaseError,
+    KafkaError,
+    OSError,
+)
+TICK_EVERY_S = 1.0
+
+
+class BrokerUnavailable(CandlekeepError):
+    pass
+
+
+@dataclass
+class PartitionState:
+    """What the worker holds for one assigned partition."""
+
+    windows: PartitionWindows
+    committed_state: dict | None
+    stored_offset: int | None  # next offset in stream_progress (None: no row yet)
+    last_tick: float = 0.0
+
+
+@dataclass
+class RunSummary:
+    consumed: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    late: int = 0
+    candles: int = 0
+    retries: int = 0
+    partitions: set[int] = field(default_factory=set)
+
+
+class StreamWorker:
+    """Consumes ``trades`` in a consumer group until stopped, or until idle long enough."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        database_url: str,
+        bootstrap_servers: str,
+        *,
+        exit_when_idle_s: float | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        max_records: int = 5000,
+    ):
+        self.settings = settings
+        self.window_settings = settings.window_settings()
+        self.database_url = database_url
+        self.bootstrap_servers = bootstrap_servers
+        self.exit_when_idle_s = exit_when_idle_s
+        self.wall_clock = wall_clock
+        self.max_records = max_records
+        self.topic = settings.topic_trades
+        self.group = settings.consumer_group
+        self.partitions: dict[int, PartitionState] = {}
+        self.summary = RunSummary()
+        self.stopping = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._conn: psycopg.Connection | None = None
+        self._trade_partitions = TradePartitions()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._last_message_at = wall_clock()
+        self._max_future_us = int(settings.max_future_skew.total_seconds() * 1_000_000)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> RunSummary:
+        """Run until SIGTERM/SIGINT (drain and commit) or ``exit_when_idle_s`` of quiet."""
+        self._conn = await asyncio.to_thread(self._connect)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers, acks="all", linger_ms=5
+        )
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        try:
+            await self._start_kafka()
+            self._consumer.subscribe([self.topic], listener=_Rebalance(self))
+            log.info(
+                "worker started",
+                topic=self.topic,
+                group=self.group,
+                brokers=self.bootstrap_servers,
+                database=db.redact(self.database_url),
+            )
+            backoff = 0.5
+            while not self.stopping.is_set():
+                try:
+                    await self._step()
+                    backoff = 0.5
+                except RETRYABLE as exc:
+                    cause = "kafka" if isinstance(exc, KafkaError) else "database"
+                    metrics.RETRIES.labels(cause).inc()
+                    self.summary.retries += 1
+                    log.warning(
+                        "batch failed, retrying", cause=cause, error=str(exc), backoff_s=backoff
+                    )
+                    await self._rewind()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                if self._idle_long_enough():
+                    log.info("idle: exiting", idle_s=self.exit_when_idle_s)
+                    break
+        finally:
+            await self._shutdown()
+        return self.summary
+
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, commit and exit."""
+        log.info("stop requested: draining")
+        self.stopping.set()
+
+    def _connect(self) -> psycopg.Connection:
+        conn = db.connect(self.database_url)
+        db.require_schema(conn, self.database_url)
+        return conn
+
+    async def _start_kafka(self) -> None:
+        assert self._producer is not None and self._consumer is not None
+        try:
+            await self._producer.start()
+            await self._consumer.start()
+        except KafkaConnectionError as exc:
+            await self._shutdown()
+            raise BrokerUnavailable(
+                f"cannot reach Kafka at {self.bootstrap_servers}: {exc}. Check that the broker "
+                "is running and KAFKA_BOOTSTRAP_SERVERS is right, or unset it to use the "
+                "embedded broker"
+            ) from None
+
+    async def _shutdown(self) -> None:
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def _idle_long_enough(self) -> bool:
+        if self.exit_when_idle_s is None:
+            return False
+        return self.wall_clock() - self._last_message_at >= self.exit_when_idle_s
+
+    # -- one step ---------------------------------------------------------------------------
+
+    async def _step(self) -> None:
+        assert self._consumer is not None
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            await self._reconnect()
+        fetched = await self._consumer.getmany(timeout_ms=200, max_records=self.max_records)
+        async with self._lock:
+            batches = self._parse(fetched)
+            if batches:
+                self._last_message_at = self.wall_clock()
+                await self._commit(batches)
+            await self._tick(busy={b.partition for b in batches})
+
+    def _parse(self, fetched) -> list[PartitionBatch]:
+        now_us = int(self.wall_clock() * 1_000_000)
+        batches = []
+        for tp, records in fetched.items():
+            state = self.partitions.get(tp.partition)
+            if state is None or not records or tp.topic != self.topic:
+                continue  # revoked meanwhile
+            batch = PartitionBatch(tp.partition, state.stored_offset, records[-1].offset + 1)
+            source = f"kafka:{self.topic}"
+            for record in records:
+                batch.consumed += 1
+                parsed = parse_trade_message(record.value, max_ts_us=now_us + self._max_future_us)
+                if not isinstance(parsed, Rejection):
+                    bad_key = check_key(record.key, parsed)
+                    if bad_key is None:
+                        batch.trades.append(parsed)
+                        batch.trade_offsets.setdefault(parsed.key, record.offset)
+                        continue
+                    parsed = bad_key
+                batch.invalid.append(
+                    InvalidMessage(
+                        source,
+                        tp.partition,
+                        record.offset,
+                        record.key,
+                        record.value,
+                        parsed.code,
+                        parsed.reason,
+                    )
+                )
+            metrics.MESSAGES_CONSUMED.labels(str(tp.partition)).inc(batch.consumed)
+            batches.append(batch)
+        return batches
+
+    async def _commit(self, batches: list[PartitionBatch]) -> None:
+        """One transaction for the whole batch; outputs produced before the commit."""
+        started = time.perf_counter()
+        received_at = self.wall_clock()
+        conn = self._conn
+        assert conn is not None
+        all_trades = [t for b in batches for t in b.trades]
+        await asyncio.to_thread(self._trade_partitions.ensure, conn, all_trades)
+        now_us = int(received_at * 1_000_000)
+        results = []
+        try:
+            for batch in batches:
+                state = self.partitions[batch.partition]
+                result = await asyncio.to_thread(
+                    write_batch, conn, self.group, self.topic, batch, state.windows, now_us
+                )
+                results.append((batch, result))
+            await self._produce(results)
+            await asyncio.to_thread(conn.commit)
+        except Fenced as exc:
+            await asyncio.to_thread(conn.rollback)
+            log.warning("partition moved to another worker: dropping it", reason=str(exc))
+            for batch in batches:
+                await self._reload(batch.partition)
+            return
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(conn.rollback)
+            raise
+        elapsed = time.perf_counter() - started
+        metrics.BATCH_COMMIT.observe(elapsed)
+        for batch, result in results:
+            state = self.partitions[batch.partition]
+            state.stored_offset = batch.next_offset
+            state.committed_state = state.windows.snapshot()
+            self._account(
+                batch,
+                result.emission,
+                result.stored,
+                result.duplicates,
+                self.wall_clock() - received_at,
+            )
+        await self._commit_kafka_offsets(batches)
+
+    async def _tick(self, busy: set[int]) -> None:
+        """Idle advance for quiet partitions (at most once a second each)."""
+        assert self._consumer is not None and self._conn is not None
+        now = self.wall_clock()
+        for partition, state in list(self.partitions.items()):
+            if partition in busy or now - state.last_tick < TICK_EVERY_S:
+                continue
+            state.last_tick = now
+            tp = TopicPartition(self.topic, partition)
+            caught_up = self._caught_up(tp, state)
+            before = state.windows.watermark_us
+            emission = state.windows.advance(int(now * 1_000_000), caught_up)
+            self._set_gauges(partition, state, now)
+            if not emission.candles and state.windows.watermark_us == before:
+                continue
+            conn = self._conn
+            try:
+                await asyncio.to_thread(
+                    write_tick,
+                    conn,
+                    self.group,
+                    self.topic,
+                    partition,
+                    state.stored_offset,
+                    emission,
+                    state.windows,
+                )
+                await self._produce([(None, _Only(emission))])
+                await asyncio.to_thread(conn.commit)
+            except Fenced:
+                await asyncio.to_thread(conn.rollback)
+                await self._reload(partition)
+                continue
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(conn.rollback)
+                raise
+            state.committed_state = state.windows.snapshot()
+            self.summary.candles += len(emission.candles)
+            for candle in emission.candles:
+                metrics.CANDLES.labels(candle.interval).inc()
+
+    def _caught_up(self, tp: TopicPartition, state: PartitionState) -> bool:
+        """At the end of the log: everything up to the high watermark is committed.
+
+        (Not ``consumer.position()``: it can wait on a rebalance, which waits on our lock.)
+        """
+        assert self._consumer is not None
+        highwater = self._consumer.highwater(tp)
+        if highwater is None:
+            return False
+        return (state.stored_offset or 0) >= highwater
+
+    async def _produce(self, results) -> None:
+        """Send the batch's outputs and wait for the broker's acknowledgement."""
+        assert self._producer is not None
+        futures = []
+        send = self._producer.send
+        for batch, result in results:
+            emission: Emission = result.emission
+            for candle in emission.candles:
+                key, value = messages.candle_message(candle)
+                futures.append(await send(self.settings.topic_candles, value, key=key))
+            for late in emission.late:
+                offset = batch.trade_offsets.get(late.trade.key, -1) if batch else -1
+                key, value = messages.late_message(late, batch.partition if batch else -1, offset)
+                futures.append(await send(self.settings.topic_late, value, key=key))
+            for invalid in batch.invalid if batch else ():
+                key, value = messages.invalid_message(invalid)
+                futures.append(await send(self.settings.topic_invalid, value, key=key))
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def _commit_kafka_offsets(self, batches: list[PartitionBatch]) -> None:
+        """Best effort, for lag monitoring only: the truth is in stream_progress."""
+        assert self._consumer is not None
+        offsets = {TopicPartition(self.topic, b.partition): b.next_offset for b in batches}
+        with contextlib.suppress(KafkaError):
+            await self._consumer.commit(offsets)
+
+    def _account(
+        self,
+        batch: PartitionBatch,
+        emission: Emission,
+        stored: int,
+        duplicates: int,
+        close_delay_s: float,
+    ) -> None:
+        s = self.summary
+        s.consumed += batch.consumed
+        s.stored += stored
+        s.duplicates += duplicates
+        s.invalid += len(batch.invalid)
+        s.late += len(emission.late)
+        s.candles += len(emission.candles)
+        s.partitions.add(batch.partition)
+        metrics.TRADES_STORED.inc(stored)
+        metrics.DUPLICATES.inc(duplicates)
+        metrics.LATE.inc(len(emission.late))
+        for invalid in batch.invalid:
+            metrics.INVALID.labels(invalid.code).inc()
+        for candle in emission.candles:
+            metrics.CANDLES.labels(candle.interval).inc()
+            metrics.CLOSE_TO_COMMIT.observe(close_delay_s)
+        self._set_gauges(batch.partition, self.partitions[batch.partition], self.wall_clock())
+
+    def _set_gauges(self, partition: int, state: PartitionState, now: float) -> None:
+        label = str(partition)
+        wm = state.windows.watermark_us
+        if wm is not None:
+            metrics.WATERMARK_LAG.labels(label).set(now - wm / 1_000_000)
+        metrics.OPEN_WINDOWS.labels(label).set(state.windows.open_window_count)
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    async def _reconnect(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None
+        self._conn = await asyncio.to_thread(self._connect)
+        log.info("database connection restored")
+
+    async def _rewind(self) -> None:
+        """After a failed batch: back to the last committed state and offsets."""
+        async with self._lock:
+            for partition, state in self.partitions.items():
+                state.windows = PartitionWindows.restore(
+                    self.window_settings, state.committed_state
+                )
+                self._seek(partition, state.stored_offset)
+
+    async def _reload(self, partition: int) -> None:
+        """(Re)load a partition's committed progress from PostgreSQL and seek to it."""
+        conn = self._conn
+        assert conn is not None
+        progress = await asyncio.to_thread(load_progress, conn, self.group, self.topic, partition)
+        try:
+            windows = PartitionWindows.restore(self.window_settings, progress.window_state)
+        except StateMismatch as exc:
+            raise CandlekeepError(f"partition {partition}: {exc}") from None
+        self.partitions[partition] = PartitionState(
+            windows, progress.window_state, progress.next_offset
+        )
+        self._seek(partition, progress.next_offset)
+
+    def _seek(self, partition: int, offset: int | None) -> None:
+        assert self._consumer is not None
+        tp = TopicPartition(self.topic, partition)
+        if tp not in self._consumer.assignment():
+            return
+        if offset is None:
+            self._consumer.seek_to_beginning(tp)
+        else:
+            self._consumer.seek(tp, offset)
+
+    async def on_assigned(self, assigned) -> None:
+        async with self._lock:
+            for tp in assigned:
+                if tp.topic == self.topic:
+                    await self._reload(tp.partition)
+            log.info("partitions assigned", partitions=sorted(self.partitions))
+
+    async def on_revoked(self, revoked) -> None:
+        async with self._lock:  # waits for the batch in flight to commit
+            for tp in revoked:
+                self.partitions.pop(tp.partition, None)
+            log.info("partitions revoked", partitions=sorted(tp.partition for tp in revoked))
+
+
+@dataclass
+class _Only:
+    emission: Emission
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: StreamWorker):
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        await self.worker.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        await self.worker.on_assigned(assigned)

@@ -1,0 +1,193 @@
+"""The PostgreSQL store against a real server: migrations, COPY loading, SQL recomputation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import create_engine
+
+from shared import db
+from shared.aggregation import aggregate
+from shared.intervals import IntervalSet
+from shared.recompute import recompute_batch_candles
+from shared.schema import include_in_migrations, metadata
+from shared.trade_store import TradePartitions, store_new_trades, store_trades
+from shared.trades import datetime_to_ts, ts_to_datetime
+
+from .strategies import T0_US, trade_lists
+
+pytestmark = pytest.mark.integration
+
+INTERVALS = IntervalSet.parse("1m,5m,15m,1h")
+HOUR = 3_600_000_000
+
+
+@pytest.fixture(scope="module")
+def store_url(database_url):
+    db.upgrade(database_url)
+    return database_url
+
+
+@pytest.fixture
+def conn(store_url):
+    with db.connect(store_url) as connection:
+        connection.execute("TRUNCATE trades, batch_candles, invalid_trades")
+        connection.commit()
+        yield connection
+
+
+def batch_candles(conn):
+    rows = conn.execute(
+        "SELECT exchange, symbol, interval, window_start, open, high, low, close, volume,"
+        " quote_volume, trade_count, first_trade_id, last_trade_id, taker_buy_volume,"
+        " taker_buy_quote_volume FROM batch_candles"
+    ).fetchall()
+    return {(r[0], r[1], r[2], datetime_to_ts(r[3])): tuple(r[4:]) for r in rows}
+
+
+def test_migrations_create_exactly_the_declared_schema(store_url):
+    engine = create_engine(db.sqlalchemy_url(store_url))
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"include_name": include_in_migrations}
+        )
+        diff = compare_metadata(context, metadata)
+    engine.dispose()
+    assert diff == []
+    assert db.current_revision(store_url) == db.head_revision()
+
+
+def test_upgrade_is_idempotent(store_url):
+    assert db.upgrade(store_url) == db.head_revision()
+
+
+@settings(max_examples=40)
+@given(trade_lists(max_size=80), st.randoms(use_true_random=False))
+def test_sql_candles_equal_the_core_candles(store_url, trades, rnd):
+    with db.connect(store_url) as conn:
+        conn.execute("TRUNCATE trades, batch_candles")
+        conn.commit()
+        dupes = [rnd.choice(trades) for _ in range(3)] if trades else []
+        TradePartitions().ensure(conn, trades)
+        store_trades(conn, trades + dupes)
+        start = ts_to_datetime(T0_US - T0_US % HOUR)
+        recompute_batch_candles(conn, start, start + timedelta(hours=2), INTERVALS)
+        conn.commit()
+        assert batch_candles(conn) == {c.key: c.values() for c in aggregate(trades, INTERVALS)}
+
+
+def test_a_run_owns_the_windows_that_end_in_its_interval(conn):
+    day = 1_700_006_400_000_000  # 2023-11-15T00:00Z
+    from shared.trades import Trade
+
+    trades = [
+        Trade("binance", "BTCUSDT", i, day + i * 7 * 60_000_000, Decimal(100 + i), Decimal(1))
+        for i in range(400)  # ~47 hours
+    ]
+    TradePartitions().ensure(conn, trades)
+    store_trades(conn, trades)
+    conn.commit()
+    intervals = IntervalSet.parse("1m,15m,1h,1d")
+    start = ts_to_datetime(day)
+    hourly = {}
+    for hour in range(48):
+        counts = recompute_batch_candles(
+            conn, start + timedelta(hours=hour), start + timedelta(hours=hour + 1), intervals
+        )
+        hourly[hour] = counts
+    conn.commit()
+    assert hourly[0]["1d"] == 0 and hourly[23]["1d"] == 1 and hourly[47]["1d"] == 1
+    assert [c["1h"] for c in hourly.values()] == [1] * 47 + [0]  # the last trade is at 46h33m
+    assert batch_candles(conn) == {c.key: c.values() for c in aggregate(trades, intervals)}
+    # Rerunning an hour replaces its rows: a deleted trade disappears from its candles.
+    before = batch_candles(conn)
+    conn.execute("DELETE FROM trades WHERE trade_id = 3")
+    recompute_batch_candles(conn, start, start + timedelta(hours=1), intervals)
+    conn.commit()
+    after = batch_candles(conn)
+    changed = {k for k in before if before[k] != after.get(k)}
+    assert changed == {
+        ("binance", "BTCUSDT", "1m", day + 21 * 60_000_000),
+        ("binance", "BTCUSDT", "15m", day + 15 * 60_000_000),
+        ("binance", "BTCUSDT", "1h", day),
+    }
+
+
+def test_store_keeps_the_first_copy_and_reports_new_trades(conn):
+    from shared.trades import Trade
+
+    a = Trade("binance", "ETHUSDT", 1, T0_US, Decimal("10"), Decimal("1"), True)
+    a_copy = Trade("binance", "ETHUSDT", 1, T0_US, Decimal("99"), Decimal("5"), False)
+    b = Trade("binance", "ETHUSDT", 2, T0_US + 1, Decimal("11"), Decimal("1"))
+    TradePartitions().ensure(conn, [a])
+    assert store_new_trades(conn, [a, a_copy, b]) == [a, b]
+    assert store_new_trades(conn, [b, a_copy]) == []
+    conn.commit()
+    price = conn.execute("SELECT price FROM trades WHERE trade_id = 1").fetchone()[0]
+    assert price == Decimal("10")
+
+
+def test_trades_are_partitioned_by_day(conn):
+    from shared.trades import Trade
+
+    day = 86_400_000_000
+    trades = [Trade("binance", "X", i, T0_US + i * day, Decimal(1), Decimal(1)) for i in range(3)]
+    TradePartitions().ensure(conn, trades)
+    TradePartitions().ensure(conn, trades)  # idempotent, also from another process
+    store_trades(conn, trades)
+    conn.commit()
+    names = {
+        r[0]
+        for r in conn.execute(
+            "SELECT tableoid::regclass::text FROM trades WHERE symbol = 'X'"
+        ).fetchall()
+    }
+    assert names == {
+        "trades_"
+        + (datetime.fromtimestamp(T0_US // 10**6, UTC) + timedelta(days=i)).strftime("%Y%m%d")
+        for i in range(3)
+    }
+
+
+def test_unreachable_database_is_one_line_naming_the_url_without_password(tmp_path):
+    url = "postgresql://ck:s3cret@127.0.0.1:1/market"
+    proc = subprocess.run(
+        [sys.executable, "-m", "candlekeep", "db", "upgrade"],
+        capture_output=True,
+        text=True,
+        env={"DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "postgresql://ck:***@127.0.0.1:1/market" in lines[0]
+    assert "s3cret" not in proc.stderr
+    assert "DATABASE_URL" in lines[0]
+
+
+def test_missing_schema_says_to_run_upgrade(database_url):
+    with db.connect(database_url) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS empty_schema")
+    url = (
+        database_url
+        + ("&" if "?" in database_url else "?")
+        + "options=-csearch_path%3Dempty_schema"
+    )
+    with pytest.raises(db.DatabaseError, match="candlekeep db upgrade"), db.connect(url) as c:
+        db.require_schema(c, url)
+
+
+def test_psycopg_reads_numeric_as_exact_decimal(conn):
+    value = conn.execute("SELECT 0.1::numeric + 0.2::numeric").fetchone()[0]
+    assert value == Decimal("0.3") and isinstance(value, Decimal)
+    assert isinstance(conn, psycopg.Connection)
