@@ -12,6 +12,7 @@ from candlekeep import __version__
 from candlekeep.aggregate import aggregate
 from candlekeep.db_cmd import db_group
 from candlekeep.errors import UserError, settings_error
+from candlekeep.feed_cmd import feed_group
 from candlekeep.load import load
 from candlekeep.stream_cmd import stream
 from shared.config import Settings
@@ -37,6 +38,7 @@ cli.add_command(aggregate)
 cli.add_command(db_group)
 cli.add_command(load)
 cli.add_command(stream)
+cli.add_command(feed_group)
 
 
 def main() -> None:

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     topic_late: str = "trades.late"
     topic_invalid: str = "trades.invalid"
     consumer_group: str = "candlekeep-stream"
+    batch_size: int = 5000
+    session_timeout: timedelta = timedelta(seconds=10)
+    heartbeat_interval: timedelta = timedelta(seconds=3)
     data_dir: str = ".candlekeep"
     metrics_port: int = 9108
     log_level: str = "INFO"
@@ -68,7 +71,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "max_delay", "allowed_lateness", "idle_timeout", "max_future_skew", mode="before"
+        "max_delay",
+        "allowed_lateness",
+        "idle_timeout",
+        "max_future_skew",
+        "session_timeout",
+        "heartbeat_interval",
+        mode="before",
     )
     @classmethod
     def _duration(cls, value: object) -> object:

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 import psycopg
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+)
 
 from shared import db
 from shared.config import Settings
@@ -92,7 +97,6 @@ class StreamWorker:
         *,
         exit_when_idle_s: float | None = None,
         wall_clock: Callable[[], float] = time.time,
-        max_records: int = 5000,
     ):
         self.settings = settings
         self.window_settings = settings.window_settings()
@@ -100,7 +104,7 @@ class StreamWorker:
         self.bootstrap_servers = bootstrap_servers
         self.exit_when_idle_s = exit_when_idle_s
         self.wall_clock = wall_clock
-        self.max_records = max_records
+        self.max_records = settings.batch_size
         self.topic = settings.topic_trades
         self.group = settings.consumer_group
         self.partitions: dict[int, PartitionState] = {}
@@ -130,8 +134,12 @@ class StreamWorker:
             bootstrap_servers=self.bootstrap_servers,
             group_id=self.group,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # Never let the client jump on its own: positions come from PostgreSQL, and an
+            # out-of-range fetch is handled in _out_of_range.
+            auto_offset_reset="none",
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            session_timeout_ms=int(self.settings.session_timeout.total_seconds() * 1000),
+            heartbeat_interval_ms=int(self.settings.heartbeat_interval.total_seconds() * 1000),
         )
         try:
             await self._start_kafka()
@@ -212,7 +220,14 @@ class StreamWorker:
         assert self._consumer is not None
         if self._conn is None or self._conn.closed or self._conn.broken:
             await self._reconnect()
-        fetched = await self._consumer.getmany(timeout_ms=200, max_records=self.max_records)
+        try:
+            fetched = await self._consumer.getmany(timeout_ms=200, max_records=self.max_records)
+        except OffsetOutOfRangeError as exc:
+            await self._out_of_range(exc.args[0] if exc.args else {})
+            return
+        except NoOffsetForPartitionError:
+            await asyncio.sleep(0.05)  # assigned, not yet positioned by on_assigned
+            return
         async with self._lock:
             batches = self._parse(fetched)
             if batches:
@@ -413,6 +428,25 @@ class StreamWorker:
 
     # -- recovery -----------------------------------------------------------------------------
 
+    async def _out_of_range(self, positions: dict) -> None:
+        """A fetch position the broker does not have. Below the log start, retention deleted
+        messages before they were consumed: say so loudly and go on from the log start. Above
+        the end, the broker's high watermark lags what it acknowledged: wait and retry."""
+        assert self._consumer is not None
+        for tp, offset in positions.items():
+            first = (await self._consumer.beginning_offsets([tp]))[tp]
+            if offset < first:
+                log.error(
+                    "messages deleted by retention before they were consumed",
+                    partition=tp.partition,
+                    lost_from=offset,
+                    lost_to=first - 1,
+                )
+                self._consumer.seek(tp, first)
+            else:
+                await asyncio.sleep(0.1)
+                self._consumer.seek(tp, offset)
+
     async def _reconnect(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
@@ -428,7 +462,7 @@ class StreamWorker:
                 state.windows = PartitionWindows.restore(
                     self.window_settings, state.committed_state
                 )
-                self._seek(partition, state.stored_offset)
+                await self._seek(partition, state.stored_offset)
 
     async def _reload(self, partition: int) -> None:
         """(Re)load a partition's committed progress from PostgreSQL and seek to it."""
@@ -442,15 +476,15 @@ class StreamWorker:
         self.partitions[partition] = PartitionState(
             windows, progress.window_state, progress.next_offset
         )
-        self._seek(partition, progress.next_offset)
+        await self._seek(partition, progress.next_offset)
 
-    def _seek(self, partition: int, offset: int | None) -> None:
+    async def _seek(self, partition: int, offset: int | None) -> None:
         assert self._consumer is not None
         tp = TopicPartition(self.topic, partition)
         if tp not in self._consumer.assignment():
             return
         if offset is None:
-            self._consumer.seek_to_beginning(tp)
+            await self._consumer.seek_to_beginning(tp)
         else:
             self._consumer.seek(tp, offset)
 

@@ -1,0 +1,171 @@
+"""Helpers for the stream tests: settings per test, producing, running workers, reading tables,
+and an independent reference model of what the worker must write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from dataclasses import dataclass, field
+
+from shared import db
+from shared.aggregation import aggregate
+from shared.config import Settings
+from shared.trades import Rejection, check_key, datetime_to_ts, parse_trade_message
+from stream.feeds.produce import Delivery, ensure_topic, produce
+
+STREAM_TABLES = ("trades", "stream_candles", "late_trades", "invalid_trades", "stream_progress")
+
+
+def stream_settings(**overrides) -> Settings:
+    """Settings with fresh topic and group names, and short group timeouts (the embedded broker
+    completes a join after about half the session timeout)."""
+    name = uuid.uuid4().hex[:8]
+    values = dict(
+        topic_trades=f"t{name}.trades",
+        topic_candles=f"t{name}.candles",
+        topic_late=f"t{name}.late",
+        topic_invalid=f"t{name}.invalid",
+        consumer_group=f"g{name}",
+        session_timeout="3",
+        heartbeat_interval="0.3",
+        idle_timeout="1",
+        metrics_port=0,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings, database_url: str, bootstrap: str) -> dict[str, str]:
+    """The environment that gives a worker subprocess the same settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANDLEKEEP_")}
+    env.update(
+        DATABASE_URL=database_url,
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        CANDLEKEEP_TOPIC_TRADES=settings.topic_trades,
+        CANDLEKEEP_TOPIC_CANDLES=settings.topic_candles,
+        CANDLEKEEP_TOPIC_LATE=settings.topic_late,
+        CANDLEKEEP_TOPIC_INVALID=settings.topic_invalid,
+        CANDLEKEEP_CONSUMER_GROUP=settings.consumer_group,
+        CANDLEKEEP_SESSION_TIMEOUT=str(settings.session_timeout.total_seconds()),
+        CANDLEKEEP_HEARTBEAT_INTERVAL=str(settings.heartbeat_interval.total_seconds()),
+        CANDLEKEEP_IDLE_TIMEOUT=str(settings.idle_timeout.total_seconds()),
+        CANDLEKEEP_BATCH_SIZE=str(settings.batch_size),
+        CANDLEKEEP_METRICS_PORT="0",
+    )
+    return env
+
+
+def reset_tables(url: str) -> None:
+    db.upgrade(url)
+    with db.connect(url) as conn:
+        conn.execute("TRUNCATE " + ", ".join(STREAM_TABLES))
+        conn.commit()
+
+
+def produce_all(bootstrap: str, topic: str, messages, partitions: int = 4) -> list[Delivery]:
+    async def run():
+        await ensure_topic(bootstrap, topic, partitions)
+        return await produce(bootstrap, topic, messages)
+
+    return asyncio.run(run())
+
+
+@dataclass
+class Expected:
+    """What the worker must end up with, from a model written independently of it."""
+
+    stored: set = field(default_factory=set)
+    duplicates: int = 0
+    invalid: dict = field(default_factory=dict)  # (partition, offset) -> code
+    late: set = field(default_factory=set)  # (exchange, symbol, trade_id)
+    on_time: list = field(default_factory=list)
+    partition_of: dict = field(default_factory=dict)  # symbol -> partition
+
+
+def reference_model(deliveries: list[Delivery], settings: Settings) -> Expected:
+    """Per partition in offset order: parse, dedupe (first copy wins), and call a trade late
+    when its base window's end + allowed lateness <= greatest timestamp so far - max_delay."""
+    out = Expected()
+    ws = settings.window_settings()
+    base = ws.intervals.base.length_us
+    by_partition: dict[int, list[Delivery]] = {}
+    for d in deliveries:
+        by_partition.setdefault(d.partition, []).append(d)
+    for partition, items in by_partition.items():
+        greatest = None
+        for d in sorted(items, key=lambda d: d.offset):
+            trade = parse_trade_message(d.message.value)
+            if not isinstance(trade, Rejection):
+                trade = check_key(d.message.key, trade) or trade
+            if isinstance(trade, Rejection):
+                out.invalid[(partition, d.offset)] = trade.code
+                continue
+            identity = (trade.exchange, trade.symbol, trade.trade_id, trade.ts_us)
+            if identity in out.stored:
+                out.duplicates += 1
+                continue
+            out.stored.add(identity)
+            out.partition_of[trade.symbol] = partition
+            watermark = None if greatest is None else greatest - ws.max_delay_us
+            end = trade.ts_us - trade.ts_us % base + base
+            if watermark is not None and end + ws.allowed_lateness_us <= watermark:
+                out.late.add(trade.key)
+            else:
+                out.on_time.append(trade)
+            greatest = trade.ts_us if greatest is None else max(greatest, trade.ts_us)
+    return out
+
+
+def tables(url: str) -> dict:
+    """Every stream table's content, comparable across runs."""
+    with db.connect(url) as conn:
+        q = conn.execute
+        return {
+            "trades": set(
+                q(
+                    "SELECT exchange, symbol, trade_id, ts, price, quantity,"
+                    " is_buyer_maker FROM trades"
+                ).fetchall()
+            ),
+            "candles": {
+                tuple(r[:4]): tuple(r[4:])
+                for r in q(
+                    "SELECT exchange, symbol, interval, window_start, open, high, low,"
+                    " close, volume, quote_volume, trade_count, first_trade_id,"
+                    " last_trade_id, taker_buy_volume, taker_buy_quote_volume, revision"
+                    " FROM stream_candles"
+                ).fetchall()
+            },
+            "late": set(
+                q(
+                    "SELECT exchange, symbol, trade_id, watermark, lateness FROM late_trades"
+                ).fetchall()
+            ),
+            "invalid": {
+                (r[0], r[1]): (r[2], r[3])
+                for r in q(
+                    "SELECT source_partition, source_offset, reason_code, reason"
+                    " FROM invalid_trades"
+                ).fetchall()
+            },
+            "progress": {
+                r[0]: tuple(r[1:])
+                for r in q(
+                    "SELECT partition, next_offset, watermark, consumed, stored,"
+                    " duplicates, invalid, late FROM stream_progress"
+                ).fetchall()
+            },
+        }
+
+
+def expected_candles(expected: Expected, settings: Settings, progress: dict) -> dict:
+    """The core's candles over the on-time trades, for windows the partition's final watermark
+    has passed (the rest are still open, in the stored window state)."""
+    watermarks = {p: datetime_to_ts(row[1]) for p, row in progress.items() if row[1]}
+    out = {}
+    for candle in aggregate(expected.on_time, settings.interval_set):
+        wm = watermarks.get(expected.partition_of[candle.symbol])
+        if wm is not None and candle.window_end_us <= wm:
+            out[candle.key] = candle.values()
+    return out
