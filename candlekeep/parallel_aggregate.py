@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import TextIO
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -71,7 +72,7 @@ class Unit:
 
 @dataclass
 class UnitResult:
-    """What a worker sends back (pickled): small but for ``ids``, 8 bytes per trade."""
+    """What a worker sends back (pickled): small, but for ``ids`` when they have gaps."""
 
     index: int
     book: CandleBook
@@ -85,7 +86,8 @@ class UnitResult:
     unshown_reasons: Counter
     microseconds: bool | None
     #: (exchange, symbol) -> (lowest id, highest id, every id seen); None on a re-run.
-    ids: dict[Key, tuple[int, int, array | tuple[int, ...]]] | None = None
+    #: Consecutive ids (Binance's) are sent as a range: nothing to pack or pickle.
+    ids: dict[Key, tuple[int, int, range | array | tuple[int, ...]]] | None = None
 
 
 @dataclass
@@ -115,7 +117,9 @@ def add_trades(
             source.microseconds = result.microseconds
 
 
-def plan_units(source: TradeInput, workers: int, chunk_bytes: int | None = None) -> list[Unit] | None:
+def plan_units(
+    source: TradeInput, workers: int, chunk_bytes: int | None = None
+) -> list[Unit] | None:
     """The units to fold in parallel, in input order; None to fold serially."""
     plan = source.plan
     sizes = [os.path.getsize(path) for path, _, _ in plan]
@@ -151,7 +155,7 @@ def line_ranges(path: str, size: int, pieces: int) -> list[tuple[int, int]]:
                 break
             bounds.append(cut)
     bounds.append(size)
-    return list(zip(bounds, bounds[1:], strict=False))
+    return list(pairwise(bounds))
 
 
 # --- the worker side ----------------------------------------------------------------------------
@@ -232,13 +236,16 @@ class _ByteRange(io.RawIOBase):
         super().close()
 
 
-def _compact(ids: set[int]) -> tuple[int, int, array | tuple[int, ...]]:
-    """(lowest, highest, ids): 8 bytes an id where they fit in 64 bits."""
+def _compact(ids: set[int]) -> tuple[int, int, range | array | tuple[int, ...]]:
+    """(lowest, highest, ids): a range when they are consecutive, as Binance's are (nothing to
+    send), else 8 bytes an id where they fit in 64 bits."""
+    low, high = min(ids), max(ids)
+    if high - low + 1 == len(ids):
+        return low, high, range(low, high + 1)
     try:
-        packed: array | tuple[int, ...] = array("q", ids)
+        return low, high, array("q", ids)
     except OverflowError:
-        packed = tuple(ids)
-    return min(packed), max(packed), packed
+        return low, high, tuple(ids)
 
 
 def _worker_init() -> None:
@@ -273,17 +280,16 @@ def _run(
                     results[result.index] = result
                     advance()
                 reporter.report_ready(results)
-            finished: list[UnitResult] = results  # type: ignore[assignment]
-            exclusions = cross_unit_duplicates(finished)
-            reruns = {
-                index: pool.submit(
-                    fold_unit,
-                    _Task(units[index], intervals, source.exchange, exclude, want_ids=False),
-                )
-                for index, exclude in exclusions.items()
-            }
-            for index, future in reruns.items():
-                finished[index] = future.result()
+        finished: list[UnitResult] = results  # type: ignore[assignment]
+        # Rare: units holding ids that an earlier unit holds too are folded again without them.
+        reruns = {
+            index: pool.submit(
+                fold_unit, _Task(units[index], intervals, source.exchange, exclude, False)
+            )
+            for index, exclude in cross_unit_duplicates(finished).items()
+        }
+        for index, future in reruns.items():
+            finished[index] = future.result()
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
@@ -296,7 +302,7 @@ def cross_unit_duplicates(results: list[UnitResult]) -> dict[int, dict[Key, set[
 
     Only units whose id ranges overlap another's are compared: Binance ids grow through a file,
     so a split file or a month of daily files has no overlap and costs one sort."""
-    by_key: dict[Key, list[tuple[int, int, int, array | tuple[int, ...]]]] = {}
+    by_key: dict[Key, list[tuple[int, int, int, range | array | tuple[int, ...]]]] = {}
     for result in results:
         for key, (low, high, ids) in (result.ids or {}).items():
             by_key.setdefault(key, []).append((result.index, low, high, ids))
@@ -375,7 +381,7 @@ def _progress(source: TradeInput, units: int) -> Iterator:
 
 
 def _context():
-    """"fork" where it is safe and cheap (Linux): workers inherit the loaded modules."""
+    """Start workers by forking where that is safe and cheap (Linux): no imports to redo."""
     if sys.platform.startswith("linux"):
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal, localcontext
 
-from shared.candles import Candle, empty_candle, merge, open_candle
+from shared.candles import EXACT, Candle, empty_candle, merge, open_candle
 from shared.intervals import Interval, IntervalSet
 from shared.trades import Trade
 
@@ -62,6 +63,8 @@ class CandleBook:
 
         Files hold one symbol, so its book and seen-ids are looked up again only when the
         symbol changes; a trade's id is hashed once (a duplicate leaves the set's size alone).
+        ``Candle.add`` is inlined, with ``+`` and ``*`` in the exact context instead of calls to
+        its methods: half the cost of the fold, same digits (a test holds the two together).
         """
         base = self.intervals.base
         base_len = base.length_us
@@ -70,26 +73,57 @@ class CandleBook:
         exchange = symbol = None
         book: dict[int, Candle] | None = None
         ids: set[int] = set()
-        for trade in trades:
-            if trade.symbol != symbol or trade.exchange != exchange:
-                exchange, symbol = trade.exchange, trade.symbol
-                ids = self.dedup.ids(exchange, symbol)
-                book = books.get((exchange, symbol))
-            before = len(ids)
-            ids.add(trade.trade_id)
-            if len(ids) == before:
-                self.dedup.duplicates += 1
-                continue
-            count += 1
-            if book is None:
-                book = books[exchange, symbol] = {}
-            ts = trade.ts_us
-            start = ts - ts % base_len
-            candle = book.get(start)
-            if candle is None:
-                book[start] = open_candle(trade, base)
-            else:
-                candle.add(trade)
+        with localcontext(EXACT):
+            for trade in trades:
+                if trade.symbol != symbol or trade.exchange != exchange:
+                    exchange, symbol = trade.exchange, trade.symbol
+                    ids = self.dedup.ids(exchange, symbol)
+                    book = books.get((exchange, symbol))
+                trade_id = trade.trade_id
+                before = len(ids)
+                ids.add(trade_id)
+                if len(ids) == before:
+                    self.dedup.duplicates += 1
+                    continue
+                count += 1
+                if book is None:
+                    book = books[exchange, symbol] = {}
+                ts = trade.ts_us
+                start = ts - ts % base_len
+                candle = book.get(start)
+                if candle is None:
+                    book[start] = open_candle(trade, base)
+                    continue
+                # Candle.add, inlined.
+                price = trade.price
+                quantity = trade.quantity
+                close_ts = candle.close_ts_us
+                if ts > close_ts or (ts == close_ts and trade_id > candle.last_trade_id):
+                    candle.close = price
+                    candle.close_ts_us = ts
+                    candle.last_trade_id = trade_id
+                else:
+                    open_ts = candle.open_ts_us
+                    if ts < open_ts or (ts == open_ts and trade_id < candle.first_trade_id):
+                        candle.open = price
+                        candle.open_ts_us = ts
+                        candle.first_trade_id = trade_id
+                if price > candle.high:
+                    candle.high = price
+                elif price < candle.low:
+                    candle.low = price
+                candle.volume = candle.volume + quantity
+                notional = price * quantity
+                candle.quote_volume = candle.quote_volume + notional
+                candle.trade_count += trade.raw_trades
+                is_buyer_maker = trade.is_buyer_maker
+                if is_buyer_maker is not None:
+                    if candle.taker_buy_volume is None:
+                        candle.taker_buy_volume = Decimal(0)
+                        candle.taker_buy_quote_volume = Decimal(0)
+                    if not is_buyer_maker:
+                        candle.taker_buy_volume = candle.taker_buy_volume + quantity
+                        candle.taker_buy_quote_volume = candle.taker_buy_quote_volume + notional
         self.trades += count
 
     def exclude(self, exchange: str, symbol: str, trade_ids: Iterable[int]) -> None:

@@ -25,6 +25,7 @@ from shared.trades import (
 FORMATS = ("auto", "jsonl", "binance-trades", "binance-aggtrades")
 #: Comparing a Decimal with a Decimal is several times faster than with an int.
 _ZERO = Decimal(0)
+_INFINITY = Decimal("Infinity")
 #: Integer timestamps at or above this are microseconds (1e14 ms would be the year 5138).
 MICROSECOND_THRESHOLD = 10**14
 _SYMBOL_RE = re.compile(r"[A-Z0-9_]{1,32}")
@@ -114,25 +115,29 @@ class TradeLineReader:
         self.lines = max(self.lines, number)
 
     def _csv(self, lines: Iterable[str], aggregated: bool) -> Iterator[Trade]:
+        """The hot loop of reading Binance files. The line's newline stays on its last field,
+        which is only read when it is ``is_buyer_maker`` (files without ``is_best_match``)."""
         exchange = self.exchange
         symbol = self.symbol
-        widths = (8, 7) if aggregated else (7, 6)
+        # Columns: with is_best_match, without it; where is_buyer_maker and the time are.
+        full, short = (8, 7) if aggregated else (7, 6)
+        maker_at, ts_at = (6, 5) if aggregated else (5, 4)
         zero = _ZERO
+        infinity = _INFINITY
         number = self.lines
+        unit_known = self.microseconds is not None
         for number, line in enumerate(lines, self.lines + 1):
-            fields = line.rstrip("\r\n").split(",")
+            fields = line.split(",")
             try:
                 trade_id = int(fields[0])
                 price = Decimal(fields[1])
                 quantity = Decimal(fields[2])
-                if aggregated:
-                    raw_trades = int(fields[4]) - int(fields[3]) + 1
-                    ts = int(fields[5])
-                    maker = fields[6]
-                else:
-                    raw_trades = 1
-                    ts = int(fields[4])
-                    maker = fields[5]
+                raw_trades = int(fields[4]) - int(fields[3]) + 1 if aggregated else 1
+                ts = int(fields[ts_at])
+                maker = fields[maker_at]
+                width = len(fields)
+                if width == short:
+                    maker = maker.rstrip("\r\n")
                 if maker == "True" or maker == "true":
                     is_buyer_maker = True
                 elif maker == "False" or maker == "false":
@@ -141,16 +146,15 @@ class TradeLineReader:
                     raise ValueError
                 if ts < MICROSECOND_THRESHOLD:
                     ts *= 1000
-                    if self.microseconds is None:
-                        self.microseconds = False
-                elif self.microseconds is None:
-                    self.microseconds = True
+                    if not unit_known:
+                        self.microseconds, unit_known = False, True
+                elif not unit_known:
+                    self.microseconds, unit_known = True, True
+                # A NaN fails the comparisons by raising InvalidOperation.
                 if not (
-                    len(fields) in widths
-                    and price.is_finite()
-                    and quantity.is_finite()
-                    and price > zero
-                    and quantity > zero
+                    width in (full, short)
+                    and zero < price < infinity
+                    and zero < quantity < infinity
                     and trade_id >= 0
                     and raw_trades >= 1
                     and 0 <= ts < MAX_TS_US
@@ -160,6 +164,7 @@ class TradeLineReader:
                 if number == 1 and not line[:1].isdigit():
                     continue  # a header line
                 if line.strip():
+                    fields = line.rstrip("\r\n").split(",")
                     self._reject(number, line, _diagnose_csv(fields, aggregated))
                 continue
             yield Trade(exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)
