@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SAMPLE := data/binance-xrpeth-2019-10/XRPETH-aggTrades-2019-10-11_13.csv
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean chromium
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ demo: $(BIN)/.installed
 	$(BIN)/candlekeep aggregate $(SAMPLE) --fill-gaps --output-format binance-klines --interval 1m -o XRPETH-klines-1m.csv
 	@echo "wrote XRPETH-klines-1m.csv ($$(wc -l < XRPETH-klines-1m.csv) klines)"
 
+# The report tests open pages in headless Chromium (Debian's package; as root we install it).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)); } || \
+	  { echo "headless Chromium is needed for the report tests: install the chromium package"; exit 1; }
+
 ## Lint, then the whole test suite.
-test: $(BIN)/.installed
+test: $(BIN)/.installed chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -14,6 +14,7 @@ from candlekeep.db_cmd import db_group
 from candlekeep.errors import UserError, settings_error
 from candlekeep.feed_cmd import feed_group
 from candlekeep.load import load
+from candlekeep.reconcile_cmd import reconcile, report
 from candlekeep.stream_cmd import stream
 from shared.config import Settings
 from shared.errors import CandlekeepError
@@ -39,6 +40,8 @@ cli.add_command(db_group)
 cli.add_command(load)
 cli.add_command(stream)
 cli.add_command(feed_group)
+cli.add_command(reconcile)
+cli.add_command(report)
 
 
 def main() -> None:

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     heartbeat_interval: timedelta = timedelta(seconds=3)
     data_dir: str = ".candlekeep"
     metrics_port: int = 9108
+    dq_max_late_rate: float = 0.01
+    dq_max_invalid_rate: float = 0.01
+    dq_max_missing_in_stream: int = 0
+    dq_max_gap_rate: float = 0.5
+    dq_wait_timeout: timedelta = timedelta(minutes=10)
+    report_dir: str = "reports"
     log_level: str = "INFO"
 
     @field_validator("intervals")
@@ -77,6 +83,7 @@ class Settings(BaseSettings):
         "max_future_skew",
         "session_timeout",
         "heartbeat_interval",
+        "dq_wait_timeout",
         mode="before",
     )
     @classmethod

@@ -1,0 +1,83 @@
+"""``candlekeep reconcile`` and ``candlekeep report``: the DAG's steps without Airflow."""
+
+from __future__ import annotations
+
+import click
+
+
+def _echo_summary(summary: dict, path: str | None) -> None:
+    counts = summary["counts"]
+    click.echo(
+        f"{summary['interval']['start']} – {summary['interval']['end']}: "
+        f"status {summary['status'].upper()}; "
+        + ", ".join(f"{kind} {n}" for kind, n in counts.items())
+    )
+    for reason in summary["reasons"]:
+        click.echo(f"  - {reason}")
+    if path:
+        click.echo(f"report: {path}")
+
+
+@click.command()
+@click.option("--start", required=True, help="Interval start, ISO-8601 (e.g. 2026-01-01T00:00Z).")
+@click.option("--end", required=True, help="Interval end (exclusive), ISO-8601.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Seconds to wait for the stream's watermark to pass END.",
+)
+@click.pass_context
+def reconcile(ctx, start, end, wait_s):
+    """Recompute, reconcile, check and report [START, END) (SPEC §6 steps 1-5)."""
+    from candlekeep.errors import UserError
+    from candlekeep.services import database_url
+    from shared.batch_run import IntervalError, run_interval
+
+    settings = ctx.find_root().obj()
+    url = database_url(ctx)
+    try:
+        summary = run_interval(
+            url, settings, start, end, wait_timeout_s=wait_s, poll_s=min(5.0, max(wait_s / 10, 0.2))
+        )
+    except IntervalError as exc:
+        raise UserError(str(exc)) from None
+    from shared.report import report_path
+
+    _echo_summary(summary, str(report_path(settings, summary)))
+    if summary["status"] == "fail":
+        ctx.exit(3)
+
+
+@click.command()
+@click.option("--start", required=True, help="Range start, ISO-8601.")
+@click.option("--end", required=True, help="Range end (exclusive), ISO-8601.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, writable=True),
+    help="HTML file to write.",
+)
+@click.pass_context
+def report(ctx, start, end, output):
+    """Render the data-quality report of [START, END) to an HTML file."""
+    from candlekeep.errors import UserError
+    from candlekeep.services import database_url
+    from shared import db
+    from shared.batch_run import IntervalError, report_summary
+    from shared.report import render_report
+
+    settings = ctx.find_root().obj()
+    url = database_url(ctx)
+    try:
+        summary = report_summary(url, settings, start, end)
+    except IntervalError as exc:
+        raise UserError(str(exc)) from None
+    with db.connect(url) as conn:
+        html = render_report(conn, summary)
+    with open(output, "w", encoding="utf-8") as handle:
+        handle.write(html)
+    _echo_summary(summary, output)

@@ -1,0 +1,208 @@
+"""The steps of one batch run over ``[start, end)`` (SPEC §6), each a plain function.
+
+The Airflow tasks and ``candlekeep reconcile`` call these same functions, in this order; each
+takes the database URL and the interval and returns JSON-able data, so that Airflow can pass it
+between tasks. Every step is idempotent: rerunning an interval replaces its results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime
+
+from shared import db
+from shared.config import Settings
+from shared.intervals import IntervalSet
+from shared.progress import wait_for_watermark
+from shared.quality import (
+    Thresholds,
+    gaps,
+    invalid_stats,
+    late_stats,
+    ohlc_violations,
+    rollup_violations,
+    verdict,
+)
+from shared.recompute import recompute_batch_candles
+from shared.reconcile import classify
+from shared.trades import parse_timestamp, ts_to_datetime
+
+
+class IntervalError(ValueError):
+    pass
+
+
+def parse_interval(start: str | datetime | None, end: str | datetime | None) -> tuple:
+    """``(start, end)`` as aware datetimes; a clear error when missing or reversed."""
+    if start is None or end is None or start == "" or end == "":
+        raise IntervalError(
+            "no interval to reconcile: give both start and end (ISO-8601, e.g. "
+            "start=2026-01-01T00:00:00Z end=2026-01-01T01:00:00Z)"
+        )
+    values = []
+    for name, value in (("start", start), ("end", end)):
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                raise IntervalError(f"{name} {value.isoformat()} has no UTC offset")
+            values.append(value)
+            continue
+        try:
+            values.append(ts_to_datetime(parse_timestamp(str(value))))
+        except ValueError as exc:
+            raise IntervalError(f"{name}: {exc}") from None
+    if values[1] <= values[0]:
+        raise IntervalError(
+            f"end {values[1].isoformat()} is not after start {values[0].isoformat()}"
+        )
+    return values[0], values[1]
+
+
+def wait_step(
+    url: str, settings: Settings, start, end, timeout_s: float, poll_s: float = 5.0
+) -> dict:
+    """Step 1: wait (bounded) until the stream's watermark has passed ``end``."""
+    _, end = parse_interval(start, end)
+    with db.connect(url) as conn:
+        position = wait_for_watermark(
+            conn, settings.consumer_group, settings.topic_trades, end, timeout_s, poll_s=poll_s
+        )
+    out = asdict(position)
+    out["watermark"] = position.watermark.isoformat() if position.watermark else None
+    out.pop("waited_s")  # wall time spent waiting: logged, not part of the (idempotent) report
+    return out
+
+
+def recompute_step(url: str, settings: Settings, start, end) -> dict:
+    """Step 2: recompute every candle of the interval from ``trades``, in SQL."""
+    start, end = parse_interval(start, end)
+    with db.connect(url) as conn:
+        db.require_schema(conn, url)
+        counts = recompute_batch_candles(conn, start, end, settings.interval_set)
+        conn.commit()
+    return counts
+
+
+def reconcile_step(url: str, settings: Settings, start, end) -> dict:
+    """Step 3: classify every candle key; mismatches into ``candle_mismatches``."""
+    start, end = parse_interval(start, end)
+    with db.connect(url) as conn:
+        result = classify(conn, start, end, settings.interval_set)
+        conn.commit()
+    order = settings.interval_set.names
+    by_interval = {i: result.by_interval[i] for i in order if i in result.by_interval}
+    return {"counts": result.counts, "by_interval": by_interval}
+
+
+def checks_step(
+    url: str, settings: Settings, start, end, reconciliation: dict, stream: dict
+) -> dict:
+    """Step 4: data-quality checks; returns the report's summary with its verdict."""
+    start, end = parse_interval(start, end)
+    intervals: IntervalSet = settings.interval_set
+    with db.connect(url) as conn:
+        gap_counts = gaps(conn, start, end, intervals)
+        base_windows = conn.execute(
+            "SELECT count(DISTINCT (exchange, symbol)) FROM batch_candles WHERE interval = %s"
+            " AND window_start >= %s AND window_end <= %s",
+            (intervals.base.name, start, end),
+        ).fetchone()[0] * int((end - start).total_seconds() * 1e6 // intervals.base.length_us)
+        summary = {
+            "interval": {"start": start.isoformat(), "end": end.isoformat()},
+            "intervals": intervals.names,
+            "counts": reconciliation["counts"],
+            "by_interval": reconciliation["by_interval"],
+            "ohlc_violations": {
+                "batch": ohlc_violations(conn, "batch_candles", start, end),
+                "stream": ohlc_violations(conn, "stream_candles", start, end),
+            },
+            "rollup_violations": {
+                "batch": rollup_violations(conn, "batch_candles", start, end, intervals),
+                "stream": rollup_violations(conn, "stream_candles", start, end, intervals),
+            },
+            "gaps": gap_counts,
+            "gaps_total": sum(gap_counts.values()),
+            "base_windows": base_windows,
+            "late_trades": late_stats(conn, start, end),
+            "invalid_messages": invalid_stats(conn),
+            "stream": stream,
+        }
+    status, reasons = verdict(summary, thresholds(settings))
+    summary["status"] = status
+    summary["reasons"] = reasons
+    return summary
+
+
+def thresholds(settings: Settings) -> Thresholds:
+    return Thresholds(
+        max_late_rate=settings.dq_max_late_rate,
+        max_invalid_rate=settings.dq_max_invalid_rate,
+        max_missing_in_stream=settings.dq_max_missing_in_stream,
+        max_gap_rate=settings.dq_max_gap_rate,
+    )
+
+
+def publish_step(url: str, settings: Settings, summary: dict) -> dict:
+    """Step 5: the ``dq_reports`` row and its self-contained HTML page."""
+    from shared.report import publish_report
+
+    return publish_report(url, settings, summary)
+
+
+def run_interval(
+    url: str, settings: Settings, start, end, *, wait_timeout_s: float = 0.0, poll_s: float = 5.0
+) -> dict:
+    """Every step, in order: what ``candlekeep reconcile`` does without Airflow."""
+    stream = wait_step(url, settings, start, end, wait_timeout_s, poll_s)
+    recompute_step(url, settings, start, end)
+    reconciliation = reconcile_step(url, settings, start, end)
+    summary = checks_step(url, settings, start, end, reconciliation, stream)
+    publish_step(url, settings, summary)
+    return summary
+
+
+def stored_counts(url: str, settings: Settings, start, end) -> dict:
+    """Reconciliation counts of any range from the tables as they are (no reclassification):
+    kinds from ``candle_mismatches``, matches = keys in both candle tables and not there."""
+    start, end = parse_interval(start, end)
+    counts_by_interval: dict[str, dict[str, int]] = {}
+    with db.connect(url) as conn:
+        for interval, kind, n in conn.execute(
+            "SELECT interval, kind, count(*) FROM candle_mismatches"
+            " WHERE window_start >= %s AND window_start < %s GROUP BY 1, 2",
+            (start, end),
+        ).fetchall():
+            counts_by_interval.setdefault(interval, {})[kind] = n
+        for interval, n in conn.execute(
+            "SELECT s.interval, count(*) FROM stream_candles s JOIN batch_candles b"
+            " USING (exchange, symbol, interval, window_start)"
+            " WHERE s.window_start >= %s AND s.window_end <= %s AND NOT EXISTS ("
+            "  SELECT 1 FROM candle_mismatches m WHERE m.exchange = s.exchange"
+            "  AND m.symbol = s.symbol AND m.interval = s.interval"
+            "  AND m.window_start = s.window_start) GROUP BY 1",
+            (start, end),
+        ).fetchall():
+            counts_by_interval.setdefault(interval, {})["match"] = n
+    from shared.reconcile import KINDS
+
+    by_interval = {
+        i: {k: counts_by_interval[i].get(k, 0) for k in KINDS}
+        for i in settings.interval_set.names
+        if i in counts_by_interval
+    }
+    counts = {k: sum(c[k] for c in by_interval.values()) for k in KINDS}
+    return {"counts": counts, "by_interval": by_interval}
+
+
+def report_summary(url: str, settings: Settings, start, end) -> dict:
+    """The summary of any range: the stored report if that exact interval has one, otherwise
+    one built from the tables as they are."""
+    start, end = parse_interval(start, end)
+    with db.connect(url) as conn:
+        row = conn.execute(
+            "SELECT summary FROM dq_reports WHERE interval_start = %s AND interval_end = %s",
+            (start, end),
+        ).fetchone()
+    if row:
+        return row[0]
+    stream = wait_step(url, settings, start, end, timeout_s=0)
+    return checks_step(url, settings, start, end, stored_counts(url, settings, start, end), stream)

@@ -1,0 +1,192 @@
+"""Data-quality checks of an interval (SPEC §6 step 4) and the pass/warn/fail verdict (step 5).
+
+Checks run in SQL over the run's owned windows: OHLC sanity (low ≤ open, close ≤ high), the
+rollup invariant (every larger candle equals the merge of its base candles) in both candle
+tables, gaps (base windows without trades), late-trade and invalid-message rates, and the
+stream's lag. ``verdict`` turns the summary into a status with the reasons for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import psycopg
+
+from shared.intervals import IntervalSet
+from shared.recompute import owned_windows
+
+LATENESS_BUCKETS = ((0, 1), (1, 5), (5, 30), (30, 60), (60, 300), (300, 900), (900, None))
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a report warns or fails (``CANDLEKEEP_DQ_*`` settings)."""
+
+    max_late_rate: float = 0.01
+    max_invalid_rate: float = 0.01
+    max_missing_in_stream: int = 0
+    max_gap_rate: float = 0.5
+
+
+def ohlc_violations(conn: psycopg.Connection, table: str, start: datetime, end: datetime) -> int:
+    """Candles whose low/high do not bound open and close (should never happen)."""
+    return conn.execute(
+        f"SELECT count(*) FROM {table} WHERE window_start >= %s AND window_end <= %s"
+        " AND NOT (low <= open AND low <= close AND open <= high AND close <= high)",
+        (start, end),
+    ).fetchone()[0]
+
+
+def rollup_violations(
+    conn: psycopg.Connection, table: str, start: datetime, end: datetime, intervals: IntervalSet
+) -> int:
+    """Larger candles that are not the merge of their base candles in the same table."""
+    base = intervals.base.name
+    total = 0
+    for window_range in owned_windows(start, end, intervals)[1:]:
+        interval = window_range.interval
+        total += conn.execute(
+            f"""
+            WITH merged AS (
+                SELECT exchange, symbol,
+                       date_bin(%(len)s, window_start, timestamptz 'epoch') AS window_start,
+                       (array_agg(open ORDER BY window_start))[1] AS open,
+                       max(high) AS high, min(low) AS low,
+                       (array_agg(close ORDER BY window_start DESC))[1] AS close,
+                       sum(volume) AS volume, sum(quote_volume) AS quote_volume,
+                       sum(trade_count) AS trade_count,
+                       (array_agg(first_trade_id ORDER BY window_start))[1] AS first_trade_id,
+                       (array_agg(last_trade_id ORDER BY window_start DESC))[1]
+                           AS last_trade_id,
+                       sum(taker_buy_volume) AS taker_buy_volume,
+                       sum(taker_buy_quote_volume) AS taker_buy_quote_volume
+                FROM {table}
+                WHERE interval = %(base)s AND window_start >= %(first)s
+                  AND window_end <= %(last_end)s
+                GROUP BY 1, 2, 3
+            ), larger AS (
+                SELECT * FROM {table}
+                WHERE interval = %(name)s AND window_start >= %(first)s
+                  AND window_end <= %(last_end)s
+            )
+            SELECT count(*)
+            FROM larger l FULL JOIN merged m USING (exchange, symbol, window_start)
+            WHERE l.open IS NULL OR m.open IS NULL OR NOT (
+                  l.open = m.open AND l.high = m.high AND l.low = m.low
+                  AND l.close = m.close AND l.volume = m.volume
+                  AND l.quote_volume = m.quote_volume AND l.trade_count = m.trade_count
+                  AND l.first_trade_id = m.first_trade_id
+                  AND l.last_trade_id = m.last_trade_id
+                  AND l.taker_buy_volume IS NOT DISTINCT FROM m.taker_buy_volume
+                  AND l.taker_buy_quote_volume IS NOT DISTINCT FROM m.taker_buy_quote_volume)
+            """,
+            {
+                "len": timedelta(microseconds=interval.length_us),
+                "base": base,
+                "name": interval.name,
+                "first": window_range.first_start,
+                "last_end": window_range.last_end,
+            },
+        ).fetchone()[0]
+    return total
+
+
+def gaps(
+    conn: psycopg.Connection, start: datetime, end: datetime, intervals: IntervalSet
+) -> dict[str, int]:
+    """Per symbol, base windows without a batch candle between its first and last candle."""
+    base = intervals.base
+    rows = conn.execute(
+        "SELECT exchange || ':' || symbol, count(*),"
+        " extract(epoch FROM max(window_start) - min(window_start)) * 1000000 / %s + 1"
+        " FROM batch_candles WHERE interval = %s AND window_start >= %s AND window_end <= %s"
+        " GROUP BY 1 ORDER BY 1",
+        (base.length_us, base.name, start, end),
+    ).fetchall()
+    return {name: int(span) - count for name, count, span in rows}
+
+
+def late_stats(conn: psycopg.Connection, start: datetime, end: datetime) -> dict:
+    trades = conn.execute(
+        "SELECT count(*) FROM trades WHERE ts >= %s AND ts < %s", (start, end)
+    ).fetchone()[0]
+    late = conn.execute(
+        "SELECT count(*), coalesce(max(extract(epoch FROM lateness)), 0)"
+        " FROM late_trades WHERE ts >= %s AND ts < %s",
+        (start, end),
+    ).fetchone()
+    buckets = []
+    for low, high in LATENESS_BUCKETS:
+        count = conn.execute(
+            "SELECT count(*) FROM late_trades WHERE ts >= %s AND ts < %s"
+            " AND extract(epoch FROM lateness) >= %s"
+            + (" AND extract(epoch FROM lateness) < %s" if high is not None else ""),
+            (start, end, low, *([high] if high is not None else [])),
+        ).fetchone()[0]
+        label = f"{low}-{high}s" if high is not None else f"≥{low}s"
+        buckets.append({"bucket": label, "count": count})
+    return {
+        "trades": trades,
+        "late": late[0],
+        "rate": late[0] / trades if trades else 0.0,
+        "max_lateness_s": float(late[1]),
+        "lateness": buckets,
+    }
+
+
+def invalid_stats(conn: psycopg.Connection) -> dict:
+    """The stream's invalid-message rate so far (invalid messages carry no trade time)."""
+    consumed, invalid = conn.execute(
+        "SELECT coalesce(sum(consumed), 0), coalesce(sum(invalid), 0) FROM stream_progress"
+    ).fetchone()
+    reasons = dict(
+        conn.execute(
+            "SELECT reason_code, count(*) FROM invalid_trades WHERE source LIKE 'kafka:%%'"
+            " GROUP BY 1 ORDER BY 2 DESC, 1"
+        ).fetchall()
+    )
+    return {
+        "consumed": int(consumed),
+        "invalid": int(invalid),
+        "rate": int(invalid) / int(consumed) if consumed else 0.0,
+        "reasons": reasons,
+    }
+
+
+def verdict(summary: dict, thresholds: Thresholds) -> tuple[str, list[str]]:
+    """``fail`` for anything that means a bug or lost data, ``warn`` past a threshold."""
+    counts = summary["counts"]
+    fail, warn = [], []
+    if counts["unexplained"]:
+        fail.append(f"{counts['unexplained']} unexplained difference(s)")
+    if counts["missing_in_batch"]:
+        fail.append(f"{counts['missing_in_batch']} stream candle(s) with no stored trade")
+    for table, n in summary["ohlc_violations"].items():
+        if n:
+            fail.append(f"{n} {table} candle(s) with low/high not bounding open/close")
+    for table, n in summary["rollup_violations"].items():
+        if n:
+            fail.append(f"{n} {table} candle(s) that are not the merge of their base candles")
+    if counts["missing_in_stream"] > thresholds.max_missing_in_stream:
+        warn.append(f"{counts['missing_in_stream']} candle(s) missing in the stream")
+    late = summary["late_trades"]
+    if late["rate"] > thresholds.max_late_rate:
+        warn.append(f"late-trade rate {late['rate']:.2%} above {thresholds.max_late_rate:.2%}")
+    invalid = summary["invalid_messages"]
+    if invalid["rate"] > thresholds.max_invalid_rate:
+        warn.append(
+            f"invalid-message rate {invalid['rate']:.2%} above {thresholds.max_invalid_rate:.2%}"
+        )
+    stream = summary["stream"]
+    if not stream["passed"]:
+        warn.append(
+            "the stream's watermark had not passed the interval's end"
+            + (f" (lag {stream['lag_s']:.0f}s)" if stream["lag_s"] is not None else "")
+        )
+    windows = summary["base_windows"]
+    if windows and summary["gaps_total"] / windows > thresholds.max_gap_rate:
+        warn.append(f"{summary['gaps_total']} of {windows} base windows have no trade")
+    if fail:
+        return "fail", fail + warn
+    return ("warn" if warn else "pass"), warn

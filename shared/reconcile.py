@@ -1,0 +1,192 @@
+"""Reconciliation (SPEC §6 step 3): compare stream and batch candles and explain every difference.
+
+For every candle key a run owns (see ``shared.recompute.owned_windows``), in SQL:
+
+- ``match``: both candles exist and every field is equal;
+- ``missing_in_batch``: a stream candle and no stored trade behind it;
+- ``late``: they differ, and recomputing the window from its trades *without the late ones*
+  gives exactly the stream's candle (or, where every trade of the window was late, no candle);
+- ``missing_in_stream``: a batch candle, no stream candle, and late trades do not explain it;
+- ``unexplained``: any other difference: a bug or lost data.
+
+Every non-match becomes a ``candle_mismatches`` row carrying, for each field that differs, the
+stream's and the batch's value. A rerun replaces the run's rows, in one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import psycopg
+
+from shared.intervals import IntervalSet
+from shared.recompute import owned_windows
+from shared.schema import MISMATCH_KINDS
+
+KINDS = ("match", *MISMATCH_KINDS)
+FIELDS = (
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "quote_volume",
+    "trade_count",
+    "first_trade_id",
+    "last_trade_id",
+    "taker_buy_volume",
+    "taker_buy_quote_volume",
+)
+
+
+@dataclass
+class Reconciliation:
+    """Counts of each kind, overall and per interval."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    by_interval: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def compared(self) -> int:
+        return sum(self.counts.values())
+
+
+def _ranges_sql(start: datetime, end: datetime, intervals: IntervalSet) -> tuple[str, list]:
+    rows, params = [], []
+    for window_range in owned_windows(start, end, intervals):
+        rows.append("(%s::text, %s::timestamptz, %s::timestamptz, %s::interval)")
+        params += [
+            window_range.interval.name,
+            window_range.first_start,
+            window_range.last_end,
+            timedelta(microseconds=window_range.interval.length_us),
+        ]
+    return "VALUES " + ", ".join(rows), params
+
+
+def _same(a: str, b: str) -> str:
+    return " AND ".join(f"{a}.{f} IS NOT DISTINCT FROM {b}.{f}" for f in FIELDS)
+
+
+_PAIRS = """
+CREATE TEMP TABLE reconcile_pairs ON COMMIT DROP AS
+WITH ranges(interval, first_start, last_end, length) AS ({ranges}),
+keys AS (
+    SELECT c.exchange, c.symbol, c.interval, c.window_start, c.window_end
+    FROM batch_candles c JOIN ranges r USING (interval)
+    WHERE c.window_start >= r.first_start AND c.window_end <= r.last_end
+    UNION
+    SELECT c.exchange, c.symbol, c.interval, c.window_start, c.window_end
+    FROM stream_candles c JOIN ranges r USING (interval)
+    WHERE c.window_start >= r.first_start AND c.window_end <= r.last_end
+)
+SELECT k.*, b.exchange IS NOT NULL AS in_batch, s.exchange IS NOT NULL AS in_stream,
+       ({same_bs}) AS equal,
+       {b_fields}, {s_fields}
+FROM keys k
+LEFT JOIN batch_candles b USING (exchange, symbol, interval, window_start)
+LEFT JOIN stream_candles s USING (exchange, symbol, interval, window_start)
+"""
+
+# The window recomputed from its trades without the late ones; only for keys that differ.
+_WITHOUT_LATE = """
+CREATE TEMP TABLE reconcile_without_late ON COMMIT DROP AS
+SELECT p.exchange, p.symbol, p.interval, p.window_start, x.trades, x.late_trades,
+       x.first[3] AS open, x.high, x.low, x.last[3] AS close, x.volume, x.quote_volume,
+       x.trade_count, x.first[2]::bigint AS first_trade_id, x.last[2]::bigint AS last_trade_id,
+       CASE WHEN x.sided THEN coalesce(x.taker_volume, 0) END AS taker_buy_volume,
+       CASE WHEN x.sided THEN coalesce(x.taker_quote, 0) END AS taker_buy_quote_volume
+FROM reconcile_pairs p
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE l.trade_id IS NULL) AS trades,
+           count(*) FILTER (WHERE l.trade_id IS NOT NULL) AS late_trades,
+           min(ARRAY[extract(epoch FROM t.ts), t.trade_id, t.price])
+               FILTER (WHERE l.trade_id IS NULL) AS first,
+           max(ARRAY[extract(epoch FROM t.ts), t.trade_id, t.price])
+               FILTER (WHERE l.trade_id IS NULL) AS last,
+           max(t.price) FILTER (WHERE l.trade_id IS NULL) AS high,
+           min(t.price) FILTER (WHERE l.trade_id IS NULL) AS low,
+           sum(t.quantity) FILTER (WHERE l.trade_id IS NULL) AS volume,
+           sum(t.price * t.quantity) FILTER (WHERE l.trade_id IS NULL) AS quote_volume,
+           sum(t.raw_trades) FILTER (WHERE l.trade_id IS NULL) AS trade_count,
+           bool_or(t.is_buyer_maker IS NOT NULL) FILTER (WHERE l.trade_id IS NULL) AS sided,
+           sum(t.quantity) FILTER (WHERE l.trade_id IS NULL AND NOT t.is_buyer_maker)
+               AS taker_volume,
+           sum(t.price * t.quantity) FILTER (WHERE l.trade_id IS NULL AND NOT t.is_buyer_maker)
+               AS taker_quote
+    FROM trades t
+    LEFT JOIN late_trades l
+        ON l.exchange = t.exchange AND l.symbol = t.symbol AND l.trade_id = t.trade_id
+    WHERE t.exchange = p.exchange AND t.symbol = p.symbol
+      AND t.ts >= p.window_start AND t.ts < p.window_end
+) x
+WHERE NOT p.equal
+"""
+
+_CLASSIFY = """
+CREATE TEMP TABLE reconcile_kinds ON COMMIT DROP AS
+SELECT p.exchange, p.symbol, p.interval, p.window_start, coalesce(w.late_trades, 0) AS late,
+       CASE
+           WHEN p.equal AND p.in_batch AND p.in_stream THEN 'match'
+           WHEN p.in_stream AND NOT p.in_batch THEN 'missing_in_batch'
+           WHEN w.late_trades > 0 AND (
+                (w.trades = 0 AND NOT p.in_stream)
+                OR (w.trades > 0 AND p.in_stream AND {same_ws})
+           ) THEN 'late'
+           WHEN NOT p.in_stream THEN 'missing_in_stream'
+           ELSE 'unexplained'
+       END AS kind
+FROM reconcile_pairs p
+LEFT JOIN reconcile_without_late w USING (exchange, symbol, interval, window_start)
+"""
+
+_DIFFERENCES = """
+(SELECT coalesce(jsonb_object_agg(f.name, jsonb_build_object('stream', f.s::text,
+                                                              'batch', f.b::text)), '{{}}')
+ FROM (VALUES {values}) AS f(name, s, b)
+ WHERE f.s IS DISTINCT FROM f.b)
+"""
+
+
+def classify(
+    conn: psycopg.Connection, start: datetime, end: datetime, intervals: IntervalSet
+) -> Reconciliation:
+    """Classify every owned key and replace the run's ``candle_mismatches`` rows, in one
+    transaction (the caller's, if one is open)."""
+    ranges, params = _ranges_sql(start, end, intervals)
+    b_fields = ", ".join(f"b.{f} AS b_{f}" for f in FIELDS)
+    s_fields = ", ".join(f"s.{f} AS s_{f}" for f in FIELDS)
+    values = ", ".join(f"('{f}', p.s_{f}::numeric, p.b_{f}::numeric)" for f in FIELDS)
+    with conn.transaction():
+        conn.execute(
+            _PAIRS.format(
+                ranges=ranges, same_bs=_same("b", "s"), b_fields=b_fields, s_fields=s_fields
+            ),
+            params,
+        )
+        conn.execute(_WITHOUT_LATE)
+        same_ws = " AND ".join(f"w.{f} IS NOT DISTINCT FROM p.s_{f}" for f in FIELDS)
+        conn.execute(_CLASSIFY.format(same_ws=same_ws))
+        conn.execute(
+            f"DELETE FROM candle_mismatches m USING ({ranges}) AS r(interval, first_start,"
+            " last_end, length) WHERE m.interval = r.interval"
+            " AND m.window_start >= r.first_start AND m.window_start + r.length <= r.last_end",
+            params,
+        )
+        conn.execute(
+            "INSERT INTO candle_mismatches (exchange, symbol, interval, window_start, kind,"
+            " differences, late_trades)"
+            " SELECT k.exchange, k.symbol, k.interval, k.window_start, k.kind,"
+            f" {_DIFFERENCES.format(values=values)}, k.late"
+            " FROM reconcile_kinds k JOIN reconcile_pairs p"
+            " USING (exchange, symbol, interval, window_start) WHERE k.kind <> 'match'"
+        )
+        rows = conn.execute(
+            "SELECT interval, kind, count(*) FROM reconcile_kinds GROUP BY 1, 2"
+        ).fetchall()
+    result = Reconciliation()
+    for interval, kind, count in rows:
+        result.counts[kind] += count
+        result.by_interval.setdefault(interval, dict.fromkeys(KINDS, 0))[kind] = count
+    return result

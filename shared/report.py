@@ -1,0 +1,133 @@
+"""The data-quality report (SPEC §6 step 5): a ``dq_reports`` row and a self-contained HTML page.
+
+The page has no scripts and loads nothing: its charts are inline SVG, so it opens offline, in a
+mail attachment, or inside the Airflow UI, and always looks the same.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+from jinja2 import Environment, PackageLoader, select_autoescape
+from psycopg.types.json import Jsonb
+
+from shared import db
+from shared.charts import bar_chart, line_chart
+from shared.config import Settings
+from shared.trades import datetime_to_ts
+
+MAX_MISMATCH_ROWS = 500
+_env = Environment(
+    loader=PackageLoader("shared", "templates"), autoescape=select_autoescape(["html", "j2"])
+)
+
+
+def _mismatches(conn: psycopg.Connection, start: datetime, end: datetime) -> tuple[list, int]:
+    rows = conn.execute(
+        "SELECT exchange, symbol, interval, window_start, kind, late_trades, differences,"
+        " count(*) OVER () FROM candle_mismatches WHERE window_start >= %s AND window_start < %s"
+        " ORDER BY kind = 'late', kind, symbol, interval, window_start LIMIT %s",
+        (start, end, MAX_MISMATCH_ROWS),
+    ).fetchall()
+    total = rows[0][7] if rows else 0
+    return [
+        {
+            "exchange": r[0],
+            "symbol": r[1],
+            "interval": r[2],
+            "window_start": r[3].astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "kind": r[4],
+            "late_trades": r[5],
+            "differences": r[6],
+        }
+        for r in rows
+    ], total
+
+
+def _symbol_charts(
+    conn: psycopg.Connection, start: datetime, end: datetime, base: str
+) -> list[tuple[str, str]]:
+    series: dict[str, dict[str, list]] = {}
+    for table, name in (("batch_candles", "batch"), ("stream_candles", "stream")):
+        for exchange, symbol, window_start, close in conn.execute(
+            f"SELECT exchange, symbol, window_start, close FROM {table} WHERE interval = %s"
+            " AND window_start >= %s AND window_end <= %s ORDER BY 1, 2, 3",
+            (base, start, end),
+        ).fetchall():
+            key = f"{exchange}:{symbol}"
+            minute = (datetime_to_ts(window_start) - datetime_to_ts(start)) / 60e6
+            series.setdefault(key, {"batch": [], "stream": []})[name].append((minute, float(close)))
+    shaded: dict[str, list] = {}
+    for exchange, symbol, window_start, window_end in conn.execute(
+        "SELECT m.exchange, m.symbol, m.window_start, m.window_start + (c.window_end -"
+        " c.window_start) FROM candle_mismatches m JOIN ("
+        "  SELECT exchange, symbol, interval, window_start, window_end FROM batch_candles"
+        "  UNION SELECT exchange, symbol, interval, window_start, window_end FROM stream_candles"
+        " ) c USING (exchange, symbol, interval, window_start)"
+        " WHERE m.interval = %s AND m.window_start >= %s AND m.window_start < %s",
+        (base, start, end),
+    ).fetchall():
+        lo = (datetime_to_ts(window_start) - datetime_to_ts(start)) / 60e6
+        hi = (datetime_to_ts(window_end) - datetime_to_ts(start)) / 60e6
+        shaded.setdefault(f"{exchange}:{symbol}", []).append((lo, hi))
+    labels = (start.strftime("%H:%M"), end.strftime("%H:%M"))
+    return [
+        (
+            key,
+            line_chart(
+                lines, highlights=shaded.get(key, []), title=f"{key} close", x_labels=labels
+            ),
+        )
+        for key, lines in sorted(series.items())
+    ]
+
+
+def render_report(conn: psycopg.Connection, summary: dict) -> str:
+    """The HTML page of a summary (as ``checks_step`` builds it)."""
+    start = datetime.fromisoformat(summary["interval"]["start"])
+    end = datetime.fromisoformat(summary["interval"]["end"])
+    mismatches, total = _mismatches(conn, start, end)
+    base = summary["intervals"][0]
+    lateness = [(b["bucket"], b["count"]) for b in summary["late_trades"]["lateness"]]
+    reasons = list(summary["invalid_messages"]["reasons"].items())
+    return _env.get_template("report.html.j2").render(
+        s=summary,
+        mismatches=mismatches,
+        mismatches_total=total,
+        base=base,
+        symbol_charts=_symbol_charts(conn, start, end, base),
+        lateness_chart=bar_chart(lateness, title="lateness of late trades"),
+        invalid_chart=bar_chart(reasons, title="invalid messages by reason"),
+    )
+
+
+def report_path(settings: Settings, summary: dict) -> Path:
+    start = summary["interval"]["start"].replace(":", "").replace("+0000", "Z")
+    end = summary["interval"]["end"].replace(":", "").replace("+0000", "Z")
+    return Path(settings.report_dir).resolve() / f"dq_{start}_{end}.html"
+
+
+def publish_report(url: str, settings: Settings, summary: dict) -> dict:
+    """Upsert the ``dq_reports`` row (summary, status, HTML) and write the HTML file."""
+    with db.connect(url) as conn:
+        html = render_report(conn, summary)
+        conn.execute(
+            "INSERT INTO dq_reports (interval_start, interval_end, status, summary, html)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (interval_start, interval_end) DO UPDATE"
+            " SET status = EXCLUDED.status, summary = EXCLUDED.summary, html = EXCLUDED.html,"
+            " created_at = now()",
+            (
+                summary["interval"]["start"],
+                summary["interval"]["end"],
+                summary["status"],
+                Jsonb(summary),
+                html,
+            ),
+        )
+        conn.commit()
+    path = report_path(settings, summary)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html, encoding="utf-8")
+    return {"status": summary["status"], "path": str(path)}

@@ -1,0 +1,90 @@
+"""The data-quality report: the ``dq_reports`` row, the HTML page in a real browser, the CLI."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from candlekeep.cli import cli
+from shared import db
+from shared.batch_run import run_interval
+from shared.charts import PALETTE
+from shared.config import Settings
+
+from .browser import dump_dom, screenshot
+from .conftest import REPO
+from .test_reconcile import simulate_stream
+
+pytestmark = pytest.mark.integration
+
+START, END = "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z"
+
+
+@pytest.fixture
+def reported(database_url, tmp_path):
+    db.upgrade(database_url)
+    with db.connect(database_url) as conn:
+        conn.execute(
+            "TRUNCATE trades, stream_candles, batch_candles, late_trades,"
+            " candle_mismatches, dq_reports, stream_progress, invalid_trades"
+        )
+        conn.commit()
+        simulate_stream(conn, seed=4)
+        conn.execute(  # one bug: a stream candle with a wrong close
+            "UPDATE stream_candles SET close = close + 1 WHERE ctid = (SELECT ctid FROM"
+            " stream_candles WHERE interval = '1m' ORDER BY window_start LIMIT 1)"
+        )
+        conn.commit()
+    settings = Settings(report_dir=str(tmp_path / "reports"))
+    summary = run_interval(database_url, settings, START, END)
+    return database_url, settings, summary, tmp_path
+
+
+def _rgb(hex_color: str) -> tuple[int, int, int]:
+    return tuple(int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+
+
+def test_report_row_and_page_open_in_a_browser_with_charts_and_no_console_errors(reported):
+    url, _, summary, tmp_path = reported
+    assert summary["status"] == "fail" and summary["counts"]["unexplained"] == 1
+    with db.connect(url) as conn:
+        status, stored = conn.execute("SELECT status, summary FROM dq_reports").fetchone()
+    assert status == "fail" and stored["counts"] == summary["counts"]
+    page = next((tmp_path / "reports").glob("dq_*.html"))
+    html = page.read_text()
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    png = tmp_path / "report.png"
+    console = screenshot(page.as_uri(), png, tmp_path / "profile")
+    assert console == []
+    dom = dump_dom(page.as_uri(), tmp_path / "profile2")
+    assert dom.count('class="series series-batch"') == 2  # one line chart per symbol
+    assert dom.count('class="mismatch"') >= 2
+    assert dom.count('class="bar"') >= 7  # lateness buckets
+    # The charts were painted: their colours cover real area of the screenshot.
+    colours = Counter(Image.open(png).convert("RGB").get_flattened_data())
+    assert colours[_rgb(PALETTE["batch"])] > 500
+    assert colours[_rgb(PALETTE["bar"])] > 500
+    assert colours[_rgb(PALETTE["mismatch"])] > 200
+    docs_shot = REPO / "docs" / "images" / "report.png"
+    shutil.copy(png, docs_shot)  # the screenshot the docs show, refreshed by every run
+
+
+def test_reconcile_and_report_commands(reported):
+    url, _, _, tmp_path = reported
+    env = {"DATABASE_URL": url, "CANDLEKEEP_REPORT_DIR": str(tmp_path / "cli")}
+    result = CliRunner().invoke(cli, ["reconcile", "--start", START, "--end", END], env=env)
+    assert result.exit_code == 3, result.output  # fail: one unexplained difference
+    assert "status FAIL" in result.output and "unexplained 1" in result.output
+    assert "1 unexplained difference(s)" in result.output
+    out = tmp_path / "range.html"
+    result = CliRunner().invoke(
+        cli, ["report", "--start", START, "--end", "2026-01-01T00:30:00Z", "-o", str(out)], env=env
+    )
+    assert result.exit_code == 0, result.output
+    assert "2026-01-01T00:30:00+00:00" in out.read_text()
+    bad = CliRunner().invoke(cli, ["reconcile", "--start", END, "--end", START], env=env)
+    assert bad.exit_code == 1 and "is not after start" in bad.output
