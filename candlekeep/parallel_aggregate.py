@@ -182,7 +182,10 @@ def fold_unit(task: _Task) -> UnitResult:
     )
     reader.lines = base
     with _open_unit(unit) as lines:
-        book.add_all(reader.trades(lines))
+        if unit.fmt == "jsonl":
+            book.add_all(reader.trades(lines))
+        else:  # one symbol: rows, no Trade objects
+            book.add_rows(reader.exchange, reader.symbol, reader.rows(lines))
     ids = None
     if task.want_ids:
         ids = {key: _compact(seen) for key, seen in book.dedup.seen.items() if seen}

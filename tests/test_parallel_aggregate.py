@@ -318,8 +318,8 @@ def records(book):
 
 @given(trade_lists(max_size=80), st.randoms(use_true_random=False), st.integers(1, 5))
 def test_books_of_consecutive_parts_merge_into_the_whole_books_candles(trades, rnd, parts):
-    """add_all == Candle.add digit for digit; parts folded apart (later parts excluding the ids
-    of earlier ones) and merged in order == the whole folded at once."""
+    """add_all == add_rows == Candle.add digit for digit; parts folded apart (later parts
+    excluding the ids of earlier ones) and merged in order == the whole folded at once."""
     trades = list(trades)
     for _ in range(rnd.randrange(0, 6)):  # later copies that must lose
         if trades:
@@ -330,6 +330,16 @@ def test_books_of_consecutive_parts_merge_into_the_whole_books_candles(trades, r
     whole.add_all(trades)
     expected, duplicates = reference_fold(trades, INTERVALS)
     assert records(whole) == expected and whole.dedup.duplicates == duplicates
+    by_rows = CandleBook(INTERVALS)
+    for key in dict.fromkeys((t.exchange, t.symbol) for t in trades):
+        rows = [
+            (t.trade_id, t.ts_us, t.price, t.quantity, t.is_buyer_maker, t.raw_trades)
+            for t in trades
+            if (t.exchange, t.symbol) == key
+        ]
+        by_rows.add_rows(*key, rows)
+    assert records(by_rows) == expected
+    assert (by_rows.trades, by_rows.dedup.duplicates) == (whole.trades, duplicates)
     cuts = sorted(rnd.randrange(len(trades) + 1) for _ in range(parts - 1))
     merged = CandleBook(INTERVALS)
     seen: dict[tuple[str, str], set[int]] = {}
