@@ -206,3 +206,19 @@ def report_summary(url: str, settings: Settings, start, end) -> dict:
         return row[0]
     stream = wait_step(url, settings, start, end, timeout_s=0)
     return checks_step(url, settings, start, end, stored_counts(url, settings, start, end), stream)
+
+
+def run_interval_of(params: dict | None, data_interval_start=None, data_interval_end=None):
+    """The interval a DAG run reconciles: ``start``/``end`` params when a manual run names
+    them, else the run's data interval. Neither (a manual run with no logical date and no
+    params) is an error, never a guess."""
+    params = params or {}
+    if params.get("start") or params.get("end"):
+        return parse_interval(params.get("start"), params.get("end"))
+    if data_interval_start is None or data_interval_end is None:
+        raise IntervalError(
+            "this run has no interval: trigger it with params start and end (ISO-8601), e.g. "
+            '{"start": "2026-01-01T00:00:00Z", "end": "2026-01-01T01:00:00Z"}, '
+            "or let the schedule run it"
+        )
+    return parse_interval(data_interval_start, data_interval_end)

@@ -29,6 +29,9 @@ _json = msgspec.json.Encoder()
 @dataclass(frozen=True)
 class MarketDials:
     symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
+    #: Relative trading activity per symbol (None: equal); a small weight makes an illiquid
+    #: symbol, whose windows often hold a single trade.
+    weights: tuple[float, ...] | None = None
     start_us: int = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
     count: int = 10_000
     rate: float = 20.0  # trades per second of event time, all symbols together
@@ -64,7 +67,11 @@ def synthetic_messages(dials: MarketDials) -> Iterator[FeedMessage]:
     sent: list[FeedMessage] = []  # recent messages, for duplicates
     for _ in range(dials.count):
         ts_us += max(1, int(rnd.expovariate(dials.rate) * 1_000_000))
-        symbol = rnd.choice(dials.symbols)
+        symbol = (
+            rnd.choices(dials.symbols, dials.weights)[0]
+            if dials.weights
+            else rnd.choice(dials.symbols)
+        )
         price = _walk(rnd, prices[symbol])
         prices[symbol] = price
         trade_id = next_id[symbol]

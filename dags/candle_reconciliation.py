@@ -1,0 +1,122 @@
+"""candle_reconciliation: each hour's candles recomputed in batch and reconciled with the stream's.
+
+Every hour of market data: wait until the stream's watermark has passed the hour (bounded),
+recompute the hour's candles from the stored trades in SQL, classify every difference between
+stream and batch (late trade, missing candle, unexplained), run the data-quality checks and
+publish the report. The work is in ``shared.batch_run``; this file only wires it up (SPEC §6).
+
+A manual run names its interval in params (``start``, ``end``); backfills use Airflow's own
+``airflow backfill create``. Rerunning an interval replaces its results.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+from airflow.timetables.interval import CronDataIntervalTimetable
+
+from shared import batch_run
+from shared.config import Settings
+
+#: Updated by every published report; the event's extra carries the summary.
+DQ_REPORTS = Asset(name="candlekeep_dq_reports", uri="candlekeep://dq_reports")
+
+
+def _settings() -> tuple[Settings, str]:
+    settings = Settings()
+    if not settings.database_url:
+        raise AirflowFailException(
+            "DATABASE_URL is not set for Airflow's workers: set it to "
+            "the candlekeep market-data database"
+        )
+    return settings, settings.database_url
+
+
+@dag(
+    dag_id="candle_reconciliation",
+    schedule=CronDataIntervalTimetable("0 * * * *", timezone="UTC"),  # [hh:00, hh+1:00)
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    params={
+        "start": Param(None, type=["null", "string"], description="Manual run: interval start"),
+        "end": Param(None, type=["null", "string"], description="Manual run: interval end"),
+    },
+    tags=["candlekeep", "data-quality"],
+    doc_md=__doc__,
+)
+def candle_reconciliation():
+    @task(retries=0)
+    def interval() -> dict:
+        """The run's interval: params, else the data interval; none is an error."""
+        ctx = get_current_context()
+        try:
+            start, end = batch_run.run_interval_of(
+                ctx["params"], ctx.get("data_interval_start"), ctx.get("data_interval_end")
+            )
+        except batch_run.IntervalError as exc:
+            raise AirflowFailException(str(exc)) from None
+        return {"start": start.isoformat(), "end": end.isoformat()}
+
+    @task
+    def wait_for_stream(iv: dict) -> dict:
+        """Step 1: bounded wait for the stream's watermark to pass the interval's end."""
+        settings, url = _settings()
+        return batch_run.wait_step(
+            url, settings, iv["start"], iv["end"], settings.dq_wait_timeout.total_seconds()
+        )
+
+    @task
+    def recompute(iv: dict, stream: dict) -> dict:
+        """Step 2: the interval's candles from `trades`, in SQL, into `batch_candles`."""
+        settings, url = _settings()
+        return batch_run.recompute_step(url, settings, iv["start"], iv["end"])
+
+    @task
+    def reconcile(iv: dict, counts: dict) -> dict:
+        """Step 3: classify every candle key; mismatches into `candle_mismatches`."""
+        settings, url = _settings()
+        return batch_run.reconcile_step(url, settings, iv["start"], iv["end"])
+
+    @task
+    def checks(iv: dict, reconciliation: dict, stream: dict) -> dict:
+        """Step 4: data-quality checks and the verdict."""
+        settings, url = _settings()
+        return batch_run.checks_step(url, settings, iv["start"], iv["end"], reconciliation, stream)
+
+    @task(outlets=[DQ_REPORTS])
+    def publish(summary: dict) -> dict:
+        """Step 5: the `dq_reports` row and HTML page; an asset event carries the summary."""
+        settings, url = _settings()
+        published = batch_run.publish_step(url, settings, summary)
+        get_current_context()["outlet_events"][DQ_REPORTS].extra = {
+            "interval": summary["interval"],
+            "status": summary["status"],
+            "counts": summary["counts"],
+            "reasons": summary["reasons"],
+        }
+        return published
+
+    @task(retries=0)
+    def verdict(summary: dict, published: dict) -> str:
+        """Fail the run when the report fails (e.g. any unexplained difference)."""
+        if summary["status"] == "fail":
+            raise AirflowFailException(
+                "data quality FAILED: "
+                + "; ".join(summary["reasons"])
+                + f" (report: {published['path']})"
+            )
+        return summary["status"]
+
+    iv = interval()
+    stream = wait_for_stream(iv)
+    reconciliation = reconcile(iv, recompute(iv, stream))
+    summary = checks(iv, reconciliation, stream)
+    verdict(summary, publish(summary))
+
+
+candle_reconciliation()
