@@ -131,3 +131,14 @@ def publish_report(url: str, settings: Settings, summary: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return {"status": summary["status"], "path": str(path)}
+
+
+def stored_report_html(url: str, start: datetime, end: datetime) -> str | None:
+    """The HTML of the ``dq_reports`` row of exactly ``[start, end)``; ``None`` when that
+    interval has no report (yet). What the Airflow "Data quality" view shows."""
+    with db.connect(url) as conn:
+        row = conn.execute(
+            "SELECT html FROM dq_reports WHERE interval_start = %s AND interval_end = %s",
+            (start, end),
+        ).fetchone()
+    return row[0] if row else None
