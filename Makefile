@@ -3,7 +3,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SAMPLE := data/binance-xrpeth-2019-10/XRPETH-aggTrades-2019-10-11_13.csv
 
 .PHONY: demo test lint bench clean chromium
 
@@ -16,10 +15,9 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	@touch $@
 
-## The main job on embedded defaults: exact 1m candles from the bundled Binance sample.
+## The main job on embedded defaults: the whole pipeline (feed → stream → Airflow DAG → report).
 demo: $(BIN)/.installed
-	$(BIN)/candlekeep aggregate $(SAMPLE) --fill-gaps --output-format binance-klines --interval 1m -o XRPETH-klines-1m.csv
-	@echo "wrote XRPETH-klines-1m.csv ($$(wc -l < XRPETH-klines-1m.csv) klines)"
+	$(BIN)/candlekeep demo
 
 # The report tests open pages in headless Chromium (Debian's package; as root we install it).
 chromium:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from candlekeep import __version__
 from candlekeep.aggregate import aggregate
 from candlekeep.db_cmd import db_group
+from candlekeep.demo import demo
 from candlekeep.errors import UserError, settings_error
 from candlekeep.feed_cmd import feed_group
 from candlekeep.load import load
@@ -42,6 +43,7 @@ cli.add_command(stream)
 cli.add_command(feed_group)
 cli.add_command(reconcile)
 cli.add_command(report)
+cli.add_command(demo)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from candlekeep.airflow_runner import airflow_env
 from shared import db
 from shared.batch_run import IntervalError, run_interval_of
 from shared.intervals import IntervalSet
@@ -35,13 +36,13 @@ def airflow_db(database_url):
     name = f"airflow_{uuid.uuid4().hex[:10]}"
     server = with_database(database_url, "postgres")
     _admin(server, "CREATE DATABASE {}", name)
-    yield with_database(database_url, name).replace("postgresql://", "postgresql+psycopg://", 1)
+    yield with_database(database_url, name)
     _admin(server, "DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
 
 
 def run_dag(env: dict, *args: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.airflow_harness", *args],
+        [sys.executable, "-m", "candlekeep.airflow_runner", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -104,13 +105,9 @@ def test_stream_then_dag_explains_every_difference(
     )  # ~67 minutes of event time: the hour 00:00-01:00 is covered and closed
     produce_all(kafka_bootstrap, settings.topic_trades, synthetic_messages(dials))
     asyncio.run(StreamWorker(settings, database_url, kafka_bootstrap, exit_when_idle_s=3).run())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CANDLEKEEP_", "AIRFLOW"))}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CANDLEKEEP_")}
+    env = airflow_env(base, tmp_path / "airflow", airflow_db)
     env.update(
-        AIRFLOW_HOME=str(tmp_path / "airflow"),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=airflow_db,
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC=airflow_db,
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
         DATABASE_URL=database_url,
         CANDLEKEEP_REPORT_DIR=str(tmp_path / "reports"),
         CANDLEKEEP_DQ_WAIT_TIMEOUT="20",
@@ -201,13 +198,7 @@ def test_a_run_with_no_interval_fails_with_a_clear_message():
 
 
 def test_dagbag_imports_without_errors(airflow_db, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CANDLEKEEP_", "AIRFLOW"))}
-    env.update(
-        AIRFLOW_HOME=str(tmp_path / "airflow"),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=airflow_db,
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC=airflow_db,
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-    )
+    env = airflow_env(dict(os.environ), tmp_path / "airflow", airflow_db)
     result = run_dag(env, "dagbag")
     assert result["errors"] == {}
     assert "candle_reconciliation" in result["dags"]

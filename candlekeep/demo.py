@@ -1,0 +1,231 @@
+"""``candlekeep demo``: the whole pipeline on one machine, with nothing installed beforehand.
+
+Embedded PostgreSQL and an embedded Kafka-protocol broker; a synthetic market (with disorder,
+late, duplicate and invalid messages) produced while the streaming worker consumes it; then the
+Airflow DAG, run with ``dag.test()``, over every hour the feed covered; then the reports.
+Each demo works in a fresh database (``candlekeep_demo``) so that it always tells the same story.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from shared.trades import ts_to_datetime
+
+DEMO_DATABASE = "candlekeep_demo"
+AIRFLOW_DATABASE = "candlekeep_airflow"
+HOUR_US = 3_600_000_000
+
+
+@click.command()
+@click.option(
+    "--hours",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Hours of market the synthetic feed covers (each is one DAG run).",
+)
+@click.option(
+    "--rate", type=float, default=8.0, show_default=True, help="Trades per second of event time."
+)
+@click.option(
+    "--keep-running",
+    is_flag=True,
+    help="Afterwards leave the worker, a live feed and Airflow's UI (localhost:8080) "
+    "running, with the DAG scheduled, until Ctrl-C.",
+)
+@click.option("--airflow-port", type=int, default=8080, show_default=True,
+              help="Port of Airflow's UI with --keep-running.")
+@click.pass_context
+def demo(ctx, hours, rate, keep_running, airflow_port):
+    """Run the whole pipeline on embedded services and print the data-quality reports."""
+    console = Console(stderr=True, soft_wrap=True)
+    started = time.monotonic()
+    settings = ctx.find_root().obj()
+    if settings.database_url or settings.kafka_bootstrap_servers:
+        console.print(
+            "[yellow]demo: ignoring DATABASE_URL/KAFKA_BOOTSTRAP_SERVERS: the demo "
+            "runs on its own embedded services[/]"
+        )
+    from candlekeep.embedded import EmbeddedBroker, EmbeddedPostgres
+    from candlekeep.logs import configure_logging
+
+    configure_logging("WARNING")
+    data_dir = Path(settings.data_dir).resolve()
+    with console.status("starting embedded PostgreSQL and Kafka-protocol broker"):
+        server = EmbeddedPostgres(str(data_dir)).start()
+        broker = EmbeddedBroker(str(data_dir)).start()
+    try:
+        _step(
+            console,
+            started,
+            f"PostgreSQL on {server.url.rsplit('/', 1)[0]}, broker on {broker.bootstrap_servers}",
+        )
+        url = _fresh_database(server, DEMO_DATABASE)
+        airflow_url = _database(server, AIRFLOW_DATABASE)  # kept: migrated once
+        demo_settings = settings.model_copy(
+            update={
+                "database_url": url,
+                "kafka_bootstrap_servers": broker.bootstrap_servers,
+                "report_dir": str(Path(settings.report_dir).resolve()),
+                "dq_wait_timeout": timedelta(seconds=30),
+            }
+        )
+        from shared import db
+
+        db.upgrade(url)
+        _step(console, started, "schema migrated (candlekeep db upgrade)")
+        start_us = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
+        count = int(hours * 3600 * rate * 1.04)  # a little past the last hour, so it closes
+        _stream(console, started, demo_settings, start_us, count, rate)
+        _reconcile(console, started, demo_settings, airflow_url, start_us, hours)
+        _print_reports(demo_settings)
+        console.print(f"demo finished in {time.monotonic() - started:.0f}s")
+        if keep_running:
+            from candlekeep.demo_live import keep_running as live
+
+            live(console, demo_settings, airflow_url, broker, port=airflow_port)
+    finally:
+        with console.status("stopping embedded services"):
+            broker.stop()
+            server.stop()
+
+
+def _step(console: Console, started: float, text: str) -> None:
+    console.print(f"[green]✓[/] [dim]{time.monotonic() - started:5.1f}s[/] {text}", highlight=False)
+
+
+def _database(server, name: str) -> str:
+    from shared import db
+
+    with db.connect(server.url_for("postgres"), autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return server.url_for(name)
+
+
+def _fresh_database(server, name: str) -> str:
+    from shared import db
+
+    with db.connect(server.url_for("postgres"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return server.url_for(name)
+
+
+def _stream(console, started, settings, start_us, count, rate):
+    """Produce the synthetic market while the worker consumes it."""
+    from stream.feeds.produce import ensure_topic, produce
+    from stream.feeds.synthetic import MarketDials, synthetic_messages
+    from stream.worker import StreamWorker
+
+    dials = MarketDials(
+        start_us=start_us,
+        count=count,
+        rate=rate,
+        late=0.004,
+        disorder=0.05,
+        duplicates=0.01,
+        invalid=0.004,
+    )
+    servers = settings.kafka_bootstrap_servers
+
+    async def run():
+        await ensure_topic(servers, settings.topic_trades, 4)
+        worker = StreamWorker(settings, settings.database_url, servers, exit_when_idle_s=4)
+        consuming = asyncio.create_task(worker.run())
+        deliveries = await produce(servers, settings.topic_trades, synthetic_messages(dials))
+        return deliveries, await consuming
+
+    with console.status(f"feeding {count:,} synthetic trades through the streaming worker"):
+        deliveries, summary = asyncio.run(run())
+    _step(
+        console,
+        started,
+        f"stream: {summary.consumed:,} messages consumed of {len(deliveries):,} produced — "
+        f"{summary.stored:,} trades stored, {summary.duplicates:,} duplicates, "
+        f"{summary.invalid:,} invalid, {summary.late:,} late; {summary.candles:,} candles",
+    )
+
+
+def _reconcile(console, started, settings, airflow_url, start_us, hours):
+    """The DAG over every covered hour, with dag.test() in a process of its own."""
+    from candlekeep.airflow_runner import airflow_env
+
+    env = airflow_env(dict(os.environ), Path(settings.data_dir).resolve() / "airflow", airflow_url)
+    env.update(
+        DATABASE_URL=settings.database_url,
+        KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
+        CANDLEKEEP_REPORT_DIR=settings.report_dir,
+        CANDLEKEEP_DQ_WAIT_TIMEOUT="30",
+    )
+    for hour in range(hours):
+        start = ts_to_datetime(start_us + hour * HOUR_US).isoformat()
+        end = ts_to_datetime(start_us + (hour + 1) * HOUR_US).isoformat()
+        with console.status(f"Airflow: candle_reconciliation over {start[:16]} – {end[11:16]}"):
+            proc = subprocess.run(
+                [sys.executable, "-m", "candlekeep.airflow_runner", "test", start, end],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            log = Path(settings.data_dir).resolve() / "airflow" / "demo-dag.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(proc.stdout + proc.stderr)
+            raise click.ClickException(f"the DAG run for {start} failed to run: see {log}")
+        state = json.loads(lines[-1])["state"]
+        _step(console, started, f"DAG run {start[:16]}Z: {state}")
+
+
+def _print_reports(settings) -> None:
+    """The summary of every report, and where its HTML page is (on standard output)."""
+    from shared import db
+    from shared.report import report_path
+
+    table = Table(title="data-quality reports")
+    for column in (
+        "hour (UTC)",
+        "status",
+        "match",
+        "late",
+        "missing_in_stream",
+        "missing_in_batch",
+        "unexplained",
+    ):
+        table.add_column(column, justify="right" if column not in ("status",) else "left")
+    paths = []
+    with db.connect(settings.database_url) as conn:
+        stored = conn.execute(
+            "SELECT interval_start, status, summary FROM dq_reports ORDER BY interval_start"
+        ).fetchall()
+    for interval_start, status, summary in stored:
+        counts = summary["counts"]
+        table.add_row(
+            interval_start.strftime("%Y-%m-%d %H:%M"),
+            status,
+            *(
+                str(counts[k])
+                for k in ("match", "late", "missing_in_stream", "missing_in_batch", "unexplained")
+            ),
+        )
+        paths.append(report_path(settings, summary))
+        for reason in summary["reasons"]:
+            table.add_row("", f"  {reason}", *[""] * 5)
+    out = Console(soft_wrap=True, width=max(Console().width, 110))
+    out.print(table)
+    for path in paths:
+        out.print(f"report: {path}", highlight=False)
