@@ -202,3 +202,40 @@ def test_dagbag_imports_without_errors(airflow_db, tmp_path):
     result = run_dag(env, "dagbag")
     assert result["errors"] == {}
     assert "candle_reconciliation" in result["dags"]
+
+
+def test_airflow_backfill_creates_one_run_per_hour(airflow_db, tmp_path):
+    env = airflow_env(dict(os.environ), tmp_path / "airflow", airflow_db)
+    airflow = str(REPO / ".venv" / "bin" / "airflow")
+    airflow = airflow if os.path.exists(airflow) else "airflow"
+    for command in (
+        ["db", "migrate"],
+        ["dags", "reserialize"],
+        [
+            "backfill",
+            "create",
+            "--dag-id",
+            "candle_reconciliation",
+            "--from-date",
+            "2026-02-01T00:00:00+00:00",
+            "--to-date",
+            "2026-02-01T02:00:00+00:00",
+        ],
+    ):
+        proc = subprocess.run(
+            [airflow, *command], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with db.connect(airflow_db) as conn:
+        runs = conn.execute(
+            "SELECT data_interval_start, data_interval_end, conf FROM dag_run"
+            " WHERE dag_id = 'candle_reconciliation' AND run_type = 'backfill'"
+            " ORDER BY data_interval_start"
+        ).fetchall()
+    assert [(s.hour, (e - s).total_seconds()) for s, e, _ in runs] == [
+        (0, 3600.0),
+        (1, 3600.0),
+        (2, 3600.0),
+    ]
+    for start, end, conf in runs:  # each backfill run reconciles its own data interval
+        assert run_interval_of(conf, start, end) == (start, end)

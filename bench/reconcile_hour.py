@@ -1,0 +1,213 @@
+"""Benchmark: reconciling one hour that holds 1M trades, next to recomputing it.
+
+One hour of trades for 20 symbols is generated in SQL (deterministic); 0.5% of them are made
+*late*: recorded in ``late_trades`` and left out of the stream's candles, which are computed
+without them. Then, in alternating rounds in the same run, on the same data:
+
+- *recompute*: ``recompute_batch_candles`` for the hour (the plain batch recomputation);
+- *reconcile*: ``classify`` (every candle key compared, the late windows recomputed without
+  their late trades, ``candle_mismatches`` rewritten);
+- *checks + report*: the data-quality checks and the HTML report.
+
+Usage: ``.venv/bin/python bench/reconcile_hour.py [--trades 1000000] [--rounds 3]
+[--no-write-docs]``. Uses DATABASE_URL if set, else an embedded PostgreSQL under bench/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared import db  # noqa: E402
+from shared.batch_run import checks_step, publish_step  # noqa: E402
+from shared.config import Settings  # noqa: E402
+from shared.recompute import recompute_batch_candles  # noqa: E402
+from shared.reconcile import classify  # noqa: E402
+
+START = datetime(2026, 3, 2, 14, tzinfo=UTC)
+END = START + timedelta(hours=1)
+DOCS = ROOT / "docs" / "benchmarks.md"
+SECTION = "## Reconcile one hour vs recompute it"
+
+
+def database(server_url: str) -> str:
+    name = "candlekeep_bench_reconcile"
+    with db.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+def prepare(url: str, trades: int, late_share: float) -> dict:
+    """Trades, late trades, and stream candles computed without the late trades."""
+    db.upgrade(url)
+    intervals = Settings().interval_set
+    with db.connect(url) as conn:
+        conn.execute("SELECT candlekeep_ensure_trade_partition(%s::date)", (START.date(),))
+        conn.commit()
+        conn.execute(
+            """
+            INSERT INTO trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker)
+            SELECT 'binance', 'SYM' || lpad((n %% 20)::text, 2, '0'), n,
+                   %(start)s + (n * 3600000000::bigint / %(count)s) * interval '1 microsecond',
+                   round((100 + 50 * sin(n / 5000.0))::numeric + (n %% 97) / 100.0, 2),
+                   round(((n * 7919) %% 100000) / 10000.0 + 0.0001, 4),
+                   (n * 31) %% 3 = 0
+            FROM generate_series(1, %(count)s) AS n
+            """,
+            {"start": START, "count": trades},
+        )
+        every = int(1 / late_share)
+        conn.execute(
+            "INSERT INTO late_trades (exchange, symbol, trade_id, ts, price, quantity,"
+            " window_start, watermark, lateness)"
+            " SELECT exchange, symbol, trade_id, ts, price, quantity,"
+            " date_bin('1 minute', ts, timestamptz 'epoch'),"
+            " date_bin('1 minute', ts, timestamptz 'epoch') + interval '90 seconds',"
+            " interval '30 seconds' FROM trades WHERE trade_id %% %s = 0",
+            (every,),
+        )
+        # The stream's candles: the same SQL over the trades that were not late.
+        conn.execute(
+            "CREATE TEMP TABLE held AS SELECT * FROM trades WHERE trade_id %% %s = 0", (every,)
+        )
+        conn.execute("DELETE FROM trades WHERE trade_id %% %s = 0", (every,))
+        recompute_batch_candles(conn, START, END, intervals)
+        conn.execute(
+            "INSERT INTO stream_candles (exchange, symbol, interval, window_start, window_end,"
+            " open, high, low, close, volume, quote_volume, trade_count, first_trade_id,"
+            " last_trade_id, taker_buy_volume, taker_buy_quote_volume)"
+            " SELECT exchange, symbol, interval, window_start, window_end, open, high, low,"
+            " close, volume, quote_volume, trade_count, first_trade_id, last_trade_id,"
+            " taker_buy_volume, taker_buy_quote_volume FROM batch_candles"
+        )
+        conn.execute("INSERT INTO trades SELECT * FROM held")
+        conn.commit()
+    with db.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE trades")
+        conn.execute("VACUUM ANALYZE stream_candles")
+        conn.execute("VACUUM ANALYZE late_trades")
+        late = conn.execute("SELECT count(*) FROM late_trades").fetchone()[0]
+    return {"trades": trades, "late": late}
+
+
+def timed(fn) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def run(url: str, rounds: int, report_dir: Path) -> dict:
+    settings = Settings(report_dir=str(report_dir))
+    intervals = settings.interval_set
+    times: dict[str, list[float]] = {"recompute": [], "reconcile": [], "checks_report": []}
+    counts = None
+    for _ in range(rounds):
+        with db.connect(url) as conn:
+            elapsed, _ = timed(
+                lambda c=conn: (recompute_batch_candles(c, START, END, intervals), c.commit())
+            )
+            times["recompute"].append(elapsed)
+            elapsed, result = timed(lambda c=conn: classify(c, START, END, intervals))
+            conn.commit()
+            times["reconcile"].append(elapsed)
+            counts = result.counts
+        reconciliation = {"counts": counts, "by_interval": {}}
+        stream = {"watermark": END.isoformat(), "passed": True, "lag_s": 0.0}
+
+        def checks_and_report(r=reconciliation, s=stream):
+            summary = checks_step(url, settings, START, END, r, s)
+            publish_step(url, settings, summary)
+
+        elapsed, _ = timed(checks_and_report)
+        times["checks_report"].append(elapsed)
+    return {"times": times, "counts": counts}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version()}
+
+
+def write_docs(text: str) -> None:
+    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    if SECTION in current:
+        head, _, rest = current.partition(SECTION)
+        tail = rest.split("\n## ", 1)
+        current = head.rstrip() + "\n\n" + text + ("\n## " + tail[1] if len(tail) > 1 else "")
+    else:
+        current = current.rstrip() + "\n\n" + text
+    DOCS.write_text(current.rstrip() + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trades", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-write-docs", action="store_true")
+    args = parser.parse_args()
+    server = None
+    server_url = os.environ.get("DATABASE_URL")
+    if not server_url:
+        from candlekeep.embedded import EmbeddedPostgres
+
+        server = EmbeddedPostgres(str(ROOT / "bench" / "out" / "reconcile")).start()
+        server_url = server.url_for("postgres")
+    try:
+        url = database(server_url)
+        print(f"preparing {args.trades:,} trades in {START:%Y-%m-%d %H:%M}Z ...", flush=True)
+        data = prepare(url, args.trades, 0.005)
+        result = run(url, args.rounds, ROOT / "bench" / "out" / "reports")
+        with db.connect(url) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]
+    finally:
+        if server is not None:
+            server.stop()
+    med = {k: statistics.median(v) for k, v in result["times"].items()}
+    info = machine()
+    lines = [
+        SECTION,
+        "",
+        "`.venv/bin/python bench/reconcile_hour.py` — one hour holding "
+        f"{data['trades']:,} trades of 20 symbols, {data['late']:,} of them late (0.5%): the "
+        "stream's candles are computed without them, so the windows they touch differ. "
+        f"{args.rounds} alternating rounds in one run; medians.",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}; PostgreSQL "
+        f"{version} (embedded, default settings); {datetime.now(UTC):%Y-%m-%d}.",
+        "",
+        "| step | median s | all rounds (s) | vs recompute |",
+        "|---|---:|---|---:|",
+    ]
+    for key, label in (
+        ("recompute", "recompute the hour (reference)"),
+        ("reconcile", "reconcile: classify every candle"),
+        ("checks_report", "checks + HTML report"),
+    ):
+        rounds = ", ".join(f"{t:.2f}" for t in result["times"][key])
+        lines.append(
+            f"| {label} | {med[key]:.2f} | {rounds} | {med[key] / med['recompute']:.2f}× |"
+        )
+    counts = result["counts"]
+    lines += ["", "Classification: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write_docs:
+        write_docs(text)
+
+
+if __name__ == "__main__":
+    main()
