@@ -7,7 +7,11 @@ from collections import Counter
 
 import click
 
+from shared.trade_files import FORMATS
 from shared.trades import parse_timestamp
+
+#: Binance's public WebSocket endpoint (imported lazily elsewhere: websockets is in `stream`).
+BINANCE_URL = "wss://stream.binance.com:9443"
 
 
 @click.group("feed")
@@ -117,3 +121,148 @@ def synthetic(
         + ", ".join(f"{n:,} {kind}" for kind, n in sorted(kinds.items())),
         err=True,
     )
+
+
+@feed_group.command()
+@click.option(
+    "--symbols",
+    default="btcusdt,ethusdt",
+    show_default=True,
+    help="Comma-separated Binance symbols whose trades to stream.",
+)
+@click.option(
+    "--url",
+    default=None,
+    help=f"WebSocket base URL; the combined stream path is added [default: {BINANCE_URL}].",
+)
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Partitions of the topic if it has to be created.",
+)
+@click.option(
+    "--max-trades",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many trades (default: run until interrupted).",
+)
+@click.pass_context
+def binance(ctx, symbols, url, partitions, max_trades):
+    """Binance's live trades (WebSocket), reconnecting with backoff whenever it drops."""
+    from candlekeep.logs import configure_logging
+    from candlekeep.services import bootstrap_servers
+    from stream.feeds.binance import BinanceStats, parse_symbols, run_binance_feed, stream_url
+    from stream.feeds.replay import SendStats
+
+    settings = ctx.find_root().obj()
+    configure_logging(settings.log_level)
+    try:
+        wanted = parse_symbols(symbols)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--symbols") from None
+    full_url = stream_url(url or BINANCE_URL, wanted)
+    servers = bootstrap_servers(ctx)
+    topic = settings.topic_trades
+    stats, sent = BinanceStats(), SendStats()
+
+    async def run():
+        await run_binance_feed(
+            servers,
+            topic,
+            full_url,
+            partitions=partitions,
+            max_trades=max_trades,
+            binance=stats,
+            sent=sent,
+        )
+
+    _run_until_signalled(run())
+    click.echo(
+        f"produced {sent.delivered:,} trades of {', '.join(wanted)} to {topic} on {servers}: "
+        f"{stats.malformed:,} malformed and {stats.ignored:,} other frames skipped, "
+        f"{stats.reconnects:,} reconnects",
+        err=True,
+    )
+
+
+@feed_group.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option(
+    "--input-format",
+    type=click.Choice(FORMATS),
+    default="auto",
+    show_default=True,
+    help="Format of the files (auto: told from each file's name and first line).",
+)
+@click.option("--symbol", help="Symbol of Binance CSV files (default: the file name's prefix).")
+@click.option("--exchange", default="binance", show_default=True, help="Exchange of CSV trades.")
+@click.option(
+    "--speed",
+    type=float,
+    default=None,
+    help="Send at the original pace times SPEED (default 1.0: the original pace).",
+)
+@click.option(
+    "--as-fast-as-possible",
+    is_flag=True,
+    help="Send without pacing (instead of --speed).",
+)
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Partitions of the topic if it has to be created.",
+)
+@click.pass_context
+def replay(ctx, files, input_format, symbol, exchange, speed, as_fast_as_possible, partitions):
+    """Trade files (Binance CSVs, ms or µs, or canonical JSONL) replayed as trade messages."""
+    from candlekeep.services import bootstrap_servers
+    from candlekeep.trade_input import TradeInput
+    from stream.feeds.produce import ensure_topic
+    from stream.feeds.replay import SendStats, produce_live, replay_messages
+
+    if speed is not None and as_fast_as_possible:
+        raise click.UsageError("--speed and --as-fast-as-possible exclude each other")
+    if speed is not None and not speed > 0:
+        raise click.BadParameter("must be greater than 0", param_hint="--speed")
+    pace = None if as_fast_as_possible else (speed or 1.0)
+    settings = ctx.find_root().obj()
+    source = TradeInput(list(files), input_format, symbol, exchange)
+    source.check_symbols()
+    servers = bootstrap_servers(ctx)
+    topic = settings.topic_trades
+    sent = SendStats()
+
+    async def run():
+        await ensure_topic(servers, topic, partitions)
+        await produce_live(servers, topic, replay_messages(source.trades()), speed=pace, stats=sent)
+
+    _run_until_signalled(run())
+    click.echo(
+        f"replayed {sent.delivered:,} trades from {len(files)} file(s) to {topic} on {servers} "
+        f"in {sent.elapsed_s:.1f} s"
+        + (f"; {source.invalid:,} invalid lines skipped" if source.invalid else ""),
+        err=True,
+    )
+
+
+def _run_until_signalled(coro) -> None:
+    """Run ``coro``; SIGTERM (``docker stop``) and SIGINT stop it after flushing what was sent."""
+    import contextlib
+    import signal
+
+    async def main():
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, task.cancel)
+        try:
+            await coro
+        except asyncio.CancelledError:
+            click.echo("stopped", err=True)
+
+    asyncio.run(main())

@@ -1,0 +1,268 @@
+"""Binance's live trade stream, as canonical trade messages.
+
+The combined stream ``<url>/stream?streams=btcusdt@trade/ethusdt@trade`` sends one frame per
+trade::
+
+    {"stream": "btcusdt@trade",
+     "data": {"e": "trade", "E": 1672515782136, "s": "BTCUSDT", "t": 12345, "p": "0.001",
+              "q": "100", "T": 1672515782136, "m": true, "M": true}}
+
+:func:`normalise_frame` (pure) turns a frame into the canonical message (symbol, trade_id = t,
+price = p, quantity = q as the exact decimal strings, timestamp = T in ms, exchange
+``binance``, is_buyer_maker = m) keyed by the symbol; other events are ignored, malformed frames
+are skipped with a reason. :func:`binance_messages` keeps a connection open: on a disconnect
+(Binance also closes every connection after 24 hours) it reconnects with exponential backoff and
+jitter, logging each reconnect, and never gives up while it is wanted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import structlog
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from shared.trade_files import MICROSECOND_THRESHOLD
+from shared.trades import Rejection, parse_trade_object
+from stream.feeds.produce import FeedError, ensure_topic
+from stream.feeds.replay import SendStats, canonical_timestamp, produce_live
+from stream.feeds.synthetic import FeedMessage
+
+log = structlog.get_logger("candlekeep.feed.binance")
+
+DEFAULT_URL = "wss://stream.binance.com:9443"
+EXCHANGE = "binance"
+_SYMBOL_RE = re.compile(r"[A-Za-z0-9]{1,32}")
+_decode = msgspec.json.Decoder(float_hook=Decimal)
+_encode = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A frame that is not a trade: ``ignored`` (another event, a control reply) or
+    ``malformed`` (not what Binance documents), with the reason."""
+
+    kind: str
+    reason: str
+
+
+def parse_symbols(text: str) -> list[str]:
+    """``btcusdt,ETHUSDT`` → ``["BTCUSDT", "ETHUSDT"]`` (ValueError naming a bad one)."""
+    symbols = [s.strip().upper() for s in text.split(",") if s.strip()]
+    if not symbols:
+        raise ValueError("no symbols given: e.g. --symbols btcusdt,ethusdt")
+    for symbol in symbols:
+        if not _SYMBOL_RE.fullmatch(symbol):
+            raise ValueError(f"{symbol!r} is not a Binance symbol (letters and digits only)")
+    return list(dict.fromkeys(symbols))
+
+
+def stream_url(base_url: str, symbols: Sequence[str]) -> str:
+    """The combined trade stream of ``symbols`` at ``base_url`` (a URL that already names its
+    streams is used as it is)."""
+    if "streams=" in base_url:
+        return base_url
+    streams = "/".join(f"{s.lower()}@trade" for s in symbols)
+    return f"{base_url.rstrip('/')}/stream?streams={streams}"
+
+
+def normalise_frame(frame: str | bytes) -> FeedMessage | Skipped:
+    """One WebSocket frame as the canonical trade message, or why it is none. Never raises."""
+    try:
+        obj = _decode.decode(frame)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        return Skipped("malformed", f"not JSON: {exc}")
+    if not isinstance(obj, dict):
+        return Skipped("malformed", f"a JSON {type(obj).__name__}, not an object")
+    data = obj.get("data", obj) if "stream" in obj else obj
+    if not isinstance(data, dict):
+        return Skipped("malformed", "'data' is not an object")
+    event = data.get("e")
+    if event is None:
+        if "result" in data or "id" in data:
+            return Skipped("ignored", "a reply to a request, not an event")
+        return Skipped("malformed", "no event type 'e'")
+    if event != "trade":
+        return Skipped("ignored", f"{str(event)[:40]!r} event, not a trade")
+    try:
+        obj = _canonical(data)
+    except _Malformed as exc:
+        return Skipped("malformed", str(exc))
+    checked = parse_trade_object(obj)
+    if isinstance(checked, Rejection):
+        return Skipped("malformed", f"not a valid trade: {checked.reason}")
+    return FeedMessage(0.0, checked.symbol.encode(), _encode.encode(obj), "trade")
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _field(data: dict, name: str, types: tuple[type, ...], what: str) -> Any:
+    value = data.get(name)
+    if value is None:
+        raise _Malformed(f"trade without {what} ({name!r})")
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise _Malformed(f"{what} ({name!r}) has the wrong type: {str(value)[:40]!r}")
+    return value
+
+
+def _decimal_text(value: str | Decimal | int) -> str:
+    return value if isinstance(value, str) else format(value, "f")
+
+
+def _canonical(data: dict) -> dict:
+    symbol = _field(data, "s", (str,), "symbol")
+    trade_id = _field(data, "t", (int,), "trade id")
+    price = _field(data, "p", (str, Decimal, int), "price")
+    quantity = _field(data, "q", (str, Decimal, int), "quantity")
+    ts = _field(data, "T", (int,), "trade time")
+    maker = data.get("m")
+    if maker is not None and not isinstance(maker, bool):
+        raise _Malformed(f"buyer-is-maker ('m') is not a boolean: {str(maker)[:40]!r}")
+    # Milliseconds unless the stream was asked for microseconds (timeUnit=MICROSECOND).
+    ts_us = ts if ts >= MICROSECOND_THRESHOLD else ts * 1000
+    obj = {
+        "exchange": EXCHANGE,
+        "symbol": symbol.upper(),
+        "trade_id": trade_id,
+        "price": _decimal_text(price),
+        "quantity": _decimal_text(quantity),
+        "timestamp": canonical_timestamp(ts_us),
+    }
+    if maker is not None:
+        obj["is_buyer_maker"] = maker
+    return obj
+
+
+@dataclass
+class BinanceStats:
+    frames: int = 0
+    trades: int = 0
+    ignored: int = 0
+    malformed: int = 0
+    connects: int = 0
+    reconnects: int = 0
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def backoff_delay(attempt: int, initial_s: float, max_s: float, rnd: random.Random) -> float:
+    """Exponential backoff with jitter: half the capped exponential step, plus a random part
+    of the other half (so reconnecting clients spread out, and no delay is ever zero)."""
+    step = min(max_s, initial_s * 2 ** max(0, attempt - 1))
+    return step / 2 + rnd.uniform(0, step / 2)
+
+
+async def binance_messages(
+    url: str,
+    *,
+    stats: BinanceStats | None = None,
+    max_trades: int | None = None,
+    initial_backoff_s: float = 1.0,
+    max_backoff_s: float = 60.0,
+    open_timeout_s: float = 10.0,
+    seed: int | None = None,
+) -> AsyncIterator[FeedMessage]:
+    """Canonical trade messages from the WebSocket at ``url``, reconnecting for ever (or until
+    ``max_trades`` trades). Malformed frames are logged and skipped."""
+    stats = stats if stats is not None else BinanceStats()
+    rnd = random.Random(seed)
+    attempt = 0  # failed connections in a row
+    where = _redacted(url)
+    while True:
+        error: str
+        try:
+            async with connect(
+                url, open_timeout=open_timeout_s, max_size=1 << 20, ping_interval=20
+            ) as ws:
+                stats.connects += 1
+                log.info("websocket connected", url=where, connects=stats.connects)
+                async for frame in ws:
+                    stats.frames += 1
+                    result = normalise_frame(frame)
+                    if isinstance(result, Skipped):
+                        _skipped(stats, result, frame)
+                        continue
+                    attempt = 0  # a trade came through: the connection is healthy
+                    stats.trades += 1
+                    yield result
+                    if max_trades is not None and stats.trades >= max_trades:
+                        return
+                error = "closed by the server"
+        except InvalidURI as exc:
+            raise FeedError(f"{where} is not a WebSocket URL: {exc}") from None
+        except ConnectionClosed as exc:
+            error = f"connection lost: {exc}"
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        attempt += 1
+        stats.reconnects += 1
+        delay = backoff_delay(attempt, initial_backoff_s, max_backoff_s, rnd)
+        log.warning(
+            "websocket disconnected: reconnecting",
+            url=where,
+            error=error,
+            attempt=attempt,
+            delay_s=round(delay, 3),
+            reconnects=stats.reconnects,
+        )
+        await asyncio.sleep(delay)
+
+
+def _skipped(stats: BinanceStats, skipped: Skipped, frame: str | bytes) -> None:
+    if skipped.kind == "ignored":
+        stats.ignored += 1
+        log.debug("frame ignored", reason=skipped.reason)
+        return
+    stats.malformed += 1
+    stats.skipped_reasons[skipped.reason] = stats.skipped_reasons.get(skipped.reason, 0) + 1
+    text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+    log.warning("malformed frame skipped", reason=skipped.reason, frame=text[:200])
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else url
+
+
+@dataclass
+class FeedResult:
+    binance: BinanceStats
+    sent: SendStats
+    elapsed_s: float
+
+
+async def run_binance_feed(
+    bootstrap_servers: str,
+    topic: str,
+    url: str,
+    *,
+    partitions: int = 4,
+    max_trades: int | None = None,
+    binance: BinanceStats | None = None,
+    sent: SendStats | None = None,
+    **connection: Any,
+) -> FeedResult:
+    """Produce the trades of the stream at ``url`` to ``topic`` until ``max_trades`` (for ever
+    by default; on cancellation what was sent is flushed and the counts stay readable in the
+    ``binance``/``sent`` objects passed in)."""
+    binance = binance if binance is not None else BinanceStats()
+    sent = sent if sent is not None else SendStats()
+    started = time.monotonic()
+    await ensure_topic(bootstrap_servers, topic, partitions)
+    messages = binance_messages(url, stats=binance, max_trades=max_trades, **connection)
+    try:
+        await produce_live(bootstrap_servers, topic, messages, stats=sent)
+    finally:
+        await messages.aclose()
+    return FeedResult(binance, sent, time.monotonic() - started)
