@@ -48,6 +48,9 @@ from stream.sink import (
 log = structlog.get_logger("candlekeep.stream")
 
 MAX_BACKOFF_S = 30.0
+#: How long starting the Kafka clients may take: a broker that accepts connections but never
+#: answers (stopped, wrong service on the port) would otherwise hold the start for minutes.
+KAFKA_START_TIMEOUT_S = 10.0
 #: Failures that a retry with backoff can outlive: PostgreSQL or the broker away for a while.
 RETRYABLE = (
     psycopg.OperationalError,
@@ -108,6 +111,8 @@ class StreamWorker:
         self.topic = settings.topic_trades
         self.group = settings.consumer_group
         self.partitions: dict[int, PartitionState] = {}
+        #: Assigned, progress not loaded from PostgreSQL yet (done by the loop, with retries).
+        self._pending: set[int] = set()
         self.summary = RunSummary()
         self.stopping = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -167,6 +172,8 @@ class StreamWorker:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self.stopping.wait(), backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
+                    # Failing is not idle: messages may be waiting behind the outage.
+                    self._last_message_at = self.wall_clock()
                 if self._idle_long_enough():
                     log.info("idle: exiting", idle_s=self.exit_when_idle_s)
                     break
@@ -187,13 +194,19 @@ class StreamWorker:
     async def _start_kafka(self) -> None:
         assert self._producer is not None and self._consumer is not None
         try:
-            await self._producer.start()
-            await self._consumer.start()
-        except KafkaConnectionError as exc:
+            async with asyncio.timeout(KAFKA_START_TIMEOUT_S):
+                await self._producer.start()
+                await self._consumer.start()
+        except (KafkaConnectionError, TimeoutError) as exc:
             await self._shutdown()
+            reason = (
+                f"no answer within {KAFKA_START_TIMEOUT_S:g} s"
+                if isinstance(exc, TimeoutError)
+                else "connection failed"
+            )
             raise BrokerUnavailable(
-                f"cannot reach Kafka at {self.bootstrap_servers}: {exc}. Check that the broker "
-                "is running and KAFKA_BOOTSTRAP_SERVERS is right, or unset it to use the "
+                f"cannot reach Kafka at {self.bootstrap_servers} ({reason}). Check that the "
+                "broker is running and KAFKA_BOOTSTRAP_SERVERS is right, or unset it to use the "
                 "embedded broker"
             ) from None
 
@@ -210,9 +223,16 @@ class StreamWorker:
             self._conn = None
 
     def _idle_long_enough(self) -> bool:
+        """Quiet for ``exit_when_idle_s`` and at the end of every assigned partition: a broker
+        that stalls (or a rebalance) makes the worker quiet too, with messages still to read."""
         if self.exit_when_idle_s is None:
             return False
-        return self.wall_clock() - self._last_message_at >= self.exit_when_idle_s
+        if self.wall_clock() - self._last_message_at < self.exit_when_idle_s:
+            return False
+        return not self._pending and all(
+            self._caught_up(TopicPartition(self.topic, partition), state)
+            for partition, state in self.partitions.items()
+        )
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -220,6 +240,12 @@ class StreamWorker:
         assert self._consumer is not None
         if self._conn is None or self._conn.closed or self._conn.broken:
             await self._reconnect()
+        if self._pending:
+            async with self._lock:
+                for partition in sorted(self._pending):
+                    await self._reload(partition)
+                    self._pending.discard(partition)
+                log.info("partitions loaded", partitions=sorted(self.partitions))
         try:
             fetched = await self._consumer.getmany(timeout_ms=200, max_records=self.max_records)
         except OffsetOutOfRangeError as exc:
@@ -242,6 +268,12 @@ class StreamWorker:
             state = self.partitions.get(tp.partition)
             if state is None or not records or tp.topic != self.topic:
                 continue  # revoked meanwhile
+            if state.stored_offset is not None and records[0].offset < state.stored_offset:
+                # Fetched before the seek to the stored offset took effect (e.g. from the offset
+                # committed to Kafka, which lags PostgreSQL): already in the store.
+                records = [r for r in records if r.offset >= state.stored_offset]
+                if not records:
+                    continue
             batch = PartitionBatch(tp.partition, state.stored_offset, records[-1].offset + 1)
             source = f"kafka:{self.topic}"
             for record in records:
@@ -265,7 +297,6 @@ class StreamWorker:
                         parsed.reason,
                     )
                 )
-            metrics.MESSAGES_CONSUMED.labels(str(tp.partition)).inc(batch.consumed)
             batches.append(batch)
         return batches
 
@@ -361,6 +392,8 @@ class StreamWorker:
         (Not ``consumer.position()``: it can wait on a rebalance, which waits on our lock.)
         """
         assert self._consumer is not None
+        if tp not in self._consumer.assignment():
+            return False  # (highwater() asserts that it is)
         highwater = self._consumer.highwater(tp)
         if highwater is None:
             return False
@@ -409,6 +442,7 @@ class StreamWorker:
         s.late += len(emission.late)
         s.candles += len(emission.candles)
         s.partitions.add(batch.partition)
+        metrics.MESSAGES_CONSUMED.labels(str(batch.partition)).inc(batch.consumed)
         metrics.TRADES_STORED.inc(stored)
         metrics.DUPLICATES.inc(duplicates)
         metrics.LATE.inc(len(emission.late))
@@ -489,17 +523,22 @@ class StreamWorker:
             self._consumer.seek(tp, offset)
 
     async def on_assigned(self, assigned) -> None:
+        """Only note the partitions: the loop loads their progress before its next fetch.
+
+        (Not here: aiokafka logs and swallows an exception raised by this callback, so a
+        PostgreSQL outage during a rebalance would leave the partition silently unconsumed.)
+        """
         async with self._lock:
-            for tp in assigned:
-                if tp.topic == self.topic:
-                    await self._reload(tp.partition)
-            log.info("partitions assigned", partitions=sorted(self.partitions))
+            self._pending |= {tp.partition for tp in assigned if tp.topic == self.topic}
+            log.info("partitions assigned", partitions=sorted(self._pending | set(self.partitions)))
 
     async def on_revoked(self, revoked) -> None:
         async with self._lock:  # waits for the batch in flight to commit
             for tp in revoked:
                 self.partitions.pop(tp.partition, None)
-            log.info("partitions revoked", partitions=sorted(tp.partition for tp in revoked))
+                self._pending.discard(tp.partition)
+            if revoked:  # (the first join revokes nothing)
+                log.info("partitions revoked", partitions=sorted(tp.partition for tp in revoked))
 
 
 @dataclass
