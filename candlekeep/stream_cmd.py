@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import click
+import structlog
 
 
 @click.command()
@@ -45,9 +47,20 @@ def stream(ctx, exit_when_idle, metrics_port):
         settings, database_url(ctx), bootstrap_servers(ctx), exit_when_idle_s=exit_when_idle
     )
     summary = asyncio.run(worker.run())
-    click.echo(
-        f"consumed {summary.consumed:,} messages: {summary.stored:,} trades stored, "
-        f"{summary.duplicates:,} duplicates, {summary.invalid:,} invalid, {summary.late:,} late; "
-        f"{summary.candles:,} candles written",
-        err=True,
+    structlog.get_logger("candlekeep.stream").info(
+        "worker stopped",
+        consumed=summary.consumed,
+        stored=summary.stored,
+        duplicates=summary.duplicates,
+        invalid=summary.invalid,
+        late=summary.late,
+        candles=summary.candles,
+        retries=summary.retries,
     )
+    if sys.stderr.isatty():  # elsewhere stderr is JSON lines only: the event above says it
+        click.echo(
+            f"consumed {summary.consumed:,} messages: {summary.stored:,} trades stored, "
+            f"{summary.duplicates:,} duplicates, {summary.invalid:,} invalid, "
+            f"{summary.late:,} late; {summary.candles:,} candles written",
+            err=True,
+        )
