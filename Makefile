@@ -29,6 +29,7 @@ chromium:
 ## Lint, then the whole test suite.
 test: $(BIN)/.installed chromium
 	$(BIN)/ruff check .
+	.ci/compose-check
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/.installed

@@ -62,11 +62,12 @@ def prepare(url: str, trades: int, late_share: float) -> dict:
                    round((100 + 50 * sin(n / 5000.0))::numeric + (n %% 97) / 100.0, 2),
                    round(((n * 7919) %% 100000) / 10000.0 + 0.0001, 4),
                    (n * 31) %% 3 = 0
-            FROM generate_series(1, %(count)s) AS n
+            FROM generate_series(1::bigint, %(count)s::bigint) AS n
             """,
             {"start": START, "count": trades},
         )
-        every = int(1 / late_share)
+        # Every n-th trade is late, n coprime with the 20 symbols so that all symbols get some.
+        every = int(1 / late_share) - 1
         conn.execute(
             "INSERT INTO late_trades (exchange, symbol, trade_id, ts, price, quantity,"
             " window_start, watermark, lateness)"

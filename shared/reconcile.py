@@ -65,6 +65,22 @@ def _ranges_sql(start: datetime, end: datetime, intervals: IntervalSet) -> tuple
     return "VALUES " + ", ".join(rows), params
 
 
+def _windows_sql(start: datetime, end: datetime, intervals: IntervalSet) -> tuple[str, dict]:
+    """Every interval's windows from the ``base`` CTE (the base itself, then merged)."""
+    ranges = owned_windows(start, end, intervals)
+    params: dict = {
+        "base_len": timedelta(microseconds=intervals.base.length_us),
+        "scan_start": min(r.first_start for r in ranges),
+        "scan_end": ranges[0].last_end,
+    }
+    selects = []
+    for n, window_range in enumerate(ranges):
+        params[f"name{n}"] = window_range.interval.name
+        params[f"len{n}"] = timedelta(microseconds=window_range.interval.length_us)
+        selects.append(_ROLLUP.format(name=f"%(name{n})s", length=f"%(len{n})s"))
+    return " UNION ALL ".join(selects), params
+
+
 def _same(a: str, b: str) -> str:
     return " AND ".join(f"{a}.{f} IS NOT DISTINCT FROM {b}.{f}" for f in FIELDS)
 
@@ -89,17 +105,15 @@ LEFT JOIN batch_candles b USING (exchange, symbol, interval, window_start)
 LEFT JOIN stream_candles s USING (exchange, symbol, interval, window_start)
 """
 
-# The window recomputed from its trades without the late ones; only for keys that differ.
+# The windows recomputed from their trades without the late ones, set-based: one pass over the
+# run's trades (anti-joined with late_trades) into base windows, then merged into the larger
+# intervals the same way as the batch recomputation; kept only for the keys that differ.
 _WITHOUT_LATE = """
 CREATE TEMP TABLE reconcile_without_late ON COMMIT DROP AS
-SELECT p.exchange, p.symbol, p.interval, p.window_start, x.trades, x.late_trades,
-       x.first[3] AS open, x.high, x.low, x.last[3] AS close, x.volume, x.quote_volume,
-       x.trade_count, x.first[2]::bigint AS first_trade_id, x.last[2]::bigint AS last_trade_id,
-       CASE WHEN x.sided THEN coalesce(x.taker_volume, 0) END AS taker_buy_volume,
-       CASE WHEN x.sided THEN coalesce(x.taker_quote, 0) END AS taker_buy_quote_volume
-FROM reconcile_pairs p
-CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE l.trade_id IS NULL) AS trades,
+WITH differing AS (SELECT DISTINCT exchange, symbol FROM reconcile_pairs WHERE NOT equal),
+base AS (
+    SELECT t.exchange, t.symbol, date_bin(%(base_len)s, t.ts, timestamptz 'epoch') AS window_start,
+           count(*) FILTER (WHERE l.trade_id IS NULL) AS trades,
            count(*) FILTER (WHERE l.trade_id IS NOT NULL) AS late_trades,
            min(ARRAY[extract(epoch FROM t.ts), t.trade_id, t.price])
                FILTER (WHERE l.trade_id IS NULL) AS first,
@@ -116,12 +130,32 @@ CROSS JOIN LATERAL (
            sum(t.price * t.quantity) FILTER (WHERE l.trade_id IS NULL AND NOT t.is_buyer_maker)
                AS taker_quote
     FROM trades t
+    JOIN differing d ON d.exchange = t.exchange AND d.symbol = t.symbol
     LEFT JOIN late_trades l
         ON l.exchange = t.exchange AND l.symbol = t.symbol AND l.trade_id = t.trade_id
-    WHERE t.exchange = p.exchange AND t.symbol = p.symbol
-      AND t.ts >= p.window_start AND t.ts < p.window_end
-) x
+    WHERE t.ts >= %(scan_start)s AND t.ts < %(scan_end)s
+    GROUP BY 1, 2, 3
+),
+windows AS ({windows})
+SELECT p.exchange, p.symbol, p.interval, p.window_start, x.trades, x.late_trades,
+       x.first[3] AS open, x.high, x.low, x.last[3] AS close, x.volume, x.quote_volume,
+       x.trade_count, x.first[2]::bigint AS first_trade_id, x.last[2]::bigint AS last_trade_id,
+       CASE WHEN x.sided THEN coalesce(x.taker_volume, 0) END AS taker_buy_volume,
+       CASE WHEN x.sided THEN coalesce(x.taker_quote, 0) END AS taker_buy_quote_volume
+FROM reconcile_pairs p
+JOIN windows x USING (exchange, symbol, interval, window_start)
 WHERE NOT p.equal
+"""
+
+_ROLLUP = """
+SELECT exchange, symbol, {name}::text AS interval,
+       date_bin({length}, window_start, timestamptz 'epoch') AS window_start,
+       sum(trades) AS trades, sum(late_trades) AS late_trades, min(first) AS first,
+       max(last) AS last, max(high) AS high, min(low) AS low, sum(volume) AS volume,
+       sum(quote_volume) AS quote_volume, sum(trade_count) AS trade_count,
+       bool_or(sided) AS sided, sum(taker_volume) AS taker_volume,
+       sum(taker_quote) AS taker_quote
+FROM base GROUP BY 1, 2, 3, 4
 """
 
 _CLASSIFY = """
@@ -165,7 +199,8 @@ def classify(
             ),
             params,
         )
-        conn.execute(_WITHOUT_LATE)
+        windows, scan = _windows_sql(start, end, intervals)
+        conn.execute(_WITHOUT_LATE.format(windows=windows), scan)
         same_ws = " AND ".join(f"w.{f} IS NOT DISTINCT FROM p.s_{f}" for f in FIELDS)
         conn.execute(_CLASSIFY.format(same_ws=same_ws))
         conn.execute(
