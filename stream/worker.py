@@ -121,6 +121,7 @@ class StreamWorker:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._last_message_at = wall_clock()
+        self._joined = False  # set by the first assignment, even an empty one
         self._max_future_us = int(settings.max_future_skew.total_seconds() * 1_000_000)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -227,8 +228,8 @@ class StreamWorker:
         that stalls (or a rebalance) makes the worker quiet too, with messages still to read."""
         if self.exit_when_idle_s is None:
             return False
-        if self.wall_clock() - self._last_message_at < self.exit_when_idle_s:
-            return False
+        if not self._joined or self.wall_clock() - self._last_message_at < self.exit_when_idle_s:
+            return False  # (joining a group can take longer than the idle time)
         return not self._pending and all(
             self._caught_up(TopicPartition(self.topic, partition), state)
             for partition, state in self.partitions.items()
@@ -529,6 +530,8 @@ class StreamWorker:
         PostgreSQL outage during a rebalance would leave the partition silently unconsumed.)
         """
         async with self._lock:
+            self._joined = True
+            self._last_message_at = self.wall_clock()  # idle time counts from the assignment
             self._pending |= {tp.partition for tp in assigned if tp.topic == self.topic}
             log.info("partitions assigned", partitions=sorted(self._pending | set(self.partitions)))
 

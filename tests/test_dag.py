@@ -134,6 +134,13 @@ def test_stream_then_dag_explains_every_difference(
     summary = before["reports"][0][3]
     assert summary["counts"]["match"] == compared - len(touched)
     assert summary["status"] in ("pass", "warn") and summary["stream"]["passed"]
+    with db.connect(airflow_db) as conn:  # Airflow's metadata: the report's asset event
+        extra = conn.execute(
+            "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id"
+            " WHERE a.name = 'candlekeep_dq_reports' ORDER BY e.id DESC LIMIT 1"
+        ).fetchone()[0]
+    assert extra["counts"] == summary["counts"] and extra["status"] == summary["status"]
+    assert extra["interval"]["start"].startswith("2026-01-01T00:00:00")
 
     # 2. Running the same interval twice gives identical tables.
     assert run_dag(env, "test", START, END)["state"] == "success"

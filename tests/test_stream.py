@@ -85,8 +85,9 @@ def test_rerun_on_the_same_topic_changes_nothing(database_url, kafka_bootstrap):
     after = tables(database_url)
     for name in ("trades", "late", "invalid"):
         assert after[name] == before[name]
-    assert {k: v[:3] for k, v in after["progress"].items()} == {
-        k: v[:3] for k, v in before["progress"].items()
+    # Offsets and counters unchanged (the watermark may move on: idle advance, SPEC §4).
+    assert {k: (v[0], *v[2:]) for k, v in after["progress"].items()} == {
+        k: (v[0], *v[2:]) for k, v in before["progress"].items()
     }
 
 
