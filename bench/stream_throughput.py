@@ -1,0 +1,642 @@
+"""Benchmark: the stream worker end to end, next to a bare aiokafka consumer over the same topic.
+
+For each size (1M, then 5M trades; ``--quick``: 200k), in one run, with a fresh embedded broker
+(Tansu, in memory) and a fresh database on an embedded PostgreSQL (``bench/out/stream/pg``):
+
+1. the synthetic market (``synthetic_messages`` with the default dials: 3 symbols, ~5% disordered,
+   0.2% late, 1% duplicates, 0.5% invalid; cached in ``bench/out/stream/``) is produced to a new
+   4-partition topic, in feed order within each partition (the key, the symbol, picks it);
+2. a bare aiokafka consumer loop reads the whole topic (consumer group, ``getmany`` with the
+   worker's batch size, no processing, offsets committed per batch): messages/s from the first
+   batch to the last;
+3. ``candlekeep stream --exit-when-idle 3`` runs as a subprocess on the same topic. Every 0.2 s
+   the script reads the sum of ``stream_progress.consumed`` (what is committed to PostgreSQL),
+   scrapes ``/metrics`` and reads the worker's ``VmHWM``. Sustained trades/s is the messages
+   committed between the first sample that saw a commit and the first that saw all of them,
+   over the time between those samples: start-up, the group join and the final idle wait do not
+   count. p99 of ``candlekeep_window_close_to_commit_seconds`` comes from the last scrape's
+   histogram buckets (5 ms … 10 s), so it is only known to a bucket;
+4. the bare consumer reads the topic once more (a new group), and the ratio is worker trades/s
+   over the better of the two bare runs.
+
+Results go to docs/benchmarks.md, section "Stream worker: end-to-end throughput".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import pickle
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+import psycopg
+from psycopg import sql
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+sys.path.insert(0, str(REPO))
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
+from aiokafka.partitioner import murmur2  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from candlekeep.embedded import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
+from shared import db  # noqa: E402
+from stream.feeds.produce import ensure_topic  # noqa: E402
+from stream.feeds.synthetic import MarketDials, synthetic_messages  # noqa: E402
+from tests.streaming import settings_env, stream_settings  # noqa: E402
+
+OUT_DIR = BENCH_DIR / "out" / "stream"
+PG_DIR = OUT_DIR / "pg"
+DOCS = REPO / "docs" / "benchmarks.md"
+SECTION = "## Stream worker: end-to-end throughput"
+SIZES = (1_000_000, 5_000_000)
+QUICK_SIZES = (200_000,)
+PARTITIONS = 4
+SEED = 42
+TARGET_RATIO = 0.5
+IDLE_EXIT_S = 3
+POLL_S = 0.2
+#: Bump when the cached message files change for a given (count, seed).
+VERSION = 1
+CHUNK = 100_000
+
+
+# --- the messages -------------------------------------------------------------------------------
+
+
+def partition_of(key: bytes | None, seq: int) -> int:
+    """aiokafka's default partitioner for keyed messages; null keys round robin."""
+    if key is None:
+        return seq % PARTITIONS
+    return (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
+
+
+def messages_path(count: int) -> Path:
+    return OUT_DIR / f"messages-{count}-s{SEED}-p{PARTITIONS}-v{VERSION}.pickle"
+
+
+def generate(count: int) -> Path:
+    """Cache the feed as pickled chunks of (partition, key, value), in send order."""
+    path = messages_path(count)
+    if path.exists():
+        return path
+    scratch = path.with_suffix(f".tmp-{os.getpid()}")
+    chunk: list[tuple[int, bytes | None, bytes]] = []
+    with scratch.open("wb") as out:
+        for seq, m in enumerate(synthetic_messages(MarketDials(count=count, seed=SEED))):
+            chunk.append((partition_of(m.key, seq), m.key, m.value))
+            if len(chunk) >= CHUNK:
+                pickle.dump(chunk, out, protocol=pickle.HIGHEST_PROTOCOL)
+                chunk = []
+        if chunk:
+            pickle.dump(chunk, out, protocol=pickle.HIGHEST_PROTOCOL)
+    scratch.replace(path)
+    return path
+
+
+def read_chunks(path: Path):
+    with path.open("rb") as handle:
+        while True:
+            try:
+                yield pickle.load(handle)
+            except EOFError:
+                return
+
+
+async def produce_file(bootstrap: str, topic: str, path: Path) -> tuple[int, dict[int, int]]:
+    """Send every cached message in order, to its partition; returns (count, per partition)."""
+    await ensure_topic(bootstrap, topic, PARTITIONS)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=5,
+        max_batch_size=64 * 1024,
+        max_request_size=8 * 1024 * 1024,
+    )
+    await producer.start()
+    sent = 0
+    per_partition = dict.fromkeys(range(PARTITIONS), 0)
+    try:
+        for chunk in read_chunks(path):
+            futures = []
+            for partition, key, value in chunk:
+                futures.append(await producer.send(topic, value, key=key, partition=partition))
+                per_partition[partition] += 1
+                if len(futures) >= 5000:
+                    await asyncio.gather(*futures)
+                    futures.clear()
+            await asyncio.gather(*futures)
+            sent += len(chunk)
+            print(f"\r  produced {sent:,}", end="", flush=True)
+    finally:
+        await producer.stop()
+    print()
+    return sent, per_partition
+
+
+# --- the bare consumer --------------------------------------------------------------------------
+
+
+@dataclass
+class BareRun:
+    consumed: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.consumed / self.seconds
+
+
+async def bare_consumer(bootstrap: str, topic: str, total: int, batch_size: int) -> BareRun:
+    """A consumer group reading the whole topic: getmany, nothing done, offsets committed per
+    batch. Timed from the first batch received to the last batch's commit."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"bare-{uuid.uuid4().hex[:8]}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=300,
+    )
+    await consumer.start()
+    consumed = 0
+    first_batch = 0
+    started = None
+    try:
+        async with asyncio.timeout(600):
+            while consumed < total:
+                fetched = await consumer.getmany(timeout_ms=200, max_records=batch_size)
+                if not fetched:
+                    continue
+                n = sum(len(records) for records in fetched.values())
+                if started is None:
+                    started = time.perf_counter()
+                    first_batch = n
+                consumed += n
+                await consumer.commit()
+        ended = time.perf_counter()
+    finally:
+        await consumer.stop()
+    assert started is not None
+    # The first batch arrived at ``started``: only what came after it counts.
+    return BareRun(consumed - first_batch, ended - started)
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerRun:
+    total: int
+    first_at: float = 0.0
+    first_consumed: int = 0
+    last_at: float = 0.0
+    wall_s: float = 0.0  # process start to exit
+    exit_code: int | None = None
+    peak_rss_mb: float = 0.0  # VmHWM, last seen before exit
+    maxrss_mb: float = 0.0  # from wait4, at exit
+    worker_cpu_s: float = 0.0
+    postgres_cpu_s: float = 0.0
+    broker_cpu_s: float = 0.0
+    histogram: list[tuple[float, float]] = field(default_factory=list)  # (le, cumulative)
+    commit_histogram: list[tuple[float, float]] = field(default_factory=list)
+    progress: dict[str, int] = field(default_factory=dict)
+    candles: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.last_at - self.first_at
+
+    @property
+    def rate(self) -> float:
+        return (self.total - self.first_consumed) / self.seconds
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def committed(conn: psycopg.Connection, group: str) -> int:
+    row = conn.execute(
+        "SELECT coalesce(sum(consumed), 0) FROM stream_progress WHERE consumer_group = %s",
+        (group,),
+    ).fetchone()
+    conn.rollback()
+    return int(row[0])
+
+
+def scrape(port: int) -> dict[str, list[tuple[float, float]]] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    out: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        buckets = [
+            (float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket")
+        ]
+        if buckets:
+            out[family.name] = sorted(buckets)
+    return out
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class CpuTracker:
+    """CPU seconds used by processes (and, optionally, their children, e.g. PostgreSQL's
+    backends, which come and go) since the tracker was made; call :meth:`sample` often."""
+
+    def __init__(self, process: psutil.Process, children: bool = False):
+        self.process = process
+        self.children = children
+        self.baseline: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.sample()
+        self.baseline = dict(self.last)
+
+    def sample(self) -> None:
+        processes = [self.process]
+        if self.children:
+            with contextlib.suppress(psutil.Error):
+                processes += self.process.children()
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                self.last[process.pid] = times.user + times.system
+
+    @property
+    def seconds(self) -> float:
+        return sum(v - self.baseline.get(pid, 0.0) for pid, v in self.last.items())
+
+
+def run_worker(
+    settings,
+    url: str,
+    bootstrap: str,
+    total: int,
+    postgres_pid: int,
+    broker_pid: int,
+    log: Path,
+    profile: Path | None = None,
+) -> WorkerRun:
+    port = free_port()
+    env = settings_env(settings, url, bootstrap)
+    env["CANDLEKEEP_METRICS_PORT"] = str(port)
+    command = [sys.executable, "-m", "candlekeep", "stream", "--exit-when-idle", str(IDLE_EXIT_S)]
+    run = WorkerRun(total)
+    postgres_cpu = CpuTracker(psutil.Process(postgres_pid), children=True)
+    broker_cpu = CpuTracker(psutil.Process(broker_pid))
+    started = time.perf_counter()
+    with log.open("wb") as stderr, db.connect(url) as conn:
+        worker = subprocess.Popen(command, env=env, stdout=stderr, stderr=stderr, cwd=REPO)
+        spy = None
+        if profile is not None:
+            # Collapsed stacks of every thread, waiting included: where the wall time goes.
+            spy = subprocess.Popen(
+                [
+                    *(str(Path(sys.executable).parent / "py-spy"), "record", "--pid"),
+                    *(str(worker.pid), "--format", profile.suffix[1:], "-o", str(profile)),
+                    *("--threads", "--idle", "--rate", "100", "--nonblocking"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        try:
+            deadline = started + 1800
+            while True:
+                now = time.perf_counter()
+                done = committed(conn, settings.consumer_group)
+                if done and not run.first_at:
+                    run.first_at, run.first_consumed = now, done
+                if done >= total and not run.last_at:
+                    run.last_at = now
+                metrics = scrape(port)
+                if metrics:
+                    run.histogram = metrics.get(
+                        "candlekeep_window_close_to_commit_seconds", run.histogram
+                    )
+                    run.commit_histogram = metrics.get(
+                        "candlekeep_batch_commit_seconds", run.commit_histogram
+                    )
+                hwm = vm_hwm_mb(worker.pid)
+                if hwm is not None:
+                    run.peak_rss_mb = max(run.peak_rss_mb, hwm)
+                postgres_cpu.sample()
+                broker_cpu.sample()
+                # wait4, not Popen.poll: it also gives the child's own peak RSS and CPU time.
+                pid, status, usage = os.wait4(worker.pid, os.WNOHANG)
+                if pid:
+                    worker.returncode = os.waitstatus_to_exitcode(status)
+                    run.maxrss_mb = usage.ru_maxrss / 1024  # KiB on Linux
+                    run.worker_cpu_s = usage.ru_utime + usage.ru_stime
+                    break
+                if now > deadline:
+                    break
+                time.sleep(POLL_S)
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+                worker.wait()
+            if spy is not None:
+                spy.wait(60)
+        run.wall_s = time.perf_counter() - started
+        run.exit_code = worker.returncode
+        run.postgres_cpu_s = postgres_cpu.seconds
+        run.broker_cpu_s = broker_cpu.seconds
+        row = conn.execute(
+            "SELECT sum(consumed), sum(stored), sum(duplicates), sum(invalid), sum(late)"
+            " FROM stream_progress WHERE consumer_group = %s",
+            (settings.consumer_group,),
+        ).fetchone()
+        run.progress = dict(
+            zip(("consumed", "stored", "duplicates", "invalid", "late"), map(int, row), strict=True)
+        )
+        run.candles = conn.execute("SELECT count(*) FROM stream_candles").fetchone()[0]
+    if run.exit_code != 0:
+        raise SystemExit(f"the worker exited with {run.exit_code}; see {log}")
+    if not run.last_at:
+        raise SystemExit(f"the worker committed {run.progress} of {total} messages; see {log}")
+    return run
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> tuple[float, float, float]:
+    """(lower bound, upper bound, linear interpolation) of the bucket holding quantile ``q``."""
+    count = buckets[-1][1]
+    rank = q * count
+    lower, below = 0.0, 0.0
+    for le, cumulative in buckets:
+        if cumulative >= rank:
+            if le == float("inf"):
+                return lower, le, lower
+            inside = cumulative - below
+            fraction = (rank - below) / inside if inside else 1.0
+            return lower, le, lower + (le - lower) * fraction
+        lower, below = le, cumulative
+    return lower, float("inf"), lower
+
+
+# --- one size -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SizeResult:
+    trades: int
+    messages: int
+    per_partition: dict[int, int]
+    produce_rate: float
+    bare: list[BareRun]
+    worker: WorkerRun
+    broker_rss_mb: float
+
+    @property
+    def bare_rate(self) -> float:
+        return max(b.rate for b in self.bare)
+
+    @property
+    def ratio(self) -> float:
+        return self.worker.rate / self.bare_rate
+
+
+def run_size(count: int, postgres: EmbeddedPostgres, profile: str | None) -> SizeResult:
+    print(f"== {count:,} trades")
+    path = generate(count)
+    settings = stream_settings()
+    database = f"bench_stream_{count}_{uuid.uuid4().hex[:6]}"
+    admin_url = postgres.url_for("postgres")
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    url = postgres.url_for(database)
+    db.upgrade(url)
+    broker = EmbeddedBroker(OUT_DIR / "broker").start()
+    try:
+        bootstrap = broker.bootstrap_servers
+        started = time.perf_counter()
+        messages, per_partition = asyncio.run(produce_file(bootstrap, settings.topic_trades, path))
+        produce_rate = messages / (time.perf_counter() - started)
+        print(f"  produce: {produce_rate:,.0f} msgs/s; per partition {per_partition}")
+        bare = [asyncio.run(bare_consumer(bootstrap, settings.topic_trades, messages, 5000))]
+        print(f"  bare consumer: {bare[0].rate:,.0f} msgs/s")
+        assert postgres.pid is not None and broker.process is not None
+        worker = run_worker(
+            settings,
+            url,
+            bootstrap,
+            messages,
+            postgres.pid,
+            broker.process.pid,
+            OUT_DIR / f"worker-{count}.log",
+            OUT_DIR / f"worker-{count}.{profile}" if profile else None,
+        )
+        print(
+            f"  worker: {worker.rate:,.0f} trades/s over {worker.seconds:.1f} s"
+            f" (process {worker.wall_s:.1f} s), peak RSS {worker.peak_rss_mb:.0f} MB,"
+            f" CPU s: worker {worker.worker_cpu_s:.1f}, postgres {worker.postgres_cpu_s:.1f},"
+            f" broker {worker.broker_cpu_s:.1f}; {worker.progress}"
+        )
+        bare.append(asyncio.run(bare_consumer(bootstrap, settings.topic_trades, messages, 5000)))
+        print(f"  bare consumer again: {bare[1].rate:,.0f} msgs/s")
+        broker_rss = psutil.Process(broker.process.pid).memory_info().rss / 2**20
+    finally:
+        broker.stop()
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+            )
+    result = SizeResult(count, messages, per_partition, produce_rate, bare, worker, broker_rss)
+    print(f"  ratio {result.ratio:.3f} (target ≥ {TARGET_RATIO})")
+    return result
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown CPU"
+    memory = "unknown"
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in handle if ln.startswith("model name")), cpu
+            )
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            kb = int(next(ln for ln in handle if ln.startswith("MemTotal")).split()[1])
+            memory = f"{kb / 2**20:.0f} GiB"
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": memory,
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
+
+
+def fmt_s(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "> 10 s"
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:g} s"
+
+
+HEADER = (
+    "| trades | messages | bare consumer msgs/s (before / after) | worker trades/s | ratio"
+    " | p99 close → commit | p99 batch commit | worker peak RSS (MB)"
+    " | CPU s worker / postgres / broker |\n|---:|---:|---:|---:|---:|---|---|---:|---|"
+)
+
+
+def render(results: list[SizeResult], when: datetime, quick: bool) -> str:
+    m = machine()
+    rows = []
+    for r in results:
+        w = r.worker
+        low, high, interpolated = quantile(w.histogram, 0.99)
+        c_low, c_high, _ = quantile(w.commit_histogram, 0.99)
+        rows.append(
+            f"| {r.trades:,} | {r.messages:,} | {r.bare[0].rate:,.0f} / {r.bare[1].rate:,.0f}"
+            f" | {w.rate:,.0f} | **{r.ratio:.2f}** | {fmt_s(low)}–{fmt_s(high)}"
+            f" (~{fmt_s(interpolated)}) | {fmt_s(c_low)}–{fmt_s(c_high)} | {w.peak_rss_mb:.0f}"
+            f" | {w.worker_cpu_s:.0f} / {w.postgres_cpu_s:.0f} / {w.broker_cpu_s:.0f} |"
+        )
+    ratios = [r.ratio for r in results]
+    met = all(x >= TARGET_RATIO for x in ratios)
+    verdict = (
+        f"**worker / bare consumer: {min(ratios):.2f}–{max(ratios):.2f}**; target ≥"
+        f" {TARGET_RATIO}: **{'met' if met else 'not met'}**."
+    )
+    rss = [r.worker.peak_rss_mb for r in results]
+    if len(results) > 1:
+        growth = rss[-1] / rss[0]
+        scale = results[-1].trades / results[0].trades
+        flat = (
+            f"Peak RSS {rss[0]:.0f} MB at {results[0].trades:,} trades and {rss[-1]:.0f} MB at"
+            f" {results[-1].trades:,}: ×{growth:.2f} for ×{scale:g} the trades,"
+            f" {'flat' if growth < 1.15 else 'NOT flat'}."
+        )
+    else:
+        flat = "One size only (`--quick`): no flatness check."
+    first = results[0]
+    details = ", ".join(
+        f"{r.trades:,}: {r.worker.progress['stored']:,} stored, "
+        f"{r.worker.progress['duplicates']:,} duplicates, {r.worker.progress['invalid']:,} invalid,"
+        f" {r.worker.progress['late']:,} late, {r.worker.candles:,} candle rows;"
+        f" produced at {r.produce_rate:,.0f} msgs/s, broker RSS {r.broker_rss_mb:,.0f} MB"
+        for r in results
+    )
+    return f"""{SECTION}
+
+How to run: `.venv/bin/python bench/stream_throughput.py [--trades N [N ...]] [--quick]
+[--no-write-docs]` (default 1M then 5M trades; `--quick`: 200k, a smoke run that writes no docs).
+Needs only the project's own dependencies: the broker (Tansu, in memory) and PostgreSQL are the
+embedded ones, started fresh by the script (data in `bench/out/stream/`).
+
+Per size, in one run: the synthetic market (`synthetic_messages`, default dials: 3 symbols, about
+5% disordered, 0.2% late, 1% duplicates, 0.5% invalid) is produced to a new 4-partition topic in
+feed order. The symbol keys land on only two partitions: {first.per_partition} messages per
+partition, so the worker has two busy partitions. Then, on that topic:
+
+- **bare consumer**: an aiokafka consumer group, `getmany(max_records=5000)` (the worker's batch
+  size), no processing, offsets committed per batch; msgs/s from the first batch to the last. It
+  runs before and after the worker; the ratio uses the better of the two.
+- **worker**: `candlekeep stream --exit-when-idle {IDLE_EXIT_S}` as a subprocess (batch 5000,
+  session timeout 3 s), on a fresh database. Trades/s = messages committed to PostgreSQL
+  (`sum(stream_progress.consumed)`, polled every {POLL_S} s) between the first poll that sees a
+  commit and the first that sees all of them, over the time between those polls: start-up, the
+  group join and the final idle wait are excluded.
+- **close → commit**: p99 of `candlekeep_window_close_to_commit_seconds`, scraped from the
+  worker's `/metrics` before it exits: from the moment the batch whose message closed a window
+  starts being written to the moment that batch's transaction commits (it leaves out the fetch
+  and parse of that batch, a few ms). The histogram's buckets are 5, 10, 25, 50, 100, 250, 500
+  ms, 1, 2.5, 5, 10 s, so the p99 is only known to a bucket: the table gives the bucket and a
+  linear interpolation inside it, as Prometheus' `histogram_quantile` would. The p99 of
+  `candlekeep_batch_commit_seconds` (one batch's write + commit) is shown next to it.
+- **peak RSS**: the worker process's `VmHWM`.
+
+Last run ({when:%Y-%m-%d %H:%M} UTC{", --quick" if quick else ""}): {m["cpus"]} CPUs
+({m["cpu"]}), {m["memory"]} RAM, {m["system"]}, Python {m["python"]}. The broker, PostgreSQL and
+the worker share the {m["cpus"]} CPUs.
+
+{HEADER}
+{chr(10).join(rows)}
+
+{verdict} {flat}
+
+Per size: {details}.
+"""
+
+
+def write_docs(text: str) -> None:
+    current = DOCS.read_text(encoding="utf-8")  # re-read: others edit other sections
+    start = current.find(SECTION)
+    if start < 0:
+        DOCS.write_text(current.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+        return
+    following = current.find("\n## ", start + len(SECTION))
+    rest = "" if following < 0 else current[following:]
+    DOCS.write_text(current[:start] + text.rstrip("\n") + "\n" + rest, encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trades", type=int, nargs="+", default=list(SIZES), metavar="N")
+    parser.add_argument("--quick", action="store_true", help="200k trades, writes no docs")
+    parser.add_argument("--no-write-docs", action="store_true")
+    parser.add_argument(
+        "--profile",
+        choices=("raw", "flamegraph", "speedscope"),
+        help="run py-spy (pip install py-spy) on the worker: bench/out/stream/worker-N.FORMAT",
+    )
+    args = parser.parse_args()
+    sizes = list(QUICK_SIZES) if args.quick else args.trades
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    missing = [n for n in sizes if not messages_path(n).exists()]
+    if missing:
+        print(f"generating {', '.join(f'{n:,}' for n in missing)} messages (cached)...")
+        with ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
+            list(pool.map(generate, missing))
+    when = datetime.now(UTC)
+    postgres = EmbeddedPostgres(PG_DIR).start()
+    with psycopg.connect(postgres.url_for("postgres"), autocommit=True) as admin:
+        for (stale,) in admin.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_stream\\_%'"
+        ).fetchall():  # left by an interrupted run
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(stale)))
+    try:
+        results = [run_size(n, postgres, args.profile) for n in sizes]
+    finally:
+        postgres.stop()
+    text = render(results, when, args.quick)
+    print(text)
+    if not (args.quick or args.no_write_docs):
+        write_docs(text)
+        print(f"wrote {DOCS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
