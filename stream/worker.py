@@ -255,11 +255,12 @@ class StreamWorker:
         except NoOffsetForPartitionError:
             await asyncio.sleep(0.05)  # assigned, not yet positioned by on_assigned
             return
+        fetched_at = self.wall_clock()
         async with self._lock:
             batches = self._parse(fetched)
             if batches:
                 self._last_message_at = self.wall_clock()
-                await self._commit(batches)
+                await self._commit(batches, fetched_at)
             await self._tick(busy={b.partition for b in batches})
 
     def _parse(self, fetched) -> list[PartitionBatch]:
@@ -301,8 +302,12 @@ class StreamWorker:
             batches.append(batch)
         return batches
 
-    async def _commit(self, batches: list[PartitionBatch]) -> None:
-        """One transaction for the whole batch; outputs produced before the commit."""
+    async def _commit(self, batches: list[PartitionBatch], fetched_at: float) -> None:
+        """One transaction for the whole batch; outputs produced before the commit.
+
+        ``fetched_at``: when the batch's messages were received (the close-to-commit delay of
+        the windows they close counts from there, their parsing included).
+        """
         started = time.perf_counter()
         received_at = self.wall_clock()
         conn = self._conn
@@ -341,7 +346,7 @@ class StreamWorker:
                 result.emission,
                 result.stored,
                 result.duplicates,
-                self.wall_clock() - received_at,
+                self.wall_clock() - fetched_at,
             )
         await self._commit_kafka_offsets(batches)
 
