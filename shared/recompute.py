@@ -8,6 +8,12 @@ find them in a single hash-aggregate pass, with no per-window sort).
 The run for ``[start, end)`` owns every window that *ends* in ``(start, end]``: with the default
 intervals and hourly runs, exactly the windows inside the hour; a ``1d`` window is computed by the
 run whose interval holds its end. Rerunning replaces the run's rows in one transaction.
+
+The hash aggregate keeps about 1.7 kB per base window (numeric sums, the first/last arrays), so
+PostgreSQL's default ``work_mem`` (4 MB, 8 MB for hashing) holds only ~5,000 windows and spills
+the rest to disk: recomputing a day of 20 symbols (28,800 one-minute windows, 10M trades) took
+1.7 times the server CPU time (20 s instead of 11.5 s). The transaction raises ``work_mem`` to
+``WORK_MEM`` (never lowers it) for the statement, and puts it back afterwards.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ import psycopg
 
 from shared.intervals import Interval, IntervalSet
 from shared.trades import datetime_to_ts, ts_to_datetime
+
+#: ``work_mem`` for the recomputation (hash tables get ``hash_mem_multiplier`` times this, 2 by
+#: default): room for ~75,000 base windows, e.g. an hour of 1,250 symbols, before spilling.
+WORK_MEM = "64MB"
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,11 @@ def recompute_batch_candles(
                     "end": params[f"end{n}"],
                 },
             )
+        previous = conn.execute(
+            "SELECT current_setting('work_mem'), set_config('work_mem', %(wm)s, true)"
+            " WHERE pg_size_bytes(current_setting('work_mem')) < pg_size_bytes(%(wm)s)",
+            {"wm": WORK_MEM},
+        ).fetchone()
         conn.execute(
             "INSERT INTO batch_candles (exchange, symbol, interval, window_start, window_end,"
             " open, high, low, close, volume, quote_volume, trade_count, first_trade_id,"
@@ -134,6 +149,8 @@ def recompute_batch_candles(
             f" WITH {_BASE} " + " UNION ALL ".join(selects),
             params,
         )
+        if previous is not None:
+            conn.execute("SELECT set_config('work_mem', %s, true)", (previous[0],))
         rows = conn.execute(
             "SELECT interval, count(*) FROM batch_candles WHERE "
             + " OR ".join(

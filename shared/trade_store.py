@@ -5,6 +5,15 @@ for bulk rows), and ``INSERT … SELECT DISTINCT ON … ON CONFLICT DO NOTHING``
 ``trades``. The first copy of a trade wins, within a batch (by arrival order) and across
 batches (the primary key). The staging table stores microseconds since the epoch and converts
 in SQL, exactly.
+
+``store_trades`` (bulk loads) first tries the cheaper path for the common case of a batch of
+new, distinct trades: COPY straight into ``trades`` inside a savepoint. The server then
+inserts while the client is still encoding rows, and uses its multi-row insert, instead of a
+second pass with a speculative insert per row: about twice as fast per batch. If any trade of
+the batch is already stored or repeated in it, the primary key rejects the COPY, the savepoint
+rolls it back, and the batch takes the staging path, so the outcome is the same either way. Such
+a batch costs one wasted encoding (the client sends the whole COPY before it hears of the
+conflict), and rows inserted before the conflict stay behind as dead tuples for vacuum.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from shared.trades import Trade
+from shared.trades import Trade, ts_to_datetime
 
 US_PER_DAY = 86_400_000_000
 _EPOCH_PLUS = "timestamptz 'epoch' + {} * interval '1 microsecond'"
@@ -78,6 +87,15 @@ class TradePartitions:
         self._known |= days
 
 
+_STAGING_TYPES = ("int8", "text", "text", "int8", "int8", "numeric", "numeric", "bool", "int4")
+_COPY_TRADES = (
+    "COPY trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)"
+    " FROM STDIN"
+)
+#: ``ts`` goes as text (see ``_copy_if_all_new``); the server parses it as a timestamptz.
+_TRADES_TYPES = ("text", "text", "int8", "text", "numeric", "numeric", "bool", "int4")
+
+
 def stage(conn: psycopg.Connection, trades: Sequence[Trade]) -> None:
     """COPY trades into this transaction's staging table, in arrival order."""
     conn.execute(_STAGING)
@@ -85,8 +103,10 @@ def stage(conn: psycopg.Connection, trades: Sequence[Trade]) -> None:
         "COPY trades_staging (seq, exchange, symbol, trade_id, ts_us, price, quantity,"
         " is_buyer_maker, raw_trades) FROM STDIN"
     ) as copy:
+        copy.set_types(_STAGING_TYPES)  # known types: no per-value type dispatch
+        write_row = copy.write_row
         for seq, t in enumerate(trades):
-            copy.write_row(
+            write_row(
                 (
                     seq,
                     t.exchange,
@@ -101,10 +121,52 @@ def stage(conn: psycopg.Connection, trades: Sequence[Trade]) -> None:
             )
 
 
+def _copy_if_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
+    """COPY the trades straight into ``trades`` if none is stored yet or repeated in the batch;
+    otherwise store nothing and return False.
+
+    Times go as ISO text built from the microseconds (exact), the minute's prefix cached:
+    several times cheaper than making and dumping a datetime per trade.
+    """
+    minute = -1
+    prefix = ""
+    try:
+        with conn.transaction(), conn.cursor().copy(_COPY_TRADES) as copy:
+            copy.set_types(_TRADES_TYPES)
+            write_row = copy.write_row
+            for t in trades:
+                trade_minute, us = divmod(t.ts_us, 60_000_000)
+                if trade_minute != minute:
+                    minute = trade_minute
+                    prefix = ts_to_datetime(minute * 60_000_000).strftime("%Y-%m-%d %H:%M:")
+                second, us = divmod(us, 1_000_000)
+                write_row(
+                    (
+                        t.exchange,
+                        t.symbol,
+                        t.trade_id,
+                        f"{prefix}{second:02d}.{us:06d}+00",
+                        t.price,
+                        t.quantity,
+                        t.is_buyer_maker,
+                        t.raw_trades,
+                    )
+                )
+    except psycopg.errors.UniqueViolation:
+        return False  # the savepoint is rolled back: nothing of the batch is stored
+    return True
+
+
 def store_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> StoreResult:
-    """Insert trades, first copy wins; the caller commits. Partitions must exist."""
+    """Insert trades, first copy wins; the caller commits. Partitions must exist.
+
+    Needs an open transaction (not autocommit). A batch of new, distinct trades goes in with
+    one COPY; any other batch through the staging table (see the module's docstring).
+    """
     if not trades:
         return StoreResult(0, 0)
+    if _copy_if_all_new(conn, trades):
+        return StoreResult(len(trades), 0)
     stage(conn, trades)
     cur = conn.execute(_MOVE)
     stored = cur.rowcount
