@@ -12,7 +12,8 @@ import click
 from candlekeep.trade_input import TradeInput
 from shared.trade_files import FORMATS
 
-CHUNK = 200_000
+#: Trades per COPY and transaction; one chunk is in memory at a time.
+CHUNK = 100_000
 
 
 def load_trades(url: str, source: TradeInput, chunk: int = CHUNK) -> dict[str, int]:
@@ -52,6 +53,7 @@ def load_trades(url: str, source: TradeInput, chunk: int = CHUNK) -> dict[str, i
             totals["stored"] += result.stored
             totals["duplicates"] += result.duplicates
             totals["invalid"] += len(invalid)
+            del batch, invalid  # before the next chunk is read: one chunk alive at a time
     return totals
 
 

@@ -71,12 +71,13 @@ def test_upgrade_is_idempotent(store_url):
 
 
 @settings(max_examples=40)
-@given(trade_lists(max_size=80), st.randoms(use_true_random=False))
-def test_sql_candles_equal_the_core_candles(store_url, trades, rnd):
+@given(trade_lists(max_size=80), st.randoms(use_true_random=False), st.booleans())
+def test_sql_candles_equal_the_core_candles(store_url, trades, rnd, with_duplicates):
     with db.connect(store_url) as conn:
         conn.execute("TRUNCATE trades, batch_candles")
         conn.commit()
-        dupes = [rnd.choice(trades) for _ in range(3)] if trades else []
+        # Without duplicates the batch takes the direct COPY path, with them the staging path.
+        dupes = [rnd.choice(trades) for _ in range(3)] if trades and with_duplicates else []
         TradePartitions().ensure(conn, trades)
         store_trades(conn, trades + dupes)
         start = ts_to_datetime(T0_US - T0_US % HOUR)
