@@ -10,12 +10,12 @@ For each size (1M, then 5M trades; ``--quick``: 200k), in one run, with a fresh 
    worker's batch size, no processing, offsets committed per batch): messages/s from the first
    batch to the last;
 3. ``candlekeep stream --exit-when-idle 3`` runs as a subprocess on the same topic. Every 0.2 s
-   the script reads the sum of ``stream_progress.consumed`` (what is committed to PostgreSQL),
-   scrapes ``/metrics`` and reads the worker's ``VmHWM``. Sustained trades/s is the messages
-   committed between the first sample that saw a commit and the first that saw all of them,
-   over the time between those samples: start-up, the group join and the final idle wait do not
-   count. p99 of ``candlekeep_window_close_to_commit_seconds`` comes from the last scrape's
-   histogram buckets (5 ms … 10 s), so it is only known to a bucket;
+   the script reads the sum of ``stream_progress.consumed`` (what is committed to PostgreSQL)
+   and the worker's ``VmHWM``; every second it scrapes ``/metrics``. Sustained trades/s is the
+   messages committed between the first sample that saw a commit and the first that saw all of
+   them, over the time between those samples: start-up, the group join and the final idle wait
+   do not count. The p99 of ``candlekeep_window_close_to_commit_seconds`` comes from the last
+   scrape's histogram buckets (5 ms … 10 s), so it is only known to a bucket;
 4. the bare consumer reads the topic once more (a new group), and the ratio is worker trades/s
    over the better of the two bare runs.
 
@@ -60,6 +60,7 @@ from stream.feeds.synthetic import MarketDials, synthetic_messages  # noqa: E402
 from tests.streaming import settings_env, stream_settings  # noqa: E402
 
 OUT_DIR = BENCH_DIR / "out" / "stream"
+LAST = OUT_DIR / "last-results.pickle"
 PG_DIR = OUT_DIR / "pg"
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Stream worker: end-to-end throughput"
@@ -70,6 +71,7 @@ SEED = 42
 TARGET_RATIO = 0.5
 IDLE_EXIT_S = 3
 POLL_S = 0.2
+SCRAPE_S = 1.0
 #: Bump when the cached message files change for a given (count, seed).
 VERSION = 1
 CHUNK = 100_000
@@ -331,6 +333,7 @@ def run_worker(
             )
         try:
             deadline = started + 1800
+            scraped_at = 0.0
             while True:
                 now = time.perf_counter()
                 done = committed(conn, settings.consumer_group)
@@ -338,7 +341,10 @@ def run_worker(
                     run.first_at, run.first_consumed = now, done
                 if done >= total and not run.last_at:
                     run.last_at = now
-                metrics = scrape(port)
+                metrics = None
+                if now - scraped_at >= SCRAPE_S:  # (a scrape costs the worker some GIL time)
+                    scraped_at = now
+                    metrics = scrape(port)
                 if metrics:
                     run.histogram = metrics.get(
                         "candlekeep_window_close_to_commit_seconds", run.histogram
@@ -415,6 +421,7 @@ class SizeResult:
     bare: list[BareRun]
     worker: WorkerRun
     broker_rss_mb: float
+    batch_size: int
 
     @property
     def bare_rate(self) -> float:
@@ -425,10 +432,12 @@ class SizeResult:
         return self.worker.rate / self.bare_rate
 
 
-def run_size(count: int, postgres: EmbeddedPostgres, profile: str | None) -> SizeResult:
+def run_size(
+    count: int, postgres: EmbeddedPostgres, profile: str | None, batch_size: int | None
+) -> SizeResult:
     print(f"== {count:,} trades")
     path = generate(count)
-    settings = stream_settings()
+    settings = stream_settings(**({"batch_size": batch_size} if batch_size else {}))
     database = f"bench_stream_{count}_{uuid.uuid4().hex[:6]}"
     admin_url = postgres.url_for("postgres")
     with psycopg.connect(admin_url, autocommit=True) as admin:
@@ -442,7 +451,11 @@ def run_size(count: int, postgres: EmbeddedPostgres, profile: str | None) -> Siz
         messages, per_partition = asyncio.run(produce_file(bootstrap, settings.topic_trades, path))
         produce_rate = messages / (time.perf_counter() - started)
         print(f"  produce: {produce_rate:,.0f} msgs/s; per partition {per_partition}")
-        bare = [asyncio.run(bare_consumer(bootstrap, settings.topic_trades, messages, 5000))]
+        bare = [
+            asyncio.run(
+                bare_consumer(bootstrap, settings.topic_trades, messages, settings.batch_size)
+            )
+        ]
         print(f"  bare consumer: {bare[0].rate:,.0f} msgs/s")
         assert postgres.pid is not None and broker.process is not None
         worker = run_worker(
@@ -461,7 +474,11 @@ def run_size(count: int, postgres: EmbeddedPostgres, profile: str | None) -> Siz
             f" CPU s: worker {worker.worker_cpu_s:.1f}, postgres {worker.postgres_cpu_s:.1f},"
             f" broker {worker.broker_cpu_s:.1f}; {worker.progress}"
         )
-        bare.append(asyncio.run(bare_consumer(bootstrap, settings.topic_trades, messages, 5000)))
+        bare.append(
+            asyncio.run(
+                bare_consumer(bootstrap, settings.topic_trades, messages, settings.batch_size)
+            )
+        )
         print(f"  bare consumer again: {bare[1].rate:,.0f} msgs/s")
         broker_rss = psutil.Process(broker.process.pid).memory_info().rss / 2**20
     finally:
@@ -470,9 +487,29 @@ def run_size(count: int, postgres: EmbeddedPostgres, profile: str | None) -> Siz
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
             )
-    result = SizeResult(count, messages, per_partition, produce_rate, bare, worker, broker_rss)
+    result = SizeResult(
+        count, messages, per_partition, produce_rate, bare, worker, broker_rss, settings.batch_size
+    )
     print(f"  ratio {result.ratio:.3f} (target ≥ {TARGET_RATIO})")
     return result
+
+
+def run_all(sizes: list[int], profile: str | None, batch_size: int | None) -> list[SizeResult]:
+    missing = [n for n in sizes if not messages_path(n).exists()]
+    if missing:
+        print(f"generating {', '.join(f'{n:,}' for n in missing)} messages (cached)...")
+        with ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
+            list(pool.map(generate, missing))
+    postgres = EmbeddedPostgres(PG_DIR).start()
+    with psycopg.connect(postgres.url_for("postgres"), autocommit=True) as admin:
+        for (stale,) in admin.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_stream\\_%'"
+        ).fetchall():  # left by an interrupted run
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(stale)))
+    try:
+        return [run_size(n, postgres, profile, batch_size) for n in sizes]
+    finally:
+        postgres.stop()
 
 
 # --- reporting ----------------------------------------------------------------------------------
@@ -511,6 +548,55 @@ HEADER = (
 )
 
 
+ANALYSIS = """\
+### Where the worker's time goes
+
+Profiled with `--profile raw` (py-spy on the worker: every thread, waiting included) and with
+per-phase timers in an in-process run (200k trades, batch 5000), 2026-11-22:
+
+- The worker is one Python process doing its steps one after the other, per batch: fetch and
+  decode the Kafka records (aiokafka; all the bare consumer does) about 18% of the wall time;
+  parse and validate every trade exactly (`parse_trade_message`: JSON to `Decimal`, the field
+  rules) about 30%; the batch's transaction about 50%, of which storing the trades is three
+  quarters, the windows a seventh, and the candles, late and invalid rows, progress, the
+  produced outputs and the commit the rest.
+- Per message at 5M (the 2026-11-22 17:24 run): 31 µs of wall time, 18 µs of it the worker's own
+  CPU (91 CPU s for 5.08M messages) and 5 µs PostgreSQL's CPU; the bare consumer took 5-8 µs of
+  wall time per message in that run, and about 2.5 µs on a quiet machine (~400k msgs/s). A ratio
+  of 0.5 means at most 5-16 µs per message for the whole worker: one Python process already
+  spends 18 µs of its own CPU, so the target needs less Python work per message (the parser)
+  and the waits overlapped, or more than one worker process.
+
+Changed (`stream/sink.py`): the batch's trades went through the staging table (COPY into a
+temporary table, then `INSERT … SELECT DISTINCT ON … ON CONFLICT DO NOTHING RETURNING`), about
+a third of the wall time. Copies within a batch are now dropped in Python, and the trades whose
+id is above every id the process has already tried for their symbol go in with one COPY
+straight into `trades` inside a savepoint; the rest (disordered trades, repeats of earlier
+batches) and, when that COPY meets a stored trade (after a restart, or rows written by a batch
+load), the whole batch take the unchanged staging path, so the primary key still decides what is
+new. Same rows, candles and counters (`tests/test_stream.py` and `tests/test_store.py`, with the
+SIGKILL test, pass). Before the change this script measured 23,884 trades/s at 1M (ratio 0.13)
+and 20,360 at 5M (0.12), with 9.6 and 54 CPU s of PostgreSQL; in-process, back to back on the
+same 200k trades, 18,000-19,200 trades/s before and 23,400-26,800 after. The close → commit
+delay then counted from the start of the batch's write; it now counts from the fetch, parsing
+included (`stream/worker.py`).
+
+Not done, by expected gain:
+
+1. Overlap the fetch and parse of the next batch with the write of the current one: the
+   worker's Python waits while PostgreSQL inserts and commits. This changes the worker's loop,
+   its rewind and its rebalance handling, so it needs its own crash tests.
+2. A cheaper parser (`shared/trades.py`): `Decimal.as_tuple()` in `_positive_decimal` alone is
+   about 4% of the worker's time; a typed msgspec decode would save most of the per-field work.
+3. More workers: the topic has 4 partitions, but the 3 default symbols hash onto 2 of them, and
+   this machine has 2 CPUs shared with PostgreSQL and the broker.
+
+The bare consumer reaches 120k to 400k msgs/s here depending on what else runs on the machine
+(other sessions' tests and benchmarks did during these runs): the ratio moves with it, the
+worker's rate less so.
+"""
+
+
 def render(results: list[SizeResult], when: datetime, quick: bool) -> str:
     m = machine()
     rows = []
@@ -542,40 +628,44 @@ def render(results: list[SizeResult], when: datetime, quick: bool) -> str:
     else:
         flat = "One size only (`--quick`): no flatness check."
     first = results[0]
-    details = ", ".join(
-        f"{r.trades:,}: {r.worker.progress['stored']:,} stored, "
-        f"{r.worker.progress['duplicates']:,} duplicates, {r.worker.progress['invalid']:,} invalid,"
-        f" {r.worker.progress['late']:,} late, {r.worker.candles:,} candle rows;"
-        f" produced at {r.produce_rate:,.0f} msgs/s, broker RSS {r.broker_rss_mb:,.0f} MB"
+    spread = "; ".join(f"{n:,}" for _, n in sorted(first.per_partition.items()))
+    details = "\n".join(
+        f"- {r.trades:,} trades: {r.worker.progress['stored']:,} stored,"
+        f" {r.worker.progress['duplicates']:,} duplicates, {r.worker.progress['invalid']:,}"
+        f" invalid, {r.worker.progress['late']:,} late, {r.worker.candles:,} candle rows; produced"
+        f" at {r.produce_rate:,.0f} msgs/s; broker RSS {r.broker_rss_mb:,.0f} MB at the end."
         for r in results
     )
     return f"""{SECTION}
 
 How to run: `.venv/bin/python bench/stream_throughput.py [--trades N [N ...]] [--quick]
-[--no-write-docs]` (default 1M then 5M trades; `--quick`: 200k, a smoke run that writes no docs).
-Needs only the project's own dependencies: the broker (Tansu, in memory) and PostgreSQL are the
-embedded ones, started fresh by the script (data in `bench/out/stream/`).
+[--no-write-docs] [--batch-size N] [--profile raw|flamegraph|speedscope]` (default 1M then 5M
+trades, about 10 minutes; `--quick`: 200k, a smoke run that writes no docs; `--profile` runs
+py-spy, `pip install py-spy`, on the worker into `bench/out/stream/`). Needs only the project's
+own dependencies: the broker (Tansu, in memory) and PostgreSQL are the embedded ones, started
+fresh by the script (data in `bench/out/stream/`).
 
 Per size, in one run: the synthetic market (`synthetic_messages`, default dials: 3 symbols, about
 5% disordered, 0.2% late, 1% duplicates, 0.5% invalid) is produced to a new 4-partition topic in
-feed order. The symbol keys land on only two partitions: {first.per_partition} messages per
-partition, so the worker has two busy partitions. Then, on that topic:
+feed order. The symbol keys land on only two of the partitions ({spread} messages on partitions
+0 to 3 at {first.trades:,} trades), so the worker has two busy partitions. Then, on that topic:
 
-- **bare consumer**: an aiokafka consumer group, `getmany(max_records=5000)` (the worker's batch
-  size), no processing, offsets committed per batch; msgs/s from the first batch to the last. It
-  runs before and after the worker; the ratio uses the better of the two.
-- **worker**: `candlekeep stream --exit-when-idle {IDLE_EXIT_S}` as a subprocess (batch 5000,
-  session timeout 3 s), on a fresh database. Trades/s = messages committed to PostgreSQL
-  (`sum(stream_progress.consumed)`, polled every {POLL_S} s) between the first poll that sees a
-  commit and the first that sees all of them, over the time between those polls: start-up, the
-  group join and the final idle wait are excluded.
-- **close → commit**: p99 of `candlekeep_window_close_to_commit_seconds`, scraped from the
-  worker's `/metrics` before it exits: from the moment the batch whose message closed a window
-  starts being written to the moment that batch's transaction commits (it leaves out the fetch
-  and parse of that batch, a few ms). The histogram's buckets are 5, 10, 25, 50, 100, 250, 500
-  ms, 1, 2.5, 5, 10 s, so the p99 is only known to a bucket: the table gives the bucket and a
-  linear interpolation inside it, as Prometheus' `histogram_quantile` would. The p99 of
-  `candlekeep_batch_commit_seconds` (one batch's write + commit) is shown next to it.
+- **bare consumer**: an aiokafka consumer group, `getmany(max_records={first.batch_size})` (the
+  worker's batch size), no processing, offsets committed per batch; msgs/s from the first batch
+  to the last. It runs before and after the worker; the ratio uses the better of the two.
+- **worker**: `candlekeep stream --exit-when-idle {IDLE_EXIT_S}` as a subprocess (batch
+  {first.batch_size}, session timeout 3 s), on a fresh database. Trades/s = messages committed to
+  PostgreSQL (`sum(stream_progress.consumed)`, polled every {POLL_S} s) between the first poll
+  that sees a commit and the first that sees all of them, over the time between those polls:
+  start-up, the group join and the final idle wait are excluded.
+- **close → commit**: p99 of `candlekeep_window_close_to_commit_seconds`, from the worker's
+  `/metrics` (scraped every second, the last time during its final idle wait): from the moment
+  the batch holding the message that closed a window was fetched to the commit of that batch's
+  transaction, parsing and writing included. While a backlog is read every batch closes windows,
+  so this is about the time one batch takes. The histogram's buckets are 5, 10, 25, 50, 100,
+  250, 500 ms, 1, 2.5, 5, 10 s: the p99 is only known to a bucket, and the table gives that
+  bucket and a linear interpolation inside it (as Prometheus' `histogram_quantile` does). The
+  p99 of `candlekeep_batch_commit_seconds` (one batch's write and commit) is shown next to it.
 - **peak RSS**: the worker process's `VmHWM`.
 
 Last run ({when:%Y-%m-%d %H:%M} UTC{", --quick" if quick else ""}): {m["cpus"]} CPUs
@@ -587,8 +677,9 @@ the worker share the {m["cpus"]} CPUs.
 
 {verdict} {flat}
 
-Per size: {details}.
-"""
+{details}
+
+{ANALYSIS}"""
 
 
 def write_docs(text: str) -> None:
@@ -608,6 +699,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200k trades, writes no docs")
     parser.add_argument("--no-write-docs", action="store_true")
     parser.add_argument(
+        "--docs-from-last",
+        action="store_true",
+        help="render the section again from the last run's saved results (no measuring)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="the worker's batch size (default: the setting's, 5000)"
+    )
+    parser.add_argument(
         "--profile",
         choices=("raw", "flamegraph", "speedscope"),
         help="run py-spy (pip install py-spy) on the worker: bench/out/stream/worker-N.FORMAT",
@@ -615,25 +714,18 @@ def main() -> None:
     args = parser.parse_args()
     sizes = list(QUICK_SIZES) if args.quick else args.trades
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    missing = [n for n in sizes if not messages_path(n).exists()]
-    if missing:
-        print(f"generating {', '.join(f'{n:,}' for n in missing)} messages (cached)...")
-        with ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
-            list(pool.map(generate, missing))
-    when = datetime.now(UTC)
-    postgres = EmbeddedPostgres(PG_DIR).start()
-    with psycopg.connect(postgres.url_for("postgres"), autocommit=True) as admin:
-        for (stale,) in admin.execute(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_stream\\_%'"
-        ).fetchall():  # left by an interrupted run
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(stale)))
-    try:
-        results = [run_size(n, postgres, args.profile) for n in sizes]
-    finally:
-        postgres.stop()
-    text = render(results, when, args.quick)
+    if args.docs_from_last:
+        with LAST.open("rb") as handle:
+            results, when, quick = pickle.load(handle)
+    else:
+        when = datetime.now(UTC)
+        quick = args.quick
+        results = run_all(sizes, args.profile, args.batch_size)
+        with LAST.open("wb") as handle:
+            pickle.dump((results, when, quick), handle)
+    text = render(results, when, quick)
     print(text)
-    if not (args.quick or args.no_write_docs):
+    if not (quick or args.no_write_docs):
         write_docs(text)
         print(f"wrote {DOCS.relative_to(REPO)}")
 
