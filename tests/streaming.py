@@ -14,7 +14,16 @@ from shared.config import Settings
 from shared.trades import Rejection, check_key, datetime_to_ts, parse_trade_message
 from stream.feeds.produce import Delivery, ensure_topic, produce
 
-STREAM_TABLES = ("trades", "stream_candles", "late_trades", "invalid_trades", "stream_progress")
+STREAM_TABLES = (
+    "trades",
+    "stream_candles",
+    "late_trades",
+    "invalid_trades",
+    "stream_progress",
+    "batch_candles",
+    "candle_mismatches",
+    "dq_reports",
+)
 
 
 def stream_settings(**overrides) -> Settings:

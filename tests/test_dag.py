@@ -83,6 +83,7 @@ def snapshot(url: str) -> dict:
             ).fetchall(),
             "reports": conn.execute(
                 "SELECT interval_start, interval_end, status, summary, html FROM dq_reports"
+                " ORDER BY interval_start, interval_end"
             ).fetchall(),
         }
 
