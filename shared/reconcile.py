@@ -20,24 +20,13 @@ from datetime import datetime, timedelta
 
 import psycopg
 
+from shared.candles import CANDLE_FIELDS
 from shared.intervals import IntervalSet
 from shared.recompute import owned_windows
 from shared.schema import MISMATCH_KINDS
 
 KINDS = ("match", *MISMATCH_KINDS)
-FIELDS = (
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "quote_volume",
-    "trade_count",
-    "first_trade_id",
-    "last_trade_id",
-    "taker_buy_volume",
-    "taker_buy_quote_volume",
-)
+FIELDS = CANDLE_FIELDS
 
 
 @dataclass

@@ -92,7 +92,7 @@ _COPY_TRADES = (
     "COPY trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)"
     " FROM STDIN"
 )
-#: ``ts`` goes as text (see ``_copy_if_all_new``); the server parses it as a timestamptz.
+#: ``ts`` goes as text (see ``copy_if_all_new``); the server parses it as a timestamptz.
 _TRADES_TYPES = ("text", "text", "int8", "text", "numeric", "numeric", "bool", "int4")
 
 
@@ -121,7 +121,7 @@ def stage(conn: psycopg.Connection, trades: Sequence[Trade]) -> None:
             )
 
 
-def _copy_if_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
+def copy_if_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
     """COPY the trades straight into ``trades`` if none is stored yet or repeated in the batch;
     otherwise store nothing and return False.
 
@@ -165,7 +165,7 @@ def store_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> StoreResu
     """
     if not trades:
         return StoreResult(0, 0)
-    if _copy_if_all_new(conn, trades):
+    if copy_if_all_new(conn, trades):
         return StoreResult(len(trades), 0)
     stage(conn, trades)
     cur = conn.execute(_MOVE)

@@ -19,7 +19,12 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from shared.candles import Candle
-from shared.trade_store import InvalidMessage, store_invalid, store_new_trades
+from shared.trade_store import (
+    InvalidMessage,
+    copy_if_all_new,
+    store_invalid,
+    store_new_trades,
+)
 from shared.trades import Trade, ts_to_datetime
 from shared.windows import Emission, LateTrade, PartitionWindows
 
@@ -122,13 +127,6 @@ def write_batch(
 #: (see ``store_batch_trades``), never the authority on what is stored.
 _tried_max_id: dict[tuple[str, str], int] = {}
 
-_COPY_TRADES = (
-    "COPY trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)"
-    " FROM STDIN"
-)
-#: ``ts`` goes as ISO text built from the microseconds (exact), parsed by the server.
-_COPY_TYPES = ("text", "text", "int8", "text", "numeric", "numeric", "bool", "int4")
-
 
 def store_batch_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> list[Trade]:
     """Store a batch's trades and return the new ones (first copies), in arrival order: the
@@ -178,33 +176,7 @@ def _copy_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
     """
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
         raise RuntimeError("_copy_all_new must run inside the batch's transaction")
-    minute = -1
-    prefix = ""
-    try:
-        with conn.transaction(), conn.cursor().copy(_COPY_TRADES) as copy:
-            copy.set_types(_COPY_TYPES)
-            write_row = copy.write_row
-            for t in trades:
-                trade_minute, us = divmod(t.ts_us, 60_000_000)
-                if trade_minute != minute:
-                    minute = trade_minute
-                    prefix = ts_to_datetime(minute * 60_000_000).strftime("%Y-%m-%d %H:%M:")
-                second, us = divmod(us, 1_000_000)
-                write_row(
-                    (
-                        t.exchange,
-                        t.symbol,
-                        t.trade_id,
-                        f"{prefix}{second:02d}.{us:06d}+00",
-                        t.price,
-                        t.quantity,
-                        t.is_buyer_maker,
-                        t.raw_trades,
-                    )
-                )
-    except psycopg.errors.UniqueViolation:
-        return False  # rolled back to the savepoint: nothing of it is stored
-    return True
+    return copy_if_all_new(conn, trades)
 
 
 def write_tick(
