@@ -134,7 +134,7 @@ def _stream(console, started, settings, start_us, count, rate):
         start_us=start_us,
         count=count,
         rate=rate,
-        late=0.004,
+        late=0.0015,
         disorder=0.05,
         duplicates=0.01,
         invalid=0.004,
