@@ -1,9 +1,10 @@
 """``candlekeep aggregate`` on every core: trade files cut into units, folded in worker processes.
 
 A *unit* is a whole file (compressed files and small ones) or a byte range of a plain file cut
-on line boundaries. Each worker folds its unit with the same core as the serial path
-(:class:`TradeLineReader` into a :class:`CandleBook`) and sends back its base candles, counts,
-first invalid lines and the trade ids it saw. The parent then:
+on line boundaries. Each worker folds its unit with the core, as the serial path does
+(:class:`TradeLineReader` into a :class:`CandleBook`; Binance files as rows, without a Trade
+object per line) and sends back its base candles, counts, first invalid lines and the trade ids
+it saw. The parent then:
 
 - merges the base candles with ``Candle.absorb`` in unit order: exact, and of two equal highs
   written differently (``1.5``, ``1.50``) the first read stays, as when folding serially;
