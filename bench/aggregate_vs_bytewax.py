@@ -35,6 +35,8 @@ from bytewax.dataflow import Dataflow
 from bytewax.operators.windowing import EventClock, TumblingWindower, fold_window
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from shared.candles import CANDLE_FIELDS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_trades import DEFAULT_TRADES, MAX_DISORDER_MS, SYMBOL, cached_trades
 
@@ -50,19 +52,7 @@ WINDOW_MS = 60_000
 #: no trade is late and bytewax folds every one (a late trade would show as a mismatch).
 WATERMARK_DELAY = timedelta(milliseconds=MAX_DISORDER_MS) + timedelta(seconds=3)
 #: The fields both sides must agree on, in candlekeep's JSONL names.
-COMPARED = (
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "quote_volume",
-    "trade_count",
-    "first_trade_id",
-    "last_trade_id",
-    "taker_buy_volume",
-    "taker_buy_quote_volume",
-)
+COMPARED = CANDLE_FIELDS
 
 # --- the bytewax side -------------------------------------------------------------------------
 

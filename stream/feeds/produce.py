@@ -44,16 +44,8 @@ async def ensure_topic(bootstrap_servers: str, topic: str, partitions: int) -> N
         await admin.close()
 
 
-async def produce(
-    bootstrap_servers: str,
-    topic: str,
-    messages: Iterable[FeedMessage],
-    *,
-    speed: float | None = None,
-    on_sent: Callable[[int], None] | None = None,
-) -> list[Delivery]:
-    """Send every message in order; ``speed`` paces them at ``send_at_s / speed`` (None: as fast
-    as possible). Returns where each landed."""
+async def start_producer(bootstrap_servers: str) -> AIOKafkaProducer:
+    """A started producer (acks from all replicas), or a :class:`FeedError` saying what to do."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers,
         acks="all",
@@ -67,6 +59,20 @@ async def produce(
         raise FeedError(
             f"cannot reach Kafka at {bootstrap_servers}: {exc}. Check KAFKA_BOOTSTRAP_SERVERS"
         ) from None
+    return producer
+
+
+async def produce(
+    bootstrap_servers: str,
+    topic: str,
+    messages: Iterable[FeedMessage],
+    *,
+    speed: float | None = None,
+    on_sent: Callable[[int], None] | None = None,
+) -> list[Delivery]:
+    """Send every message in order; ``speed`` paces them at ``send_at_s / speed`` (None: as fast
+    as possible). Returns where each landed."""
+    producer = await start_producer(bootstrap_servers)
     started = time.monotonic()
     pending: list[tuple[asyncio.Future, FeedMessage]] = []
     deliveries: list[Delivery] = []

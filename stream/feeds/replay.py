@@ -21,13 +21,12 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from dataclasses import dataclass
 
 import msgspec
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaError
 
 from shared.candle_formats import iso
 from shared.intervals import US_PER_MS
 from shared.trades import Trade
-from stream.feeds.produce import FeedError
+from stream.feeds.produce import FeedError, start_producer
 from stream.feeds.synthetic import FeedMessage
 
 _json = msgspec.json.Encoder()
@@ -116,19 +115,7 @@ async def produce_live(
     messages already sent are flushed before returning control.
     """
     stats = stats or SendStats()
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers,
-        acks="all",
-        linger_ms=5,
-        max_request_size=8 * 1024 * 1024,
-    )
-    try:
-        await producer.start()
-    except KafkaConnectionError as exc:
-        await producer.stop()
-        raise FeedError(
-            f"cannot reach Kafka at {bootstrap_servers}: {exc}. Check KAFKA_BOOTSTRAP_SERVERS"
-        ) from None
+    producer = await start_producer(bootstrap_servers)
     failures: list[BaseException] = []
     in_flight: set[asyncio.Future] = set()
 
