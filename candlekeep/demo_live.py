@@ -67,6 +67,14 @@ def keep_running(console: Console, settings, airflow_url: str, broker, port: int
         ],
         **{name: [airflow, name] for name in AIRFLOW_COMPONENTS},
     }
+    # The demo's dag.test() runs registered the DAG already, paused as Airflow creates DAGs:
+    # live, it is to be scheduled.
+    subprocess.run(
+        [airflow, "dags", "unpause", "candle_reconciliation"],
+        env=env,
+        capture_output=True,
+        check=False,
+    )
     children: dict[str, subprocess.Popen] = {}
     try:
         for name, command in commands.items():
