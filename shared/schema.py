@@ -6,7 +6,8 @@ definitions. Money and sizes are ``NUMERIC`` (exact), times ``timestamptz``.
 
 ``trades`` is range-partitioned by day on ``ts`` (see docs/storage.md): an hour's recomputation
 reads one partition, old days are dropped whole, and the partition key is part of the primary key
-``(exchange, symbol, trade_id, ts)``, as PostgreSQL requires.
+``(exchange, symbol, ts, trade_id)``, as PostgreSQL requires; in that order, the key also finds a
+window's first and last trade (its open and close) with one probe each.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ trades = Table(
     # Exchange trades this row stands for: 1, or last_id - first_id + 1 for a Binance aggTrade.
     Column("raw_trades", Integer, nullable=False, server_default=text("1")),
     _ts("ingested_at", server_default=func.now()),
-    PrimaryKeyConstraint("exchange", "symbol", "trade_id", "ts", name="trades_pkey"),
+    PrimaryKeyConstraint("exchange", "symbol", "ts", "trade_id", name="trades_pkey"),
     Index("trades_ts_brin", "ts", postgresql_using="brin"),
     postgresql_partition_by="RANGE (ts)",
 )
