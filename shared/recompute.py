@@ -12,11 +12,11 @@ The run for ``[start, end)`` owns every window that *ends* in ``(start, end]``: 
 intervals and hourly runs, exactly the windows inside the hour; a ``1d`` window is computed by the
 run whose interval holds its end. Rerunning replaces the run's rows in one transaction.
 
-The hash aggregate keeps about 1.6 kB per base window (its numeric sum states), so PostgreSQL's default
-``work_mem`` (4 MB, 8 MB for hashing) holds only a few thousand windows and spills the rest to
-disk: recomputing a day of 20 symbols (28,800 one-minute windows) took 1.7 times the server CPU
-time. The transaction raises ``work_mem`` to ``WORK_MEM`` (never lowers it) for the statement,
-and puts it back afterwards.
+The hash aggregate keeps about 1.6 kB per base window (its numeric sum states), so
+PostgreSQL's default ``work_mem`` (4 MB, 8 MB for hashing) holds only a few thousand windows and
+spills the rest to disk: recomputing a day of 20 symbols (28,800 one-minute windows) took 1.7
+times the server CPU time. The transaction raises ``work_mem`` to ``WORK_MEM`` (never lowers it)
+for the statement, and puts it back afterwards.
 """
 
 from __future__ import annotations
