@@ -31,13 +31,16 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _JSON = msgspec.json.Decoder(float_hook=Decimal)
 
 
-@dataclass(slots=True)
-class Trade:
+class Trade(msgspec.Struct, gc=False):
     """One trade at a venue, exact.
 
     ``ts_us`` is the venue's trade time in microseconds since the Unix epoch (UTC).
     ``raw_trades`` is how many exchange trades this record stands for: 1 for a plain trade,
     ``last_id - first_id + 1`` for a Binance aggTrade, so candle trade counts match Binance's.
+
+    A ``msgspec.Struct`` (fields, equality and repr like a dataclass): made in C, and left out of
+    the garbage collector's tracking (it holds no containers, so it can be in no cycle), which
+    matters for the stream worker that makes one per message.
     """
 
     exchange: str
@@ -89,6 +92,15 @@ def parse_trade_message(
     ``max_ts_us`` optionally rejects trades stamped after that instant (the stream passes
     "now + allowed clock skew": a far-future trade would otherwise drag the watermark along).
     """
+    if value.__class__ is bytes:
+        fast = _parse_common(value, max_ts_us)  # type: ignore[arg-type]
+        if fast is not None:
+            return fast
+    return _parse_careful(value, max_ts_us)
+
+
+def _parse_careful(value: bytes | str | None, max_ts_us: int | None) -> Trade | Rejection:
+    """Every rule, one at a time, down to the exact rejection (the reference behaviour)."""
     if value is None:
         return Rejection("empty", "message has no value (null)")
     if len(value) > MAX_MESSAGE_BYTES:
@@ -130,6 +142,91 @@ def parse_trade_object(obj: Any, *, max_ts_us: int | None = None) -> Trade | Rej
     except _Invalid as exc:
         return exc.rejection
     return Trade(exchange, symbol, trade_id, ts_us, price, quantity, side)
+
+
+class _Message(msgspec.Struct):
+    """The canonical message's fields with the types a well-formed one has (SPEC §2)."""
+
+    symbol: str
+    trade_id: int
+    price: Decimal  # from a JSON string or number, exactly: msgspec never goes through float
+    quantity: Decimal
+    timestamp: int | str
+    exchange: str = DEFAULT_EXCHANGE
+    is_buyer_maker: bool | None = None
+
+
+_TYPED = msgspec.json.Decoder(_Message)
+#: Raw symbol and exchange spellings already checked, with their canonical form.
+_SYMBOLS: dict[str, str] = {}
+_EXCHANGES: dict[str, str] = {DEFAULT_EXCHANGE: DEFAULT_EXCHANGE}
+_NAME_CACHE_MAX = 10_000
+#: Longer messages take the careful path (a trade is ~200 bytes); see ``_sane_positive``.
+_COMMON_MAX_BYTES = 480
+
+
+def _parse_common(value: bytes, max_ts_us: int | None) -> Trade | None:
+    """The common case, fast: an ASCII message that decodes straight into the typed fields and
+    passes every rule. Returns ``None`` for anything else, which then takes the careful path
+    (:func:`parse_trade_object`): it accepts the same messages with the same values, and gives
+    the exact rejection for the others. This path only ever accepts, so it cannot reject
+    differently; ``tests/test_trade_parsing.py`` checks that both paths agree.
+    """
+    if len(value) > _COMMON_MAX_BYTES or not value.isascii():
+        return None  # (the careful path checks UTF-8, even in fields it does not read)
+    try:
+        m = _TYPED.decode(value)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    symbol = _SYMBOLS.get(m.symbol)
+    if symbol is None:
+        symbol = _checked_name(m.symbol, _SYMBOLS, _symbol)
+        if symbol is None:
+            return None
+    exchange = _EXCHANGES.get(m.exchange)
+    if exchange is None:
+        exchange = _checked_name(m.exchange, _EXCHANGES, _exchange)
+        if exchange is None:
+            return None
+    trade_id = m.trade_id
+    if trade_id < 0 or trade_id >= 2**63:
+        return None
+    price = m.price
+    quantity = m.quantity
+    if not (_sane_positive(price) and _sane_positive(quantity)):
+        return None
+    ts = m.timestamp
+    if ts.__class__ is int:
+        ts_us = ts * US_PER_MS  # type: ignore[operator]
+    else:
+        try:
+            ts_us = parse_timestamp(ts)  # type: ignore[arg-type]
+        except ValueError:
+            return None
+    if ts_us < MIN_TS_US or ts_us >= MAX_TS_US or (max_ts_us is not None and ts_us > max_ts_us):
+        return None
+    return Trade(exchange, symbol, trade_id, ts_us, price, quantity, m.is_buyer_maker)
+
+
+def _checked_name(raw: str, cache: dict[str, str], rule) -> str | None:
+    """``rule(raw)`` (the careful check) remembered when it passes; ``None`` when it fails."""
+    try:
+        name = rule(raw)
+    except _Invalid:
+        return None
+    if len(cache) < _NAME_CACHE_MAX:
+        cache[raw] = name
+    return name
+
+
+def _sane_positive(value: Decimal) -> bool:
+    """Finite and > 0, with its digits within what :func:`_positive_decimal` accepts.
+
+    Only for a message of at most ``_COMMON_MAX_BYTES``: such a number has fewer digits than
+    that, so its exponent (``adjusted()`` minus its digits plus 1) is above -1000 whenever
+    ``adjusted()`` is at least ``-_COMMON_MAX_BYTES``; no ``as_tuple()`` needed.
+    """
+    return value.is_finite() and value > 0 and -_COMMON_MAX_BYTES <= value.adjusted() <= 1000
 
 
 def check_key(key: bytes | None, trade: Trade) -> Rejection | None:

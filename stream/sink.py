@@ -49,9 +49,20 @@ class PartitionBatch:
     resumed_from: int | None  # next_offset stored when this batch started (None: no row yet)
     next_offset: int  # offset after the batch's last message
     trades: list[Trade] = field(default_factory=list)
-    trade_offsets: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    offsets: list[int] = field(default_factory=list)  # the offset of each of ``trades``
     invalid: list[InvalidMessage] = field(default_factory=list)
     consumed: int = 0
+    _offset_by_key: dict[tuple[str, str, int], int] | None = field(default=None, repr=False)
+
+    def offset_of(self, trade: Trade) -> int | None:
+        """The offset of the first message in this batch that carried ``trade``'s key (a late
+        trade's source; built on first use, as few batches have late trades)."""
+        if self._offset_by_key is None:
+            by_key: dict[tuple[str, str, int], int] = {}
+            for t, offset in zip(self.trades, self.offsets, strict=True):
+                by_key.setdefault(t.key, offset)
+            self._offset_by_key = by_key
+        return self._offset_by_key.get(trade.key)
 
 
 @dataclass
@@ -59,6 +70,7 @@ class BatchResult:
     emission: Emission
     stored: int
     duplicates: int
+    snapshot: dict  # the window state written with the batch
 
 
 def load_progress(
@@ -107,6 +119,7 @@ def write_batch(
     write_late(conn, emission.late, batch)
     store_invalid(conn, batch.invalid)
     duplicates = len(batch.trades) - len(new)
+    snapshot = windows.snapshot()
     write_progress(
         conn,
         group,
@@ -119,8 +132,9 @@ def write_batch(
         duplicates=duplicates,
         invalid=len(batch.invalid),
         late=len(emission.late),
+        snapshot=snapshot,
     )
-    return BatchResult(emission, len(new), duplicates)
+    return BatchResult(emission, len(new), duplicates, snapshot)
 
 
 #: Per (exchange, symbol), the greatest trade id this process has tried to store: a hint only
@@ -143,29 +157,35 @@ def store_batch_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> lis
     if not trades:
         return []
     firsts: dict[tuple[str, str, int, int], Trade] = {}
-    for trade in trades:
-        firsts.setdefault((trade.exchange, trade.symbol, trade.trade_id, trade.ts_us), trade)
-    fresh: list[tuple[tuple[str, str, int, int], Trade]] = []
+    keep = firsts.setdefault
+    for t in trades:
+        keep((t.exchange, t.symbol, t.trade_id, t.ts_us), t)
+    unique = list(firsts.values())
+    fresh: list[Trade] = []
     others: list[Trade] = []
-    tried = dict(_tried_max_id)
-    for key, trade in firsts.items():
-        symbol = (trade.exchange, trade.symbol)
-        if trade.trade_id > tried.get(symbol, -1):
-            fresh.append((key, trade))
+    tried = _tried_max_id
+    before = dict(tried)
+    for t in unique:
+        symbol = (t.exchange, t.symbol)
+        trade_id = t.trade_id
+        if trade_id > before.get(symbol, -1):
+            fresh.append(t)
+            if trade_id > tried.get(symbol, -1):
+                tried[symbol] = trade_id
         else:
-            others.append(trade)
-        if trade.trade_id > _tried_max_id.get(symbol, -1):
-            _tried_max_id[symbol] = trade.trade_id
-    new: set[tuple[str, str, int, int]] = set()
-    if fresh:
-        if _copy_all_new(conn, [trade for _, trade in fresh]):
-            new.update(key for key, _ in fresh)
-        else:
-            others = list(firsts.values())
-    new.update((t.exchange, t.symbol, t.trade_id, t.ts_us) for t in store_new_trades(conn, others))
-    if len(new) == len(firsts):
-        return list(firsts.values())
-    return [trade for key, trade in firsts.items() if key in new]
+            others.append(t)
+    if fresh and not _copy_all_new(conn, fresh):
+        fresh, others = [], unique
+    if not others:
+        return unique
+    new_others = store_new_trades(conn, others)
+    if not fresh:
+        return new_others
+    # Merge back into arrival order: everything but the others that were not new.
+    stored_before = {id(t) for t in others}.difference(map(id, new_others))
+    if not stored_before:
+        return unique
+    return [t for t in unique if id(t) not in stored_before]
 
 
 def _copy_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
@@ -263,7 +283,7 @@ def write_late(conn: psycopg.Connection, late: Sequence[LateTrade], batch: Parti
                     ts_to_datetime(lt.watermark_us),
                     timedelta(microseconds=lt.lateness_us),
                     batch.partition,
-                    batch.trade_offsets.get(lt.trade.key),
+                    batch.offset_of(lt.trade),
                 )
                 for lt in late
             ],
@@ -283,7 +303,10 @@ def write_progress(
     duplicates: int = 0,
     invalid: int = 0,
     late: int = 0,
+    snapshot: dict | None = None,
 ) -> None:
+    """Upsert the partition's progress row; ``snapshot``: ``windows.snapshot()`` if already
+    taken."""
     clock = windows.clock
     watermark = None if clock.watermark_us is None else ts_to_datetime(clock.watermark_us)
     max_ts = None if clock.max_ts_us is None else ts_to_datetime(clock.max_ts_us)
@@ -306,7 +329,7 @@ def write_progress(
             next_offset,
             watermark,
             max_ts,
-            Jsonb(windows.snapshot()),
+            Jsonb(windows.snapshot() if snapshot is None else snapshot),
             consumed,
             stored,
             duplicates,

@@ -6,6 +6,11 @@ that commit, so they are at least once. The worker resumes from the offsets and 
 PostgreSQL, never from Kafka's committed offsets (those are committed afterwards only so that the
 usual lag tools work).
 
+The loop is a two-stage pipeline: while one batch is written and committed (a task, its
+database calls in a thread), the next one is fetched and parsed. Batches are still written one
+at a time, in order, each in its own transaction: the write of a batch starts only once the
+previous one has committed (or failed, which throws the parsed batch away with the rest).
+
 When PostgreSQL or the broker fails mid-batch, the in-memory windows go back to their last
 committed snapshot, the consumer seeks back to the committed offsets, and the batch is retried
 with backoff: nothing lost, nothing counted twice.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import time
 from collections.abc import Callable
@@ -38,6 +44,7 @@ from shared.trades import Rejection, check_key, parse_trade_message
 from shared.windows import Emission, PartitionWindows, StateMismatch
 from stream import messages, metrics
 from stream.sink import (
+    BatchResult,
     Fenced,
     PartitionBatch,
     load_progress,
@@ -61,20 +68,32 @@ RETRYABLE = (
     OSError,
 )
 TICK_EVERY_S = 1.0
+KEY_CACHE_MAX = 10_000
+GC_THRESHOLD = 50_000
+#: Parse this many messages, then let the batch being written go on (its next step may wait on
+#: the event loop).
+PARSE_CHUNK = 1000
 
 
 class BrokerUnavailable(CandlekeepError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)
 class PartitionState:
-    """What the worker holds for one assigned partition."""
+    """What the worker holds for one assigned partition (replaced whole when it is reloaded,
+    so a batch parsed for the old one is recognised and dropped)."""
 
     windows: PartitionWindows
     committed_state: dict | None
     stored_offset: int | None  # next offset in stream_progress (None: no row yet)
     last_tick: float = 0.0
+    #: Next offset after the last batch handed to the writer (committed or in flight).
+    position: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.position is None:
+            self.position = self.stored_offset
 
 
 @dataclass
@@ -123,6 +142,10 @@ class StreamWorker:
         self._last_message_at = wall_clock()
         self._joined = False  # set by the first assignment, even an empty one
         self._max_future_us = int(settings.max_future_skew.total_seconds() * 1_000_000)
+        #: The batch being written and committed while the next one is fetched and parsed.
+        self._inflight: asyncio.Task | None = None
+        #: Message keys already seen to be a valid symbol, with the symbol they name.
+        self._key_symbols: dict[bytes, str] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -147,6 +170,11 @@ class StreamWorker:
             session_timeout_ms=int(self.settings.session_timeout.total_seconds() * 1000),
             heartbeat_interval_ms=int(self.settings.heartbeat_interval.total_seconds() * 1000),
         )
+        thresholds = gc.get_threshold()
+        # One message makes a few dozen objects: collect the young generation every 50,000
+        # allocations rather than every 700, and leave what start-up made out of the scans.
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, *thresholds[1:])
         try:
             await self._start_kafka()
             self._consumer.subscribe([self.topic], listener=_Rebalance(self))
@@ -178,8 +206,16 @@ class StreamWorker:
                 if self._idle_long_enough():
                     log.info("idle: exiting", idle_s=self.exit_when_idle_s)
                     break
+            try:
+                await self._drain()  # the last batch commits before the worker leaves
+            except RETRYABLE as exc:
+                log.warning("last batch failed: not committed", error=str(exc))
         finally:
+            with contextlib.suppress(Exception):  # (already failed and said so: rolled back)
+                await self._drain()
             await self._shutdown()
+            gc.set_threshold(*thresholds)
+            gc.unfreeze()
         return self.summary
 
     def stop(self) -> None:
@@ -240,8 +276,10 @@ class StreamWorker:
     async def _step(self) -> None:
         assert self._consumer is not None
         if self._conn is None or self._conn.closed or self._conn.broken:
+            await self._drain()
             await self._reconnect()
         if self._pending:
+            await self._drain()
             async with self._lock:
                 for partition in sorted(self._pending):
                     await self._reload(partition)
@@ -257,72 +295,95 @@ class StreamWorker:
             return
         fetched_at = self.wall_clock()
         async with self._lock:
-            batches = self._parse(fetched)
+            parsed = await self._parse(fetched)
+            await self._drain()  # the previous batch commits (or raises: parsed is dropped)
+            # A partition reloaded meanwhile (moved away and back, fenced) resumes from what
+            # is stored: what was parsed for it before is not written.
+            batches = [b for state, b in parsed if self.partitions.get(b.partition) is state]
+            await self._tick(busy={b.partition for b in batches})
             if batches:
                 self._last_message_at = self.wall_clock()
-                await self._commit(batches, fetched_at)
-            await self._tick(busy={b.partition for b in batches})
+                for batch in batches:
+                    self.partitions[batch.partition].position = batch.next_offset
+                self._inflight = asyncio.ensure_future(self._commit(batches, fetched_at))
 
-    def _parse(self, fetched) -> list[PartitionBatch]:
+    async def _drain(self) -> None:
+        """Wait for the batch in flight to be committed; its failure is raised here."""
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
+
+    async def _parse(self, fetched) -> list[tuple[PartitionState, PartitionBatch]]:
         now_us = int(self.wall_clock() * 1_000_000)
+        max_ts_us = now_us + self._max_future_us
+        key_symbols = self._key_symbols
+        source = f"kafka:{self.topic}"
         batches = []
         for tp, records in fetched.items():
             state = self.partitions.get(tp.partition)
             if state is None or not records or tp.topic != self.topic:
                 continue  # revoked meanwhile
-            if state.stored_offset is not None and records[0].offset < state.stored_offset:
+            if state.position is not None and records[0].offset < state.position:
                 # Fetched before the seek to the stored offset took effect (e.g. from the offset
                 # committed to Kafka, which lags PostgreSQL): already in the store.
-                records = [r for r in records if r.offset >= state.stored_offset]
+                records = [r for r in records if r.offset >= state.position]
                 if not records:
                     continue
-            batch = PartitionBatch(tp.partition, state.stored_offset, records[-1].offset + 1)
-            source = f"kafka:{self.topic}"
-            for record in records:
-                batch.consumed += 1
-                parsed = parse_trade_message(record.value, max_ts_us=now_us + self._max_future_us)
-                if not isinstance(parsed, Rejection):
-                    bad_key = check_key(record.key, parsed)
-                    if bad_key is None:
-                        batch.trades.append(parsed)
-                        batch.trade_offsets.setdefault(parsed.key, record.offset)
-                        continue
-                    parsed = bad_key
-                batch.invalid.append(
-                    InvalidMessage(
-                        source,
-                        tp.partition,
-                        record.offset,
-                        record.key,
-                        record.value,
-                        parsed.code,
-                        parsed.reason,
+            # resumed_from is set when the batch is written: after the one before it commits.
+            batch = PartitionBatch(tp.partition, None, records[-1].offset + 1)
+            trades = batch.trades
+            offsets = batch.offsets
+            for start in range(0, len(records), PARSE_CHUNK):
+                if start:
+                    await asyncio.sleep(0)  # let the batch in flight take its next step
+                for record in records[start : start + PARSE_CHUNK]:
+                    key = record.key
+                    parsed = parse_trade_message(record.value, max_ts_us=max_ts_us)
+                    if parsed.__class__ is not Rejection:
+                        if key_symbols.get(key) == parsed.symbol:  # type: ignore[union-attr]
+                            trades.append(parsed)  # type: ignore[arg-type]
+                            offsets.append(record.offset)
+                            continue
+                        bad_key = check_key(key, parsed)  # type: ignore[arg-type]
+                        if bad_key is None:
+                            if len(key_symbols) < KEY_CACHE_MAX:
+                                key_symbols[key] = parsed.symbol  # type: ignore[index,union-attr]
+                            trades.append(parsed)  # type: ignore[arg-type]
+                            offsets.append(record.offset)
+                            continue
+                        parsed = bad_key
+                    batch.invalid.append(
+                        InvalidMessage(
+                            source,
+                            tp.partition,
+                            record.offset,
+                            key,
+                            record.value,
+                            parsed.code,  # type: ignore[union-attr]
+                            parsed.reason,  # type: ignore[union-attr]
+                        )
                     )
-                )
-            batches.append(batch)
+            batch.consumed = len(records)
+            batches.append((state, batch))
         return batches
 
     async def _commit(self, batches: list[PartitionBatch], fetched_at: float) -> None:
         """One transaction for the whole batch; outputs produced before the commit.
 
         ``fetched_at``: when the batch's messages were received (the close-to-commit delay of
-        the windows they close counts from there, their parsing included).
+        the windows they close counts from there, their parsing included). Runs as the task in
+        flight: it never takes the lock (the loop holds it while it waits for this task).
         """
         started = time.perf_counter()
         received_at = self.wall_clock()
         conn = self._conn
         assert conn is not None
-        all_trades = [t for b in batches for t in b.trades]
-        await asyncio.to_thread(self._trade_partitions.ensure, conn, all_trades)
         now_us = int(received_at * 1_000_000)
-        results = []
+        for batch in batches:
+            batch.resumed_from = self.partitions[batch.partition].stored_offset
+        windows = [self.partitions[batch.partition].windows for batch in batches]
         try:
-            for batch in batches:
-                state = self.partitions[batch.partition]
-                result = await asyncio.to_thread(
-                    write_batch, conn, self.group, self.topic, batch, state.windows, now_us
-                )
-                results.append((batch, result))
+            results = await asyncio.to_thread(self._write, conn, batches, windows, now_us)
             await self._produce(results)
             await asyncio.to_thread(conn.commit)
         except Fenced as exc:
@@ -340,7 +401,7 @@ class StreamWorker:
         for batch, result in results:
             state = self.partitions[batch.partition]
             state.stored_offset = batch.next_offset
-            state.committed_state = state.windows.snapshot()
+            state.committed_state = result.snapshot
             self._account(
                 batch,
                 result.emission,
@@ -349,6 +410,21 @@ class StreamWorker:
                 self.wall_clock() - fetched_at,
             )
         await self._commit_kafka_offsets(batches)
+
+    def _write(
+        self,
+        conn: psycopg.Connection,
+        batches: list[PartitionBatch],
+        windows: list[PartitionWindows],
+        now_us: int,
+    ) -> list[tuple[PartitionBatch, BatchResult]]:
+        """The batch's database work up to the commit (in a thread): partitions, then each
+        partition's rows, in one transaction."""
+        self._trade_partitions.ensure(conn, (t for b in batches for t in b.trades))
+        return [
+            (batch, write_batch(conn, self.group, self.topic, batch, w, now_us))
+            for batch, w in zip(batches, windows, strict=True)
+        ]
 
     async def _tick(self, busy: set[int]) -> None:
         """Idle advance for quiet partitions (at most once a second each)."""
@@ -416,7 +492,8 @@ class StreamWorker:
                 key, value = messages.candle_message(candle)
                 futures.append(await send(self.settings.topic_candles, value, key=key))
             for late in emission.late:
-                offset = batch.trade_offsets.get(late.trade.key, -1) if batch else -1
+                offset = batch.offset_of(late.trade) if batch else None
+                offset = -1 if offset is None else offset
                 key, value = messages.late_message(late, batch.partition if batch else -1, offset)
                 futures.append(await send(self.settings.topic_late, value, key=key))
             for invalid in batch.invalid if batch else ():
@@ -497,11 +574,14 @@ class StreamWorker:
 
     async def _rewind(self) -> None:
         """After a failed batch: back to the last committed state and offsets."""
+        with contextlib.suppress(*RETRYABLE):  # (the batch in flight failed too, or commits)
+            await self._drain()
         async with self._lock:
             for partition, state in self.partitions.items():
                 state.windows = PartitionWindows.restore(
                     self.window_settings, state.committed_state
                 )
+                state.position = state.stored_offset
                 await self._seek(partition, state.stored_offset)
 
     async def _reload(self, partition: int) -> None:
@@ -541,7 +621,10 @@ class StreamWorker:
             log.info("partitions assigned", partitions=sorted(self._pending | set(self.partitions)))
 
     async def on_revoked(self, revoked) -> None:
-        async with self._lock:  # waits for the batch in flight to commit
+        async with self._lock:  # waits for the loop's step, then for the batch in flight
+            if self._inflight is not None:
+                # Only wait: if the batch failed, the loop's next step raises it and rewinds.
+                await asyncio.wait([self._inflight])
             for tp in revoked:
                 self.partitions.pop(tp.partition, None)
                 self._pending.discard(tp.partition)

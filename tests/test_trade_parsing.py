@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared.trades import Rejection, Trade, check_key, parse_trade_message
 
@@ -120,3 +122,145 @@ def test_the_message_key_must_be_the_symbol():
     assert check_key(b"btcusdt", trade) is None
     assert check_key(None, trade).code == "bad_key"
     assert check_key(b"ETHUSDT", trade).code == "bad_key"
+
+
+# -- the fast path for well-formed messages agrees with the careful one --------------------------
+
+_FIELD_VALUES = {
+    "symbol": ["BTCUSDT", "btcusdt", " eth ", "A" * 32, "A" * 33, "BTC/USDT", "", "É", 5, None],
+    "trade_id": [0, 7, 2**63 - 1, 2**63, -1, 1.5, "7", True, None, 10**30],
+    "price": [
+        "0.1",
+        "65000.12",
+        " 1.5 ",
+        "1_000",
+        "1.",
+        ".5",
+        "+2",
+        "1e2",
+        "1E-2000",
+        "1E+1001",
+        "0",
+        "-3",
+        "NaN",
+        "sNaN",
+        "Infinity",
+        "0x10",
+        "1." + "0" * 1100,
+        "١٢",
+        2.5,
+        1,
+        0,
+        1e-8,
+        10**30,
+        True,
+        None,
+        [1],
+    ],
+    "timestamp": [
+        1_700_000_000_123,
+        0,
+        -5,
+        4_102_444_800_000,
+        4_102_444_799_999,
+        1_700_000_000_123_000_000,
+        "2024-01-01T00:00:00.5+01:00",
+        "2024-01-01T00:00:00Z",
+        "2024-01-01T00:00:00",
+        " 2024-01-01T00:00:00Z ",
+        "yesterday",
+        1.5,
+        True,
+        None,
+    ],
+    "exchange": ["binance", "Kraken", " okx ", "b/a", "", 7, None],
+    "is_buyer_maker": [True, False, None, 0, "true"],
+}
+
+
+def _careful_and_fast_agree(message: bytes, max_ts_us: int | None) -> None:
+    from shared.trades import _parse_careful, _parse_common
+
+    careful = _parse_careful(message, max_ts_us)
+    fast = _parse_common(message, max_ts_us)
+    both = parse_trade_message(message, max_ts_us=max_ts_us)
+    if fast is not None:  # the fast path only ever accepts, exactly what the careful one does
+        assert isinstance(careful, Trade), (message, careful)
+        assert repr(fast) == repr(careful)  # same values, same decimal digits and exponents
+    assert repr(both) == repr(careful)
+
+
+@pytest.mark.parametrize("field", sorted(_FIELD_VALUES))
+def test_the_fast_path_agrees_with_the_careful_one_field_by_field(field):
+    import msgspec
+
+    base = {
+        "symbol": "btcusdt",
+        "trade_id": 7,
+        "price": "0.1",
+        "quantity": "2.5",
+        "timestamp": 1_700_000_000_123,
+    }
+    values = _FIELD_VALUES["price" if field == "quantity" else field]
+    for value in [*values, "missing"]:
+        message = dict(base)
+        if value == "missing":
+            message.pop(field, None)
+        else:
+            message[field] = value
+        encoded = msgspec.json.encode(message)
+        for max_ts_us in (None, 1_700_000_000_123_000, 1_700_000_000_122_999):
+            _careful_and_fast_agree(encoded, max_ts_us)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        GOOD.encode(),
+        GOOD.encode().replace(b'"trade_id":7', b'"trade_id":7,"trade_id":8'),  # last one wins
+        GOOD.encode().replace(b"}", b',"note":"\xff"}'),  # not UTF-8 in an unread field
+        GOOD.encode().replace(b"}", ',"note":"é"}'.encode()),
+        GOOD.encode().replace(b"}", b',"extra":{"a":[1,2,{"b":null}]}}'),
+        b"  " + GOOD.encode() + b"\n",
+        GOOD.encode().replace(b"}", b',"pad":"' + b"x" * 600 + b'"}'),  # long: careful path
+        GOOD.encode().replace(b'"0.1"', b"1e-500"),
+        GOOD.encode().replace(b'"0.1"', b"0.1000000000000000055511151231257827"),
+        GOOD.encode().replace(b'"0.1"', b"1.0E+3"),
+        GOOD.encode().replace(b'"0.1"', b"-0"),
+        GOOD.encode()[:-1],
+        b"[]",
+        b"null",
+    ],
+)
+def test_the_fast_path_agrees_with_the_careful_one_on_odd_messages(message):
+    _careful_and_fast_agree(message, None)
+
+
+def test_the_fast_path_takes_the_common_messages():
+    from shared.trades import _parse_common
+
+    assert _parse_common(GOOD.encode(), None) is not None
+    iso = GOOD.replace("1700000000123", '"2023-11-14T22:13:20.123Z"')
+    assert _parse_common(iso.encode(), None) == parse_trade_message(GOOD)
+
+
+_MISSING = object()
+
+
+@given(
+    st.fixed_dictionaries(
+        {
+            name: st.sampled_from(
+                [*_FIELD_VALUES["price" if name == "quantity" else name], _MISSING]
+            )
+            for name in ("symbol", "trade_id", "price", "quantity", "timestamp", "exchange")
+        }
+        | {"is_buyer_maker": st.sampled_from([*_FIELD_VALUES["is_buyer_maker"], _MISSING])}
+    ),
+    st.sampled_from([None, 1_700_000_000_123_000]),
+)
+def test_the_fast_path_agrees_with_the_careful_one_on_any_mix(fields, max_ts_us):
+    import msgspec
+
+    message = {name: value for name, value in fields.items() if value is not _MISSING}
+    _careful_and_fast_agree(msgspec.json.encode(message), max_ts_us)
