@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from candlekeep.embedded import EmbeddedPostgres  # noqa: E402
 from shared import db  # noqa: E402
+from shared import recompute as recompute_sql  # noqa: E402
 from shared.intervals import IntervalSet  # noqa: E402
 from shared.recompute import WORK_MEM, recompute_batch_candles  # noqa: E402
 
@@ -263,10 +264,6 @@ _NUMERIC_AGGREGATES = {
     "taker_volume": "sum(quantity) FILTER (WHERE NOT is_buyer_maker)",
     "taker_quote": "sum(price * quantity) FILTER (WHERE NOT is_buyer_maker)",
 }
-_FIRST_LAST = {
-    "first": "min(ARRAY[extract(epoch FROM ts), trade_id, price])",
-    "last": "max(ARRAY[extract(epoch FROM ts), trade_id, price])",
-}
 
 
 def _breakdown(aggregates: dict[str, str]) -> str:
@@ -281,12 +278,17 @@ SELECT count(*) FROM (
 WHERE num_nonnulls({", ".join(aggregates)}) > 0"""
 
 
+#: The recomputation's own base candles (its aggregate pass, then the open/close probes), counted.
+_BASE_CANDLES = (
+    f"WITH {recompute_sql.AGGREGATE}, {recompute_sql.BASE} SELECT count(*) FROM base"
+    " WHERE num_nonnulls(first, last, volume) > 0"
+)
+
 BREAKDOWN = {
-    "GROUP BY + high/low, volumes, count, taker volumes": _breakdown(_NUMERIC_AGGREGATES),
-    "GROUP BY + open/close only (first/last arrays)": _breakdown(_FIRST_LAST),
-    "all of the base candle (the recomputation's scan)": _breakdown(
-        _NUMERIC_AGGREGATES | _FIRST_LAST
+    "GROUP BY + high/low, volumes, count, taker volumes (the recomputation's scan)": _breakdown(
+        _NUMERIC_AGGREGATES
     ),
+    "that scan + open/close, one key probe each per window (the 1m candles)": _BASE_CANDLES,
 }
 
 
@@ -350,7 +352,12 @@ def reference(conn: psycopg.Connection) -> int:
 def breakdown_query(query: str):
     def run(conn: psycopg.Connection) -> int:
         conn.execute("SELECT set_config('work_mem', %s, true)", (WORK_MEM,))
-        return conn.execute(query, _span()).fetchone()[0]
+        params = _span() | {
+            "base_len": timedelta(minutes=1),
+            "scan_start": DAY,
+            "scan_end": DAY + timedelta(days=1),
+        }
+        return conn.execute(query, params).fetchone()[0]
 
     return run
 
@@ -585,16 +592,19 @@ the recomputation's aggregates, `work_mem` {WORK_MEM} as in the recomputation.
                 """Why the ratio is above 2: the scan, hashing and grouping that the reference
                 measures are a small part of the recomputation. Exact candles need `numeric`
                 arithmetic on every row (max/min of the price, four sums, a multiplication for
-                the quote volumes), and that alone costs more than the whole reference (second
-                row of the breakdown); open and close, the first and last trade by (time, id),
-                are a `min`/`max` over an `ARRAY[epoch, id, price]` built per row, the largest
-                single cost. Alternatives tried (server CPU on 1M trades): two passes (first/last
-                time with the sums, then a join back to the trades at those times) cost as much
-                as one pass with the arrays, and the planner picked bad join orders on its
-                misestimated groups; a record or an `int8[]` key is cheaper to compare but
-                cannot carry the price exactly or name its fields without a new type. A parallel
-                plan could halve the wall time on 2 CPUs but needs a `CREATE TABLE … AS` (not an
-                insert) and better group estimates (expression statistics on `date_bin`)."""
+                the quote volumes), and that alone costs nearly twice the whole reference (first
+                row of the breakdown); open and close, the first and last trade of each window
+                by (time, id), add two primary-key probes per window (second row; 57,600
+                probes, which read index and heap pages that a 128 MB `shared_buffers` does
+                not hold). Until migration 0002 they were a `min`/`max` over an
+                `ARRAY[epoch, id, price]` built for every trade, and the ratio was 5.3-6.1.
+                Tried and not kept (server CPU, copies of the 10M-trade database, machine
+                shared and noisy): a stored generated `price * quantity` column saved 5-10%, the
+                same with `STORAGE PLAIN` for the numerics (no detoasting copies) 5-25%, plain
+                storage alone nothing measurable; not worth a wider row and a slower load. A
+                parallel plan would cut the wall time on 2 CPUs, but with statistics on
+                `date_bin(...)` (tried with `CREATE STATISTICS`) the planner makes the reference
+                parallel too, so the like-for-like ratio would not move."""
             )
         )
     if not rss_met:
@@ -630,7 +640,8 @@ size, in a fresh database (`candlekeep db upgrade`'s schema):
 2. `VACUUM ANALYZE trades`, then {rounds} rounds alternating which goes first, each on a new
    connection: the **recomputation** of the whole day
    (`recompute_batch_candles(conn, day, day + 1 day, IntervalSet.parse("{INTERVALS}"))`: one
-   statement that scans the day once into 1m candles, rolls them up to 5m, 15m and 1h, and
+   statement that scans the day once into 1m candles, takes each 1m window's open and close
+   from the primary key (one probe each), rolls them up to 5m, 15m and 1h, and
    inserts the 36,960 candles into `batch_candles`, replacing the previous round's), and the
    **reference**, a single-pass `GROUP BY` over the same rows with the same keys as the 1m
    candles, returning only a count:

@@ -61,7 +61,7 @@ def _pg_interval(interval: Interval) -> timedelta:
 
 
 #: The base candles without open and close: one hash-aggregate pass over the trades.
-_AGGREGATE = """
+AGGREGATE = """
 aggregate AS (
     SELECT exchange, symbol,
            date_bin(%(base_len)s, ts, timestamptz 'epoch') AS window_start,
@@ -91,7 +91,7 @@ CROSS JOIN LATERAL (
 
 #: Base candles, with first and last as ``ARRAY[epoch, id, price]`` so that the rollups take
 #: ``min``/``max`` of them over a few base candles each.
-_BASE = f"""
+BASE = f"""
 base AS MATERIALIZED (
     SELECT a.*,
            ARRAY[extract(epoch FROM f.ts), f.trade_id, f.price] AS first,
@@ -171,7 +171,7 @@ def recompute_batch_candles(
             "INSERT INTO batch_candles (exchange, symbol, interval, window_start, window_end,"
             " open, high, low, close, volume, quote_volume, trade_count, first_trade_id,"
             " last_trade_id, taker_buy_volume, taker_buy_quote_volume)"
-            f" WITH {_AGGREGATE}, {_BASE} " + " UNION ALL ".join(selects),
+            f" WITH {AGGREGATE}, {BASE} " + " UNION ALL ".join(selects),
             params,
         )
         if previous is not None:
