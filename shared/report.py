@@ -66,7 +66,8 @@ def _symbol_charts(
         "  SELECT exchange, symbol, interval, window_start, window_end FROM batch_candles"
         "  UNION SELECT exchange, symbol, interval, window_start, window_end FROM stream_candles"
         " ) c USING (exchange, symbol, interval, window_start)"
-        " WHERE m.interval = %s AND m.window_start >= %s AND m.window_start < %s",
+        " WHERE m.interval = %s AND m.window_start >= %s AND m.window_start < %s"
+        " ORDER BY 1, 2, 3",  # a rerun renders the same page
         (base, start, end),
     ).fetchall():
         lo = (datetime_to_ts(window_start) - datetime_to_ts(start)) / 60e6
