@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -28,6 +28,7 @@ MAX_TS_US = 4_102_444_800 * 1_000_000
 _SYMBOL_RE = re.compile(r"[A-Z0-9._-]{1,32}")
 _EXCHANGE_RE = re.compile(r"[a-z0-9._-]{1,32}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
 _JSON = msgspec.json.Decoder(float_hook=Decimal)
 
 
@@ -93,7 +94,7 @@ def parse_trade_message(
     "now + allowed clock skew": a far-future trade would otherwise drag the watermark along).
     """
     if value.__class__ is bytes:
-        fast = _parse_common(value, max_ts_us)  # type: ignore[arg-type]
+        fast = parse_common_trade(value, max_ts_us)  # type: ignore[arg-type]
         if fast is not None:
             return fast
     return _parse_careful(value, max_ts_us)
@@ -144,7 +145,7 @@ def parse_trade_object(obj: Any, *, max_ts_us: int | None = None) -> Trade | Rej
     return Trade(exchange, symbol, trade_id, ts_us, price, quantity, side)
 
 
-class _Message(msgspec.Struct):
+class _Message(msgspec.Struct, gc=False):
     """The canonical message's fields with the types a well-formed one has (SPEC §2)."""
 
     symbol: str
@@ -161,22 +162,33 @@ _TYPED = msgspec.json.Decoder(_Message)
 _SYMBOLS: dict[str, str] = {}
 _EXCHANGES: dict[str, str] = {DEFAULT_EXCHANGE: DEFAULT_EXCHANGE}
 _NAME_CACHE_MAX = 10_000
-#: Longer messages take the careful path (a trade is ~200 bytes); see ``_sane_positive``.
+#: Longer messages take the careful path (a trade is ~200 bytes); see ``parse_common_trade``.
 _COMMON_MAX_BYTES = 480
+_SMALLEST = Decimal(f"1E-{_COMMON_MAX_BYTES}")
+_TOO_LARGE = Decimal("1E+1001")
+_ID_LIMIT = 2**63
 
 
-def _parse_common(value: bytes, max_ts_us: int | None) -> Trade | None:
+def parse_common_trade(value: bytes, max_ts_us: int | None = None) -> Trade | None:
     """The common case, fast: an ASCII message that decodes straight into the typed fields and
-    passes every rule. Returns ``None`` for anything else, which then takes the careful path
-    (:func:`parse_trade_object`): it accepts the same messages with the same values, and gives
-    the exact rejection for the others. This path only ever accepts, so it cannot reject
+    passes every rule. Returns ``None`` for anything else: :func:`parse_trade_message` then
+    takes the careful path, which accepts the same messages with the same values and gives the
+    exact rejection for the others. This path only ever accepts, so it cannot reject
     differently; ``tests/test_trade_parsing.py`` checks that both paths agree.
     """
     if len(value) > _COMMON_MAX_BYTES or not value.isascii():
         return None  # (the careful path checks UTF-8, even in fields it does not read)
     try:
         m = _TYPED.decode(value)
-    except (msgspec.DecodeError, RecursionError):
+        price = m.price
+        quantity = m.quantity
+        # Finite, > 0 and 10^-480 <= x < 10^1001, i.e. -480 <= adjusted() <= 1000; a message
+        # of at most _COMMON_MAX_BYTES holds fewer digits than that, so the exponent is above
+        # -1000 (adjusted() - digits + 1): what _positive_decimal accepts, without as_tuple().
+        # A NaN raises InvalidOperation here.
+        if not (_SMALLEST <= price < _TOO_LARGE and _SMALLEST <= quantity < _TOO_LARGE):
+            return None
+    except (msgspec.DecodeError, RecursionError, InvalidOperation):
         return None
     symbol = _SYMBOLS.get(m.symbol)
     if symbol is None:
@@ -189,11 +201,7 @@ def _parse_common(value: bytes, max_ts_us: int | None) -> Trade | None:
         if exchange is None:
             return None
     trade_id = m.trade_id
-    if trade_id < 0 or trade_id >= 2**63:
-        return None
-    price = m.price
-    quantity = m.quantity
-    if not (_sane_positive(price) and _sane_positive(quantity)):
+    if trade_id < 0 or trade_id >= _ID_LIMIT:
         return None
     ts = m.timestamp
     if ts.__class__ is int:
@@ -217,16 +225,6 @@ def _checked_name(raw: str, cache: dict[str, str], rule) -> str | None:
     if len(cache) < _NAME_CACHE_MAX:
         cache[raw] = name
     return name
-
-
-def _sane_positive(value: Decimal) -> bool:
-    """Finite and > 0, with its digits within what :func:`_positive_decimal` accepts.
-
-    Only for a message of at most ``_COMMON_MAX_BYTES``: such a number has fewer digits than
-    that, so its exponent (``adjusted()`` minus its digits plus 1) is above -1000 whenever
-    ``adjusted()`` is at least ``-_COMMON_MAX_BYTES``; no ``as_tuple()`` needed.
-    """
-    return value.is_finite() and value > 0 and -_COMMON_MAX_BYTES <= value.adjusted() <= 1000
 
 
 def check_key(key: bytes | None, trade: Trade) -> Rejection | None:
@@ -254,9 +252,8 @@ def ts_to_datetime(ts_us: int) -> datetime:
 
 
 def datetime_to_ts(dt: datetime) -> int:
-    """Microseconds since the epoch of an aware datetime, exactly."""
-    delta = dt - _EPOCH
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+    """Microseconds since the epoch of an aware datetime, exactly (integer timedelta division)."""
+    return (dt - _EPOCH) // _ONE_US
 
 
 def parse_timestamp(text: str) -> int:

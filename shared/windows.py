@@ -165,32 +165,47 @@ class PartitionWindows:
         clock = self.clock
         symbols = self._symbols
         touched: set[tuple[str, str]] = set()
-        for trade in trades:
-            wm = clock.watermark_us
-            ts = trade.ts_us
-            start = ts - ts % base_len
-            if wm is not None and start + base_len + lateness <= wm:
-                emission.late.append(LateTrade(trade, wm, start, wm - (start + base_len)))
-                clock.observe(ts, now_us)
-                continue
-            key = (trade.exchange, trade.symbol)
-            windows = symbols.get(key)
-            if windows is None:
-                windows = symbols[key] = _SymbolWindows()
-            candle = windows.bases.get(start)
-            if candle is None:
-                windows.bases[start] = open_candle(trade, base)
-            else:
-                candle.add(trade)
-                if candle.revision >= 0:
-                    # Already closed and merged into its larger windows: update those too.
-                    windows.dirty_bases.add(start)
-                    for interval in larger:
-                        lkey = (interval.name, interval.window_start(start))
-                        windows.larger[lkey].add(trade)
-                        windows.dirty_larger.add(lkey)
-            touched.add(key)
-            clock.observe(ts, now_us)
+        # The clock, held in locals (WatermarkClock.observe, inlined): the watermark before each
+        # trade decides whether it is late.
+        wm = clock.watermark_us
+        max_ts = clock.max_ts_us
+        max_delay = clock.max_delay_us
+        seen = False
+        try:
+            for trade in trades:
+                seen = True
+                ts = trade.ts_us
+                start = ts - ts % base_len
+                if wm is not None and start + base_len + lateness <= wm:
+                    emission.late.append(LateTrade(trade, wm, start, wm - (start + base_len)))
+                else:
+                    key = (trade.exchange, trade.symbol)
+                    windows = symbols.get(key)
+                    if windows is None:
+                        windows = symbols[key] = _SymbolWindows()
+                    candle = windows.bases.get(start)
+                    if candle is None:
+                        windows.bases[start] = open_candle(trade, base)
+                    else:
+                        candle.add(trade)
+                        if candle.revision >= 0:
+                            # Already closed and merged into its larger windows: update those.
+                            windows.dirty_bases.add(start)
+                            for interval in larger:
+                                lkey = (interval.name, interval.window_start(start))
+                                windows.larger[lkey].add(trade)
+                                windows.dirty_larger.add(lkey)
+                    touched.add(key)
+                if max_ts is None or ts > max_ts:
+                    max_ts = ts
+                    clock.max_ts_seen_at_us = now_us
+                    if wm is None or ts - max_delay > wm:
+                        wm = ts - max_delay
+        finally:
+            if seen:
+                clock.last_arrival_at_us = now_us
+                clock.max_ts_us = max_ts
+                clock.watermark_us = wm
         emission.candles = self._close(touched, clock.watermark_us)
         return emission
 

@@ -20,8 +20,8 @@ from psycopg.types.json import Jsonb
 
 from shared.candles import Candle
 from shared.trade_store import (
+    US_PER_DAY,
     InvalidMessage,
-    copy_if_all_new,
     store_invalid,
     store_new_trades,
 )
@@ -52,6 +52,9 @@ class PartitionBatch:
     offsets: list[int] = field(default_factory=list)  # the offset of each of ``trades``
     invalid: list[InvalidMessage] = field(default_factory=list)
     consumed: int = 0
+    #: ``prepare_trades(trades)``, done early (the worker does it while the batch before this
+    #: one is written); None: done when the batch is written.
+    prepared: PreparedTrades | None = None
     _offset_by_key: dict[tuple[str, str, int], int] | None = field(default=None, repr=False)
 
     def offset_of(self, trade: Trade) -> int | None:
@@ -70,7 +73,7 @@ class BatchResult:
     emission: Emission
     stored: int
     duplicates: int
-    snapshot: dict  # the window state written with the batch
+    snapshot: dict | None = None  # the window state written with the batch (by record_batch)
 
 
 def load_progress(
@@ -85,12 +88,24 @@ def load_progress(
     return StoredProgress(row[0], row[1]) if row else StoredProgress(None, None)
 
 
-def _fence(conn: psycopg.Connection, group: str, topic: str, batch: PartitionBatch) -> None:
-    row = conn.execute(
-        "SELECT next_offset FROM stream_progress"
-        " WHERE consumer_group = %s AND topic = %s AND partition = %s FOR UPDATE",
-        (group, topic, batch.partition),
-    ).fetchone()
+def _fence(
+    conn: psycopg.Connection,
+    group: str,
+    topic: str,
+    batch: PartitionBatch,
+    savepoint: str | None = None,
+) -> None:
+    """Lock the partition's progress row and check its offset; ``savepoint``: also take that
+    savepoint, in the same round trip (as the transaction's ``BEGIN``)."""
+    with conn.pipeline():
+        cur = conn.execute(
+            "SELECT next_offset FROM stream_progress"
+            " WHERE consumer_group = %s AND topic = %s AND partition = %s FOR UPDATE",
+            (group, topic, batch.partition),
+        )
+        if savepoint is not None:
+            conn.execute(f"SAVEPOINT {savepoint}")
+    row = cur.fetchone()
     stored = row[0] if row else None
     if stored != batch.resumed_from:
         raise Fenced(
@@ -99,7 +114,7 @@ def _fence(conn: psycopg.Connection, group: str, topic: str, batch: PartitionBat
         )
 
 
-def write_batch(
+def apply_batch(
     conn: psycopg.Connection,
     group: str,
     topic: str,
@@ -107,55 +122,76 @@ def write_batch(
     windows: PartitionWindows,
     now_us: int,
 ) -> BatchResult:
-    """Apply one partition's batch inside the caller's open transaction (the caller commits).
+    """Apply one partition's batch inside the caller's open transaction, first half: the fence,
+    the trades, and the windows they advance. What it emits (candles, late trades) is known
+    from here on; :func:`record_batch` writes the rest, then the caller commits.
 
     ``windows`` is advanced in memory; if the transaction fails the caller restores it from the
     last committed snapshot.
     """
-    _fence(conn, group, topic, batch)
-    new = store_batch_trades(conn, batch.trades)
+    prepared = batch.prepared if batch.prepared is not None else prepare_trades(batch.trades)
+    _fence(conn, group, topic, batch, _FRESH_SAVEPOINT if prepared.fresh else None)
+    new = store_prepared(conn, prepared, savepoint_taken=True)
     emission = windows.process(new, now_us)
-    write_candles(conn, emission.candles)
-    write_late(conn, emission.late, batch)
-    store_invalid(conn, batch.invalid)
-    duplicates = len(batch.trades) - len(new)
-    snapshot = windows.snapshot()
-    write_progress(
-        conn,
-        group,
-        topic,
-        batch.partition,
-        batch.next_offset,
-        windows,
-        consumed=batch.consumed,
-        stored=len(new),
-        duplicates=duplicates,
-        invalid=len(batch.invalid),
-        late=len(emission.late),
-        snapshot=snapshot,
-    )
-    return BatchResult(emission, len(new), duplicates, snapshot)
+    return BatchResult(emission, len(new), len(batch.trades) - len(new))
+
+
+def record_batch(
+    conn: psycopg.Connection,
+    group: str,
+    topic: str,
+    batch: PartitionBatch,
+    windows: PartitionWindows,
+    result: BatchResult,
+) -> None:
+    """The second half of a batch (after :func:`apply_batch`): candles, late and invalid rows,
+    and the progress row with the offsets and window state, sent together (one round trip)."""
+    emission = result.emission
+    result.snapshot = windows.snapshot()
+    with conn.pipeline():
+        write_candles(conn, emission.candles)
+        write_late(conn, emission.late, batch)
+        store_invalid(conn, batch.invalid)
+        write_progress(
+            conn,
+            group,
+            topic,
+            batch.partition,
+            batch.next_offset,
+            windows,
+            consumed=batch.consumed,
+            stored=result.stored,
+            duplicates=result.duplicates,
+            invalid=len(batch.invalid),
+            late=len(emission.late),
+            snapshot=result.snapshot,
+        )
 
 
 #: Per (exchange, symbol), the greatest trade id this process has tried to store: a hint only
-#: (see ``store_batch_trades``), never the authority on what is stored.
+#: (see ``prepare_trades``), never the authority on what is stored.
 _tried_max_id: dict[tuple[str, str], int] = {}
 
 
-def store_batch_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> list[Trade]:
-    """Store a batch's trades and return the new ones (first copies), in arrival order: the
-    result of ``store_new_trades``, faster in the common case.
+@dataclass
+class PreparedTrades:
+    """A batch's trades sorted for storing (see :func:`prepare_trades`)."""
 
-    Copies inside the batch are dropped here (the first one wins). A trade whose id is above
-    every id this process has tried to store for its symbol cannot be stored yet, unless the
-    store was written by another process (a restart, a batch load): those go in with one COPY
-    straight into ``trades`` inside a savepoint, which the server does in a single pass without
-    a speculative insert per row. The others (disordered trades, repeats of earlier batches) and,
-    if that COPY hits a stored trade after all, the whole batch take the exact path through the
-    staging table. Either way the primary key decides, so the outcome is the same.
+    unique: list[Trade]  # first copies, in arrival order
+    fresh: list[Trade]  # above every id tried before for their symbol
+    others: list[Trade]
+    fresh_rows: bytes  # ``fresh`` as rows of ``COPY trades`` (text format)
+    by_day: list[Trade]  # one trade of each UTC day the batch touches (for TradePartitions)
+
+
+def prepare_trades(trades: Sequence[Trade]) -> PreparedTrades:
+    """Drop copies inside the batch (the first one wins) and split the rest for
+    :func:`store_prepared`; the fresh ones are already formatted for their COPY.
+
+    A trade whose id is above every id this process has tried to store for its symbol cannot be
+    stored yet, unless the store was written by another process (a restart, a batch load): those
+    are *fresh*. Marks the batch's ids as tried (a hint for the next batches only).
     """
-    if not trades:
-        return []
     firsts: dict[tuple[str, str, int, int], Trade] = {}
     keep = firsts.setdefault
     for t in trades:
@@ -174,8 +210,39 @@ def store_batch_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> lis
                 tried[symbol] = trade_id
         else:
             others.append(t)
-    if fresh and not _copy_all_new(conn, fresh):
-        fresh, others = [], unique
+    days: dict[int, Trade] = {}
+    rows = copy_rows(fresh, days)
+    for t in others:
+        days.setdefault(t.ts_us // US_PER_DAY, t)
+    return PreparedTrades(unique, fresh, others, rows, list(days.values()))
+
+
+def store_batch_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> list[Trade]:
+    """Store a batch's trades and return the new ones (first copies), in arrival order: the
+    result of ``store_new_trades``, faster in the common case (see :func:`store_prepared`)."""
+    if not trades:
+        return []
+    return store_prepared(conn, prepare_trades(trades))
+
+
+def store_prepared(
+    conn: psycopg.Connection, prepared: PreparedTrades, *, savepoint_taken: bool = False
+) -> list[Trade]:
+    """Store prepared trades and return the new ones, in arrival order.
+
+    The fresh trades go in with one COPY straight into ``trades`` after a savepoint (the
+    caller's when ``savepoint_taken``, named ``_FRESH_SAVEPOINT``), which the server does in a
+    single pass without a speculative insert per row. The others (disordered trades, repeats of
+    earlier batches) and, if that COPY hits a stored trade after all, the whole batch take the
+    exact path through the staging table (``store_new_trades``). Either way the primary key
+    decides, so the outcome is the same.
+    """
+    unique, fresh, others = prepared.unique, prepared.fresh, prepared.others
+    if fresh:
+        if not savepoint_taken:
+            conn.execute(f"SAVEPOINT {_FRESH_SAVEPOINT}")
+        if not _copy_rows_if_all_new(conn, prepared.fresh_rows):
+            fresh, others = [], unique
     if not others:
         return unique
     new_others = store_new_trades(conn, others)
@@ -188,15 +255,64 @@ def store_batch_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> lis
     return [t for t in unique if id(t) not in stored_before]
 
 
-def _copy_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
-    """COPY the trades straight into ``trades``, or store none of them and return False if one
-    is stored already. Trades must be distinct; times go as text, the minute's prefix cached.
+_FRESH_SAVEPOINT = "fresh_trades"
+_COPY_TRADES = (
+    "COPY trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)"
+    " FROM STDIN"
+)
+_COPY_BOOL = {True: "t", False: "f", None: "\\N"}
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
-    Runs inside the caller's transaction, as a savepoint (outside one, it would commit).
+
+def copy_rows(trades: Sequence[Trade], days: dict[int, Trade] | None = None) -> bytes:
+    """Trades as rows of ``COPY trades (…) FROM STDIN`` in text format, as psycopg would write
+    them: decimals as ``str()`` (exact), times as ISO text in UTC built from the microseconds
+    (exact), the minute's prefix and each symbol's leading columns made once. ``days``, if
+    given, gets a trade of each UTC day (number since the epoch) met."""
+    if days is None:
+        days = {}
+    heads: dict[tuple[str, str], str] = {}
+    rows = []
+    add = rows.append
+    minute_start = minute_end = 0
+    prefix = ""
+    for t in trades:
+        ts = t.ts_us
+        if not minute_start <= ts < minute_end:
+            minute_start = ts - ts % 60_000_000
+            minute_end = minute_start + 60_000_000
+            prefix = ts_to_datetime(minute_start).strftime("%Y-%m-%d %H:%M:")
+            days.setdefault(ts // US_PER_DAY, t)
+        key = (t.exchange, t.symbol)
+        head = heads.get(key)
+        if head is None:
+            head = heads[key] = (
+                f"{t.exchange.translate(_COPY_ESCAPES)}\t{t.symbol.translate(_COPY_ESCAPES)}\t"
+            )
+        us = ts - minute_start
+        add(
+            f"{head}{t.trade_id}\t{prefix}{us // 1_000_000:02d}.{us % 1_000_000:06d}+00\t"
+            f"{t.price}\t{t.quantity}\t{_COPY_BOOL[t.is_buyer_maker]}\t{t.raw_trades}\n"
+        )
+    return "".join(rows).encode()
+
+
+def _copy_rows_if_all_new(conn: psycopg.Connection, rows: bytes) -> bool:
+    """COPY rows (from :func:`copy_rows`) straight into ``trades``, or store none of them and
+    return False if one is stored already. Rows must be distinct trades.
+
+    The caller has just taken the savepoint ``_FRESH_SAVEPOINT`` in its open transaction: a
+    failed COPY goes back to it. (It is not released: it goes with the commit.)
     """
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
-        raise RuntimeError("_copy_all_new must run inside the batch's transaction")
-    return copy_if_all_new(conn, trades)
+        raise RuntimeError("_copy_rows_if_all_new must run inside the batch's transaction")
+    try:
+        with conn.cursor().copy(_COPY_TRADES) as copy:
+            copy.write(rows)
+    except psycopg.errors.UniqueViolation:
+        conn.execute(f"ROLLBACK TO SAVEPOINT {_FRESH_SAVEPOINT}")
+        return False  # nothing of the batch is stored
+    return True
 
 
 def write_tick(

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,15 +41,17 @@ from shared import db
 from shared.config import Settings
 from shared.errors import CandlekeepError
 from shared.trade_store import InvalidMessage, TradePartitions
-from shared.trades import Rejection, check_key, parse_trade_message
+from shared.trades import Rejection, check_key, parse_common_trade, parse_trade_message
 from shared.windows import Emission, PartitionWindows, StateMismatch
 from stream import messages, metrics
 from stream.sink import (
     BatchResult,
     Fenced,
     PartitionBatch,
+    apply_batch,
     load_progress,
-    write_batch,
+    prepare_trades,
+    record_batch,
     write_tick,
 )
 
@@ -70,6 +73,7 @@ RETRYABLE = (
 TICK_EVERY_S = 1.0
 KEY_CACHE_MAX = 10_000
 GC_THRESHOLD = 50_000
+SWITCH_INTERVAL_S = 0.0005
 #: Parse this many messages, then let the batch being written go on (its next step may wait on
 #: the event loop).
 PARSE_CHUNK = 1000
@@ -171,10 +175,14 @@ class StreamWorker:
             heartbeat_interval_ms=int(self.settings.heartbeat_interval.total_seconds() * 1000),
         )
         thresholds = gc.get_threshold()
+        switch_interval = sys.getswitchinterval()
         # One message makes a few dozen objects: collect the young generation every 50,000
         # allocations rather than every 700, and leave what start-up made out of the scans.
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, *thresholds[1:])
+        # The writer thread waits on PostgreSQL a dozen times a batch; each time it wants the
+        # GIL back, the parsing thread holds it for up to the switch interval (5 ms by default).
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             await self._start_kafka()
             self._consumer.subscribe([self.topic], listener=_Rebalance(self))
@@ -216,6 +224,7 @@ class StreamWorker:
             await self._shutdown()
             gc.set_threshold(*thresholds)
             gc.unfreeze()
+            sys.setswitchinterval(switch_interval)
         return self.summary
 
     def stop(self) -> None:
@@ -317,6 +326,7 @@ class StreamWorker:
         now_us = int(self.wall_clock() * 1_000_000)
         max_ts_us = now_us + self._max_future_us
         key_symbols = self._key_symbols
+        fast = parse_common_trade
         source = f"kafka:{self.topic}"
         batches = []
         for tp, records in fetched.items():
@@ -338,7 +348,10 @@ class StreamWorker:
                     await asyncio.sleep(0)  # let the batch in flight take its next step
                 for record in records[start : start + PARSE_CHUNK]:
                     key = record.key
-                    parsed = parse_trade_message(record.value, max_ts_us=max_ts_us)
+                    value = record.value
+                    parsed = fast(value, max_ts_us) if value.__class__ is bytes else None
+                    if parsed is None:
+                        parsed = parse_trade_message(value, max_ts_us=max_ts_us)
                     if parsed.__class__ is not Rejection:
                         if key_symbols.get(key) == parsed.symbol:  # type: ignore[union-attr]
                             trades.append(parsed)  # type: ignore[arg-type]
@@ -364,6 +377,7 @@ class StreamWorker:
                         )
                     )
             batch.consumed = len(records)
+            batch.prepared = prepare_trades(trades)  # (the COPY rows too, off the writer's path)
             batches.append((state, batch))
         return batches
 
@@ -382,10 +396,9 @@ class StreamWorker:
         for batch in batches:
             batch.resumed_from = self.partitions[batch.partition].stored_offset
         windows = [self.partitions[batch.partition].windows for batch in batches]
+        loop = asyncio.get_running_loop()
         try:
-            results = await asyncio.to_thread(self._write, conn, batches, windows, now_us)
-            await self._produce(results)
-            await asyncio.to_thread(conn.commit)
+            results = await asyncio.to_thread(self._write, conn, batches, windows, now_us, loop)
         except Fenced as exc:
             await asyncio.to_thread(conn.rollback)
             log.warning("partition moved to another worker: dropping it", reason=str(exc))
@@ -417,14 +430,33 @@ class StreamWorker:
         batches: list[PartitionBatch],
         windows: list[PartitionWindows],
         now_us: int,
+        loop: asyncio.AbstractEventLoop,
     ) -> list[tuple[PartitionBatch, BatchResult]]:
-        """The batch's database work up to the commit (in a thread): partitions, then each
-        partition's rows, in one transaction."""
-        self._trade_partitions.ensure(conn, (t for b in batches for t in b.trades))
-        return [
-            (batch, write_batch(conn, self.group, self.topic, batch, w, now_us))
+        """The batch's transaction, in a thread, up to and including the commit.
+
+        Partitions first (their own short transaction), then per partition the fence, trades
+        and windows; once every fence has passed, the outputs are produced (on the event loop)
+        while the candles, late and invalid rows and progress are written; the commit waits for
+        the broker's acknowledgement.
+        """
+        self._trade_partitions.ensure(
+            conn,
+            [t for b in batches for t in (b.prepared.by_day if b.prepared else b.trades)],
+        )
+        results = [
+            (batch, apply_batch(conn, self.group, self.topic, batch, w, now_us))
             for batch, w in zip(batches, windows, strict=True)
         ]
+        produced = asyncio.run_coroutine_threadsafe(self._produce(results), loop)
+        try:
+            for (batch, result), w in zip(results, windows, strict=True):
+                record_batch(conn, self.group, self.topic, batch, w, result)
+            produced.result()
+        except BaseException:
+            produced.cancel()
+            raise
+        conn.commit()
+        return results
 
     async def _tick(self, busy: set[int]) -> None:
         """Idle advance for quiet partitions (at most once a second each)."""

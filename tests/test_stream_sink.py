@@ -1,0 +1,75 @@
+"""The stream sink's trade path: first copies only, in arrival order, the same rows as the
+loader's exact path, whichever way (direct COPY or staging table) a batch goes."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from shared import db
+from shared.trade_store import TradePartitions, store_trades
+from shared.trades import Trade
+from stream import sink
+
+from .strategies import T0_US
+from .streaming import reset_tables
+
+
+@pytest.fixture
+def conn(database_url):
+    reset_tables(database_url)
+    sink._tried_max_id.clear()
+    with db.connect(database_url) as connection:
+        yield connection
+
+
+def _trade(trade_id, ts_us=None, price="1.5", quantity="2", maker=None, symbol="BTCUSDT"):
+    ts = T0_US + trade_id * 1_000_000 if ts_us is None else ts_us
+    return Trade("binance", symbol, trade_id, ts, Decimal(price), Decimal(quantity), maker)
+
+
+def _stored(conn):
+    return conn.execute(
+        "SELECT exchange, symbol, trade_id, ts, price::text, quantity::text, is_buyer_maker,"
+        " raw_trades FROM trades ORDER BY symbol, trade_id"
+    ).fetchall()
+
+
+def test_first_copies_in_arrival_order_whatever_path_the_batch_takes(conn):
+    first = [_trade(5), _trade(3), _trade(7, maker=True), _trade(3, price="9")]
+    TradePartitions().ensure(conn, first)
+    conn.commit()
+    assert sink.store_batch_trades(conn, first) == first[:3]  # one COPY (all fresh)
+    conn.commit()
+    # 8 and 9 are fresh, 4 is below what was tried (staging), 5 and 7 repeat stored trades.
+    second = [_trade(8), _trade(5), _trade(4), _trade(9, maker=False), _trade(7)]
+    assert sink.store_batch_trades(conn, second) == [second[0], second[2], second[3]]
+    conn.commit()
+    # A new process (nothing tried yet) whose first batch repeats a stored trade: the COPY
+    # meets it, and the whole batch takes the staging path.
+    sink._tried_max_id.clear()
+    third = [_trade(10), _trade(9), _trade(11)]
+    assert sink.store_batch_trades(conn, third) == [third[0], third[2]]
+    conn.commit()
+    assert [r[2] for r in _stored(conn)] == [3, 4, 5, 7, 8, 9, 10, 11]
+    assert _stored(conn)[0][4] == "1.5"  # the first copy of 3 won
+
+
+def test_copy_rows_store_what_the_loader_stores(conn, database_url):
+    odd = [
+        _trade(1, price="0.00000001", quantity="123456789012345678901234567890.5", maker=True),
+        _trade(2, price="1E+3", quantity="1.000", maker=False),
+        _trade(3, ts_us=T0_US - T0_US % 60_000_000 + 59_999_999, price="7E-8"),  # 59.999999 s
+        _trade(4, ts_us=0, symbol="X.Y_Z-1"),  # the epoch itself
+        Trade("kraken", "ETHUSDT", 9, T0_US + 123, Decimal("3"), Decimal("4"), None, 17),
+    ]
+    TradePartitions().ensure(conn, odd)
+    conn.commit()
+    assert sink.store_batch_trades(conn, odd) == odd
+    conn.commit()
+    direct = _stored(conn)
+    conn.execute("TRUNCATE trades")
+    store_trades(conn, odd)  # the loader's path (psycopg's own COPY formatting)
+    conn.commit()
+    assert direct == _stored(conn)
