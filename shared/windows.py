@@ -315,6 +315,13 @@ class PartitionWindows:
             "symbols": symbols,
         }
 
+    def reset(self, state: dict[str, Any] | None) -> None:
+        """Go back, in place, to the state a :meth:`snapshot` of this object returned."""
+        other = PartitionWindows.restore(self.settings, state)
+        self.clock = other.clock
+        self._symbols = other._symbols
+        self._closed_through_us = other._closed_through_us
+
     @classmethod
     def restore(cls, settings: WindowSettings, state: dict[str, Any] | None) -> PartitionWindows:
         """Rebuild exactly the windows a :meth:`snapshot` described (``None``: a fresh start)."""

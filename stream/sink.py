@@ -131,9 +131,46 @@ def apply_batch(
     """
     prepared = batch.prepared if batch.prepared is not None else prepare_trades(batch.trades)
     _fence(conn, group, topic, batch, _FRESH_SAVEPOINT if prepared.fresh else None)
-    new = store_prepared(conn, prepared, savepoint_taken=True)
-    emission = windows.process(new, now_us)
+    new, emission = _store_and_fold(conn, prepared, windows, now_us)
     return BatchResult(emission, len(new), len(batch.trades) - len(new))
+
+
+def _store_and_fold(
+    conn: psycopg.Connection, prepared: PreparedTrades, windows: PartitionWindows, now_us: int
+) -> tuple[list[Trade], Emission]:
+    """:func:`store_prepared`, then ``windows.process`` of the new trades, with the folding done
+    while the server inserts the fresh trades' COPY (the client has sent it all by then).
+
+    The others go first, through the staging table; the windows then fold the new trades on the
+    assumption that the fresh ones are all new, which the COPY's success confirms. If the COPY
+    meets a stored trade, everything goes back to the savepoint taken before (the others'
+    rows too) and to the windows' state before the batch, and the whole batch takes the staging
+    path, as in :func:`store_prepared`.
+    """
+    unique, fresh, others = prepared.unique, prepared.fresh, prepared.others
+    if not fresh:
+        new = store_new_trades(conn, others)
+        return new, windows.process(new, now_us)
+    new = _merge_new(unique, others, store_new_trades(conn, others)) if others else unique
+    before = windows.snapshot()
+    try:
+        with conn.cursor().copy(_COPY_TRADES) as copy:
+            copy.write(prepared.fresh_rows)
+            emission = windows.process(new, now_us)
+    except psycopg.errors.UniqueViolation:
+        conn.execute(f"ROLLBACK TO SAVEPOINT {_FRESH_SAVEPOINT}")
+        windows.reset(before)
+        new = store_new_trades(conn, unique)
+        return new, windows.process(new, now_us)
+    return new, emission
+
+
+def _merge_new(unique: list[Trade], others: list[Trade], new_others: list[Trade]) -> list[Trade]:
+    """``unique`` without those of ``others`` that are not in ``new_others``, in order."""
+    stored_before = {id(t) for t in others}.difference(map(id, new_others))
+    if not stored_before:
+        return unique
+    return [t for t in unique if id(t) not in stored_before]
 
 
 def record_batch(
@@ -248,11 +285,7 @@ def store_prepared(
     new_others = store_new_trades(conn, others)
     if not fresh:
         return new_others
-    # Merge back into arrival order: everything but the others that were not new.
-    stored_before = {id(t) for t in others}.difference(map(id, new_others))
-    if not stored_before:
-        return unique
-    return [t for t in unique if id(t) not in stored_before]
+    return _merge_new(unique, others, new_others)  # back into arrival order
 
 
 _FRESH_SAVEPOINT = "fresh_trades"

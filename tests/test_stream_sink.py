@@ -73,3 +73,44 @@ def test_copy_rows_store_what_the_loader_stores(conn, database_url):
     store_trades(conn, odd)  # the loader's path (psycopg's own COPY formatting)
     conn.commit()
     assert direct == _stored(conn)
+
+
+def test_a_batch_folds_exactly_its_new_trades_whichever_path_it_takes(conn):
+    from shared.config import Settings
+    from shared.windows import PartitionWindows
+
+    settings = Settings(consumer_group="g", topic_trades="t").window_settings()
+    windows = PartitionWindows(settings)
+    reference = PartitionWindows(settings)
+    minute = 60_000_000
+
+    def batch(trades, resumed_from, next_offset):
+        b = sink.PartitionBatch(0, resumed_from, next_offset, list(trades))
+        b.offsets = list(range(resumed_from or 0, (resumed_from or 0) + len(trades)))
+        b.consumed = len(trades)
+        return b
+
+    def run(b, expected_new, now_us):
+        result = sink.apply_batch(conn, "g", "t", b, windows, now_us)
+        sink.record_batch(conn, "g", "t", b, windows, result)
+        conn.commit()
+        assert result.stored == len(expected_new)
+        want = reference.process(expected_new, now_us)
+        assert result.emission == want
+        assert windows.snapshot() == reference.snapshot()
+
+    first = [_trade(i, ts_us=T0_US + i * minute // 4) for i in range(1, 12)]
+    TradePartitions().ensure(conn, first)
+    conn.commit()
+    run(batch(first[:6], None, 6), first[:6], 1)  # all fresh: one COPY
+    # Fresh ones, a disordered new one (3.5 is below the ids tried) and a repeat of 2.
+    late_id = _trade(35, ts_us=first[3].ts_us + 1)
+    late_id.trade_id = 4  # (an id already tried, at another time: a new trade)
+    second = [first[6], first[7], late_id, first[1]]
+    run(batch(second, 6, 10), [first[6], first[7], late_id], 2)
+    # A restarted process (nothing tried) repeats a stored trade: the COPY fails, the windows
+    # go back to where they were, and the staging path decides.
+    sink._tried_max_id.clear()
+    third = [first[8], first[7], first[9]]
+    run(batch(third, 10, 13), [first[8], first[9]], 3)
+    assert [r[2] for r in _stored(conn)] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10]
