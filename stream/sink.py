@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from operator import attrgetter
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -27,6 +28,8 @@ from shared.trade_store import (
 )
 from shared.trades import Trade, ts_to_datetime
 from shared.windows import Emission, LateTrade, PartitionWindows
+
+_TRADE_KEY = attrgetter("exchange", "symbol", "trade_id")  # Trade.key, in C
 
 
 class Fenced(Exception):
@@ -61,10 +64,9 @@ class PartitionBatch:
         """The offset of the first message in this batch that carried ``trade``'s key (a late
         trade's source; built on first use, as few batches have late trades)."""
         if self._offset_by_key is None:
-            by_key: dict[tuple[str, str, int], int] = {}
-            for t, offset in zip(self.trades, self.offsets, strict=True):
-                by_key.setdefault(t.key, offset)
-            self._offset_by_key = by_key
+            # Built in C, backwards, so that the first message with a key is the one kept.
+            keys = map(_TRADE_KEY, reversed(self.trades))
+            self._offset_by_key = dict(zip(keys, reversed(self.offsets), strict=True))
         return self._offset_by_key.get(trade.key)
 
 
