@@ -551,49 +551,74 @@ HEADER = (
 ANALYSIS = """\
 ### Where the worker's time goes
 
-Profiled with `--profile raw` (py-spy on the worker: every thread, waiting included) and with
-per-phase timers in an in-process run (200k trades, batch 5000), 2026-11-22:
+Measured 2026-11-22 with py-spy on the worker (`--profile raw`, waiting left out), per-phase
+timers in an in-process copy of this run (200k trades, batch 5000) and single-threaded
+micro-benchmarks of each step; other sessions' tests and benchmarks shared the machine
+throughout, so single numbers move by ±30%.
 
-- The worker is one Python process doing its steps one after the other, per batch: fetch and
-  decode the Kafka records (aiokafka; all the bare consumer does) about 18% of the wall time;
-  parse and validate every trade exactly (`parse_trade_message`: JSON to `Decimal`, the field
-  rules) about 30%; the batch's transaction about 50%, of which storing the trades is three
-  quarters, the windows a seventh, and the candles, late and invalid rows, progress, the
-  produced outputs and the commit the rest.
-- Per message at 5M (the 2026-11-22 17:24 run): 31 µs of wall time, 18 µs of it the worker's own
-  CPU (91 CPU s for 5.08M messages) and 5 µs PostgreSQL's CPU; the bare consumer took 5-8 µs of
-  wall time per message in that run, and about 2.5 µs on a quiet machine (~400k msgs/s). A ratio
-  of 0.5 means at most 5-16 µs per message for the whole worker: one Python process already
-  spends 18 µs of its own CPU, so the target needs less Python work per message (the parser)
-  and the waits overlapped, or more than one worker process.
+- The worker is a two-stage pipeline in one process: the event loop fetches (aiokafka) and
+  parses batch N+1 while a thread writes and commits batch N (one transaction per batch, in
+  order, as before). Both stages need the GIL for their Python work, so the bound is the
+  process's CPU per message: 15.8 µs at 5M (80 CPU s for 5.08M messages; 18 µs before), and
+  PostgreSQL's 6.9 µs (35 CPU s) on the other CPU, shared with the broker (1.3 µs).
+- Per message, single-threaded: aiokafka's fetch and record decoding ~3-7 µs (all that the bare
+  consumer does: 120k-370k msgs/s here); parsing and validating (`parse_common_trade`, a typed
+  msgspec decode with `Decimal` straight from the JSON text) 1.5-2.8 µs plus ~1 µs of loop (key
+  check, lists); first copies, the fresh/other split and the COPY text rows (`prepare_trades`)
+  2-2.8 µs, of which the rows are ~2; folding into the windows 1-1.4 µs; the rest (the staging
+  path for the ~5% disordered trades, outputs, metrics, thread hand-offs and GIL switches) makes
+  up the total. In the profile: parsing 13% of the worker's busy samples, the COPY rows 15%, the
+  windows 18%, aiokafka 7-10%, the staging path and the other writes 10%.
+- On PostgreSQL's side, the COPY into `trades` alone is 3.6 µs a row of server CPU (heap,
+  primary key, BRIN, WAL; measured with prebuilt rows), binary COPY saves only 0.4 µs of it
+  (and costs the client more than it saves), and COPY into the day's partition directly saves
+  nothing.
+- So on 2 CPUs a ratio of 0.5 is out of reach for one worker process: the bare consumer needs
+  3-8 µs per message of one CPU, and the worker needs aiokafka's same share plus ~10 µs of its
+  own Python on the same CPU (the GIL) plus ~7 µs of PostgreSQL on the other. Even with every
+  wait overlapped that is at most ~60-75k msgs/s, i.e. 0.2-0.6 depending on how fast the bare
+  consumer runs at that moment (it ranged from 95k to 370k msgs/s in these sessions).
 
-Changed (`stream/sink.py`): the batch's trades went through the staging table (COPY into a
-temporary table, then `INSERT … SELECT DISTINCT ON … ON CONFLICT DO NOTHING RETURNING`), about
-a third of the wall time. Copies within a batch are now dropped in Python, and the trades whose
-id is above every id the process has already tried for their symbol go in with one COPY
-straight into `trades` inside a savepoint; the rest (disordered trades, repeats of earlier
-batches) and, when that COPY meets a stored trade (after a restart, or rows written by a batch
-load), the whole batch take the unchanged staging path, so the primary key still decides what is
-new. Same rows, candles and counters (`tests/test_stream.py` and `tests/test_store.py`, with the
-SIGKILL test, pass). Before the change this script measured 23,884 trades/s at 1M (ratio 0.13)
-and 20,360 at 5M (0.12), with 9.6 and 54 CPU s of PostgreSQL; in-process, back to back on the
-same 200k trades, 18,000-19,200 trades/s before and 23,400-26,800 after. The close → commit
-delay then counted from the start of the batch's write; it now counts from the fetch, parsing
-included (`stream/worker.py`).
+Changed (2026-11-22, `stream/worker.py`, `stream/sink.py`, `shared/trades.py`,
+`shared/windows.py`): 32,029 → 49,328 trades/s at 1M and 32,582 → 46,249 at 5M (0.22 → 0.31
+and 0.17 → 0.35), same rows, candles and counters (`tests/test_stream*.py`, with the SIGKILL
+test).
+
+1. Parser: the common message (ASCII, at most 480 bytes) is decoded by msgspec straight into a
+   typed struct (`Decimal` from the JSON text, never float) and checked with a few comparisons;
+   anything it does not accept takes the unchanged careful path, which gives the same trade or
+   the exact rejection (`tests/test_trade_parsing.py` compares the two on odd and random
+   inputs). `Trade` is a `msgspec.Struct`: made in C and not tracked by the garbage collector.
+   12 → 1.5-2.8 µs a message.
+2. Pipeline: batch N+1 is fetched, parsed and prepared (first copies, the fresh/other split,
+   the COPY rows) while batch N is written and committed in a thread. The write of N+1 starts
+   only after N has committed; rewinds, reloads, revocations and the stop wait for the batch in
+   flight, and a batch parsed for a partition that was reloaded meanwhile is dropped.
+3. Fewer round trips and waits in the writer: the whole transaction is one thread call; BEGIN,
+   the fence and the savepoint go in one round trip; candles, late, invalid and progress in one
+   pipeline; the outputs are produced (once every fence has passed) while those rows are
+   written, and the commit waits for the broker's acknowledgement as before; the windows fold
+   the batch while the server inserts its COPY (if the COPY meets a stored trade, the savepoint
+   and the windows' state before the batch are restored and the batch takes the staging path).
+4. The process: `gc.freeze()` and a young-generation threshold of 50,000 (was 700) while the
+   worker runs; GIL switch interval 0.5 ms (the writer thread wakes a dozen times a batch and
+   waited up to 5 ms each time for the parsing thread); message keys already checked cached.
 
 Not done, by expected gain:
 
-1. Overlap the fetch and parse of the next batch with the write of the current one: the
-   worker's Python waits while PostgreSQL inserts and commits. This changes the worker's loop,
-   its rewind and its rebalance handling, so it needs its own crash tests.
-2. A cheaper parser (`shared/trades.py`): `Decimal.as_tuple()` in `_positive_decimal` alone is
-   about 4% of the worker's time; a typed msgspec decode would save most of the per-field work.
-3. More workers: the topic has 4 partitions, but the 3 default symbols hash onto 2 of them, and
-   this machine has 2 CPUs shared with PostgreSQL and the broker.
+1. Fold the windows in the parse stage (speculatively: the store then confirms which trades are
+   new), taking ~1.5 µs a message off the writer; a failed or fenced batch must then also undo
+   the next batch's folding.
+2. A window of recently tried ids per symbol, so that disordered trades never sent before go in
+   with the COPY instead of the staging table (4 round trips and a speculative insert each).
+3. More worker processes: the topic has 4 partitions but the 3 default symbols hash onto 2 of
+   them, and the 2 CPUs are shared with PostgreSQL and the broker.
+4. `synchronous_commit = off` for the worker's session was not tried: offsets commit with the
+   rows, so a PostgreSQL crash would only lose whole batches that are read again, but it changes
+   what a committed batch means to an operator.
 
-The bare consumer reaches 120k to 400k msgs/s here depending on what else runs on the machine
-(other sessions' tests and benchmarks did during these runs): the ratio moves with it, the
-worker's rate less so.
+The bare consumer reaches 95k to 370k msgs/s here depending on what else runs on the machine:
+the ratio moves with it, the worker's rate much less so.
 """
 
 
