@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -23,6 +24,7 @@ from shared.schema import include_in_migrations, metadata
 from shared.trade_store import TradePartitions, store_new_trades, store_trades
 from shared.trades import datetime_to_ts, ts_to_datetime
 
+from .services import _admin, with_database
 from .strategies import T0_US, trade_lists
 
 pytestmark = pytest.mark.integration
@@ -68,6 +70,43 @@ def test_migrations_create_exactly_the_declared_schema(store_url):
 
 def test_upgrade_is_idempotent(store_url):
     assert db.upgrade(store_url) == db.head_revision()
+
+
+def test_upgrading_a_store_with_trades_keeps_them_and_orders_the_key_by_time(database_url):
+    """0001 -> head on a database that holds trades: nothing lost, copies still rejected, and
+    the key in the order the recomputation probes it."""
+    from shared.trades import Trade
+
+    name = f"candlekeep_upgrade_{uuid.uuid4().hex[:12]}"
+    server = with_database(database_url, "postgres")
+    _admin(server, "DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
+    _admin(server, "CREATE DATABASE {}", name)
+    url = with_database(database_url, name)
+    try:
+        db.upgrade(url, "0001")
+        trades = [
+            Trade("binance", "BTCUSDT", i, T0_US + (i // 2) * 1000, Decimal(100 + i), Decimal(1))
+            for i in range(50)
+        ]
+        with db.connect(url) as conn:
+            TradePartitions().ensure(conn, trades)
+            store_trades(conn, trades)
+            conn.commit()
+        assert db.upgrade(url) == db.head_revision()
+        with db.connect(url) as conn:
+            key = conn.execute(
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'trades_pkey'"
+                " AND conrelid = 'trades'::regclass"
+            ).fetchone()[0]
+            assert key == "PRIMARY KEY (exchange, symbol, ts, trade_id)"
+            assert store_new_trades(conn, trades[:10]) == []
+            conn.commit()
+            assert conn.execute("SELECT count(*), sum(price) FROM trades").fetchone() == (
+                50,
+                sum(Decimal(100 + i) for i in range(50)),
+            )
+    finally:
+        _admin(server, "DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
 
 
 @settings(max_examples=40)
