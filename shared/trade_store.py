@@ -88,7 +88,8 @@ class TradePartitions:
 
 
 _STAGING_TYPES = ("int8", "text", "text", "int8", "int8", "numeric", "numeric", "bool", "int4")
-_COPY_TRADES = (
+#: The one COPY into ``trades``: the loader streams rows into it, the stream worker sends text.
+COPY_TRADES = (
     "COPY trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)"
     " FROM STDIN"
 )
@@ -131,7 +132,7 @@ def copy_if_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
     minute = -1
     prefix = ""
     try:
-        with conn.transaction(), conn.cursor().copy(_COPY_TRADES) as copy:
+        with conn.transaction(), conn.cursor().copy(COPY_TRADES) as copy:
             copy.set_types(_TRADES_TYPES)
             write_row = copy.write_row
             for t in trades:

@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 
 from shared.candles import Candle
 from shared.trade_store import (
+    COPY_TRADES,
     US_PER_DAY,
     InvalidMessage,
     store_invalid,
@@ -156,7 +157,7 @@ def _store_and_fold(
     new = _merge_new(unique, others, store_new_trades(conn, others)) if others else unique
     before = windows.snapshot()
     try:
-        with conn.cursor().copy(_COPY_TRADES) as copy:
+        with conn.cursor().copy(COPY_TRADES) as copy:
             copy.write(prepared.fresh_rows)
             emission = windows.process(new, now_us)
     except psycopg.errors.UniqueViolation:
@@ -291,10 +292,6 @@ def store_prepared(
 
 
 _FRESH_SAVEPOINT = "fresh_trades"
-_COPY_TRADES = (
-    "COPY trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)"
-    " FROM STDIN"
-)
 _COPY_BOOL = {True: "t", False: "f", None: "\\N"}
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
@@ -342,7 +339,7 @@ def _copy_rows_if_all_new(conn: psycopg.Connection, rows: bytes) -> bool:
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
         raise RuntimeError("_copy_rows_if_all_new must run inside the batch's transaction")
     try:
-        with conn.cursor().copy(_COPY_TRADES) as copy:
+        with conn.cursor().copy(COPY_TRADES) as copy:
             copy.write(rows)
     except psycopg.errors.UniqueViolation:
         conn.execute(f"ROLLBACK TO SAVEPOINT {_FRESH_SAVEPOINT}")
