@@ -57,6 +57,7 @@ from candlekeep.embedded import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
 from shared import db  # noqa: E402
 from stream.feeds.produce import ensure_topic  # noqa: E402
 from stream.feeds.synthetic import MarketDials, synthetic_messages  # noqa: E402
+from stream.worker import CONSUMER_FETCH  # noqa: E402
 from tests.streaming import settings_env, stream_settings  # noqa: E402
 
 OUT_DIR = BENCH_DIR / "out" / "stream"
@@ -172,7 +173,7 @@ async def bare_consumer(bootstrap: str, topic: str, total: int, batch_size: int)
         group_id=f"bare-{uuid.uuid4().hex[:8]}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        max_partition_fetch_bytes=4 * 1024 * 1024,
+        **CONSUMER_FETCH,  # (the worker's fetch settings)
         session_timeout_ms=3000,
         heartbeat_interval_ms=300,
     )

@@ -57,7 +57,10 @@ class Settings(BaseSettings):
     topic_late: str = "trades.late"
     topic_invalid: str = "trades.invalid"
     consumer_group: str = "candlekeep-stream"
-    batch_size: int = 5000
+    batch_size: int = Field(5000, ge=1)
+    #: PostgreSQL connections that write batches side by side (a partition always uses the same
+    #: one, so each partition's batches still commit one at a time, in order).
+    stream_writers: int = Field(2, ge=1, le=64)
     session_timeout: timedelta = timedelta(seconds=10)
     heartbeat_interval: timedelta = timedelta(seconds=3)
     data_dir: str = ".candlekeep"

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from operator import attrgetter
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -29,8 +28,6 @@ from shared.trade_store import (
 )
 from shared.trades import Trade, ts_to_datetime
 from shared.windows import Emission, LateTrade, PartitionWindows
-
-_TRADE_KEY = attrgetter("exchange", "symbol", "trade_id")  # Trade.key, in C
 
 
 class Fenced(Exception):
@@ -59,16 +56,24 @@ class PartitionBatch:
     #: ``prepare_trades(trades)``, done early (the worker does it while the batch before this
     #: one is written); None: done when the batch is written.
     prepared: PreparedTrades | None = None
-    _offset_by_key: dict[tuple[str, str, int], int] | None = field(default=None, repr=False)
+    _offset_by_id: dict[int, int] | None = field(default=None, repr=False)
 
     def offset_of(self, trade: Trade) -> int | None:
         """The offset of the first message in this batch that carried ``trade``'s key (a late
-        trade's source; built on first use, as few batches have late trades)."""
-        if self._offset_by_key is None:
-            # Built in C, backwards, so that the first message with a key is the one kept.
-            keys = map(_TRADE_KEY, reversed(self.trades))
-            self._offset_by_key = dict(zip(keys, reversed(self.offsets), strict=True))
-        return self._offset_by_key.get(trade.key)
+        trade's source).
+
+        The trades that reach the windows are the first copies, the very objects parsed from
+        those messages: found by identity (a map built on first use, in C; the batch keeps its
+        trades alive, so an id in it is that trade's), else by key.
+        """
+        if self._offset_by_id is None:
+            self._offset_by_id = dict(zip(map(id, self.trades), self.offsets, strict=True))
+        offset = self._offset_by_id.get(id(trade))
+        if offset is not None:
+            return offset
+        key = trade.key
+        pairs = zip(self.trades, self.offsets, strict=True)
+        return next((o for t, o in pairs if t.key == key), None)
 
 
 @dataclass

@@ -6,10 +6,14 @@ that commit, so they are at least once. The worker resumes from the offsets and 
 PostgreSQL, never from Kafka's committed offsets (those are committed afterwards only so that the
 usual lag tools work).
 
-The loop is a two-stage pipeline: while one batch is written and committed (a task, its
-database calls in a thread), the next one is fetched and parsed. Batches are still written one
-at a time, in order, each in its own transaction: the write of a batch starts only once the
-previous one has committed (or failed, which throws the parsed batch away with the rest).
+The loop is a pipeline: while batches are written and committed (tasks, their database calls
+in threads), the next ones are fetched, parsed and queued. The partitions are spread over
+``stream_writers`` writers, each with its own PostgreSQL connection, so that one writer's
+Python runs while another waits on PostgreSQL. A writer takes its batches one at a time, in
+order (up to ``PIPELINE_DEPTH`` queued), each in its own transaction: the write of a batch starts
+only once the writer's previous one has committed (or failed, which throws the batches queued
+behind it away with the rest). A partition always goes to the same writer, so its batches,
+offsets and window state commit in order.
 
 When PostgreSQL or the broker fails mid-batch, the in-memory windows go back to their last
 committed snapshot, the consumer seeks back to the committed offsets, and the batch is retried
@@ -71,12 +75,22 @@ RETRYABLE = (
     OSError,
 )
 TICK_EVERY_S = 1.0
+#: How the consumer fetches (the benchmark's bare consumer uses the same). aiokafka keeps one
+#: fetch in flight per broker and sends it only for partitions whose fetched messages are all
+#: consumed; a fetch for partitions at the end of their log waits up to ``fetch_max_wait_ms`` on
+#: the broker for new data. At Kafka's default of 500 ms the busy partitions on that broker
+#: wait as long behind it: with a quiet partition next to busy ones, reading a backlog stalled
+#: half of the time. 50 ms costs an idle worker 20 small requests a second.
+CONSUMER_FETCH = {"max_partition_fetch_bytes": 4 * 1024 * 1024, "fetch_max_wait_ms": 50}
 KEY_CACHE_MAX = 10_000
 GC_THRESHOLD = 50_000
 SWITCH_INTERVAL_S = 0.0005
 #: Parse this many messages, then let the batch being written go on (its next step may wait on
 #: the event loop).
 PARSE_CHUNK = 1000
+#: Batches handed to a writer and not committed yet, at most: one being written, the others
+#: parsed and waiting their turn, so that parsing goes on while the writer waits on PostgreSQL.
+PIPELINE_DEPTH = 3
 
 
 class BrokerUnavailable(CandlekeepError):
@@ -94,10 +108,21 @@ class PartitionState:
     last_tick: float = 0.0
     #: Next offset after the last batch handed to the writer (committed or in flight).
     position: int | None = None
+    #: Batches of this partition handed to a writer and not finished yet.
+    inflight: int = 0
 
     def __post_init__(self) -> None:
         if self.position is None:
             self.position = self.stored_offset
+
+
+@dataclass(eq=False)
+class _Writer:
+    """One PostgreSQL connection that writes batches, and its batches in flight, oldest first:
+    the first is being written and committed, each of the others waits for the one before it."""
+
+    conn: psycopg.Connection | None = None
+    inflight: list[asyncio.Task] = field(default_factory=list)
 
 
 @dataclass
@@ -139,15 +164,15 @@ class StreamWorker:
         self.summary = RunSummary()
         self.stopping = asyncio.Event()
         self._lock = asyncio.Lock()
+        #: For what the loop writes between batches (idle advances) and reads (progress).
         self._conn: psycopg.Connection | None = None
+        self._writers = [_Writer() for _ in range(settings.stream_writers)]
         self._trade_partitions = TradePartitions()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._last_message_at = wall_clock()
         self._joined = False  # set by the first assignment, even an empty one
         self._max_future_us = int(settings.max_future_skew.total_seconds() * 1_000_000)
-        #: The batch being written and committed while the next one is fetched and parsed.
-        self._inflight: asyncio.Task | None = None
         #: Message keys already seen to be a valid symbol, with the symbol they name.
         self._key_symbols: dict[bytes, str] = {}
 
@@ -155,7 +180,7 @@ class StreamWorker:
 
     async def run(self) -> RunSummary:
         """Run until SIGTERM/SIGINT (drain and commit) or ``exit_when_idle_s`` of quiet."""
-        self._conn = await asyncio.to_thread(self._connect)
+        await self._reconnect()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -170,7 +195,7 @@ class StreamWorker:
             # Never let the client jump on its own: positions come from PostgreSQL, and an
             # out-of-range fetch is handled in _out_of_range.
             auto_offset_reset="none",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
+            **CONSUMER_FETCH,
             session_timeout_ms=int(self.settings.session_timeout.total_seconds() * 1000),
             heartbeat_interval_ms=int(self.settings.heartbeat_interval.total_seconds() * 1000),
         )
@@ -263,10 +288,16 @@ class StreamWorker:
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
-        if self._conn is not None:
+        for conn in self._connections():
             with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
+                conn.close()
+        self._conn = None
+        for writer in self._writers:
+            writer.conn = None
+
+    def _connections(self) -> list[psycopg.Connection]:
+        conns = [self._conn, *(w.conn for w in self._writers)]
+        return [c for c in conns if c is not None]
 
     def _idle_long_enough(self) -> bool:
         """Quiet for ``exit_when_idle_s`` and at the end of every assigned partition: a broker
@@ -284,7 +315,10 @@ class StreamWorker:
 
     async def _step(self) -> None:
         assert self._consumer is not None
-        if self._conn is None or self._conn.closed or self._conn.broken:
+        if any(
+            conn is None or conn.closed or conn.broken
+            for conn in (self._conn, *(w.conn for w in self._writers))
+        ):
             await self._drain()
             await self._reconnect()
         if self._pending:
@@ -305,22 +339,52 @@ class StreamWorker:
         fetched_at = self.wall_clock()
         async with self._lock:
             parsed = await self._parse(fetched)
-            await self._drain()  # the previous batch commits (or raises: parsed is dropped)
-            # A partition reloaded meanwhile (moved away and back, fenced) resumes from what
-            # is stored: what was parsed for it before is not written.
-            batches = [b for state, b in parsed if self.partitions.get(b.partition) is state]
-            await self._tick(busy={b.partition for b in batches})
-            if batches:
+            await self._tick(busy={b.partition for _, b in parsed})
+            if parsed:
                 self._last_message_at = self.wall_clock()
-                for batch in batches:
-                    self.partitions[batch.partition].position = batch.next_offset
-                self._inflight = asyncio.ensure_future(self._commit(batches, fetched_at))
+            by_writer: dict[int, list[tuple[PartitionState, PartitionBatch]]] = {}
+            for state, batch in parsed:
+                state.position = batch.next_offset
+                state.inflight += 1
+                by_writer.setdefault(batch.partition % len(self._writers), []).append(
+                    (state, batch)
+                )
+            for index, part in sorted(by_writer.items()):
+                writer = self._writers[index]
+                await self._make_room(writer)
+                previous = writer.inflight[-1] if writer.inflight else None
+                writer.inflight.append(
+                    asyncio.ensure_future(self._commit(writer, part, fetched_at, previous))
+                )
+
+    async def _make_room(self, writer: _Writer) -> None:
+        """Wait until fewer than ``PIPELINE_DEPTH`` batches are in flight on ``writer`` (a
+        failure among the finished ones is raised here, with the batches behind it dropped)."""
+        while len(writer.inflight) >= PIPELINE_DEPTH:
+            first = writer.inflight[0]
+            await asyncio.wait([first])
+            if first.cancelled() or first.exception() is not None:
+                await self._drain()  # raises
+            writer.inflight.pop(0)
+
+    def _inflight(self) -> list[asyncio.Task]:
+        return [task for writer in self._writers for task in writer.inflight]
 
     async def _drain(self) -> None:
-        """Wait for the batch in flight to be committed; its failure is raised here."""
-        task, self._inflight = self._inflight, None
-        if task is not None:
-            await task
+        """Wait for every batch in flight to be committed; the first failure is raised here
+        (the batches behind a failed one are not written)."""
+        tasks = self._inflight()
+        for writer in self._writers:
+            writer.inflight = []
+        if not tasks:
+            return
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        for failure in failures:
+            if not isinstance(failure, _Abandoned):
+                raise failure
+        if failures:
+            raise failures[0]
 
     async def _parse(self, fetched) -> list[tuple[PartitionState, PartitionBatch]]:
         now_us = int(self.wall_clock() * 1_000_000)
@@ -381,16 +445,39 @@ class StreamWorker:
             batches.append((state, batch))
         return batches
 
-    async def _commit(self, batches: list[PartitionBatch], fetched_at: float) -> None:
-        """One transaction for the whole batch; outputs produced before the commit.
+    async def _commit(
+        self,
+        writer: _Writer,
+        parsed: list[tuple[PartitionState, PartitionBatch]],
+        fetched_at: float,
+        previous: asyncio.Task | None,
+    ) -> None:
+        """One transaction on ``writer``'s connection for the whole batch, once ``previous`` (the
+        writer's batch before it) has committed; outputs produced before the commit.
 
         ``fetched_at``: when the batch's messages were received (the close-to-commit delay of
-        the windows they close counts from there, their parsing included). Runs as the task in
-        flight: it never takes the lock (the loop holds it while it waits for this task).
+        the windows they close counts from there, their parsing included). Runs as a task in
+        flight: it never takes the lock (the loop may hold it while it waits for this task).
         """
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])
+                if previous.cancelled() or previous.exception() is not None:
+                    raise _Abandoned("the batch before this one failed")
+            # A partition reloaded meanwhile (moved away and back, fenced) resumes from what is
+            # stored: what was parsed for it before is not written.
+            batches = [b for state, b in parsed if self.partitions.get(b.partition) is state]
+            if batches:
+                await self._write_batches(writer.conn, batches, fetched_at)
+        finally:
+            for state, _ in parsed:
+                state.inflight -= 1
+
+    async def _write_batches(
+        self, conn: psycopg.Connection | None, batches: list[PartitionBatch], fetched_at: float
+    ) -> None:
         started = time.perf_counter()
         received_at = self.wall_clock()
-        conn = self._conn
         assert conn is not None
         now_us = int(received_at * 1_000_000)
         for batch in batches:
@@ -403,7 +490,7 @@ class StreamWorker:
             await asyncio.to_thread(conn.rollback)
             log.warning("partition moved to another worker: dropping it", reason=str(exc))
             for batch in batches:
-                await self._reload(batch.partition)
+                await self._reload(batch.partition, conn)
             return
         except BaseException:
             with contextlib.suppress(Exception):
@@ -459,11 +546,12 @@ class StreamWorker:
         return results
 
     async def _tick(self, busy: set[int]) -> None:
-        """Idle advance for quiet partitions (at most once a second each)."""
+        """Idle advance for quiet partitions (at most once a second each), on the loop's own
+        connection: a partition with batches in flight is not quiet, and is left alone."""
         assert self._consumer is not None and self._conn is not None
         now = self.wall_clock()
         for partition, state in list(self.partitions.items()):
-            if partition in busy or now - state.last_tick < TICK_EVERY_S:
+            if partition in busy or state.inflight or now - state.last_tick < TICK_EVERY_S:
                 continue
             state.last_tick = now
             tp = TopicPartition(self.topic, partition)
@@ -597,12 +685,23 @@ class StreamWorker:
                 self._consumer.seek(tp, offset)
 
     async def _reconnect(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-        self._conn = None
-        self._conn = await asyncio.to_thread(self._connect)
-        log.info("database connection restored")
+        """(Re)open every connection that is not open and well (nothing may be in flight)."""
+        restored = self._conn is not None
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+            self._conn = None
+            self._conn = await asyncio.to_thread(self._connect)
+        for writer in self._writers:
+            if writer.conn is None or writer.conn.closed or writer.conn.broken:
+                if writer.conn is not None:
+                    with contextlib.suppress(Exception):
+                        writer.conn.close()
+                writer.conn = None
+                writer.conn = await asyncio.to_thread(db.connect, self.database_url)
+        if restored:
+            log.info("database connection restored")
 
     async def _rewind(self) -> None:
         """After a failed batch: back to the last committed state and offsets."""
@@ -616,9 +715,10 @@ class StreamWorker:
                 state.position = state.stored_offset
                 await self._seek(partition, state.stored_offset)
 
-    async def _reload(self, partition: int) -> None:
-        """(Re)load a partition's committed progress from PostgreSQL and seek to it."""
-        conn = self._conn
+    async def _reload(self, partition: int, conn: psycopg.Connection | None = None) -> None:
+        """(Re)load a partition's committed progress from PostgreSQL and seek to it (``conn``:
+        a writer's, between its transactions; by default the loop's)."""
+        conn = conn or self._conn
         assert conn is not None
         progress = await asyncio.to_thread(load_progress, conn, self.group, self.topic, partition)
         try:
@@ -654,14 +754,19 @@ class StreamWorker:
 
     async def on_revoked(self, revoked) -> None:
         async with self._lock:  # waits for the loop's step, then for the batch in flight
-            if self._inflight is not None:
-                # Only wait: if the batch failed, the loop's next step raises it and rewinds.
-                await asyncio.wait([self._inflight])
+            inflight = self._inflight()
+            if inflight:
+                # Only wait: if a batch failed, the loop's next step raises it and rewinds.
+                await asyncio.wait(inflight)
             for tp in revoked:
                 self.partitions.pop(tp.partition, None)
                 self._pending.discard(tp.partition)
             if revoked:  # (the first join revokes nothing)
                 log.info("partitions revoked", partitions=sorted(tp.partition for tp in revoked))
+
+
+class _Abandoned(Exception):
+    """A batch not written because the one before it failed (that failure is the one raised)."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -646,3 +647,80 @@ def test_logs_are_json_lines_when_stderr_is_not_a_terminal(database_url, kafka_b
     assigned = [e for e in events if e["event"] == "partitions assigned"]
     assert assigned and assigned[-1]["partitions"] == [0, 1, 2, 3]
     assert summary["consumed"] == len(deliveries)
+
+
+# -- 8. a stalled partition does not hold the others back ---------------------------------------
+
+
+def _send(bootstrap: str, topic: str, partition: int, trades: list[dict]) -> None:
+    async def run():
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for trade in trades:
+                value = json.dumps(trade).encode()
+                key = trade["symbol"].encode()
+                await producer.send_and_wait(topic, value, key=key, partition=partition)
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+
+
+def test_a_quiet_partition_gets_its_candle_while_another_partitions_batch_is_stuck(
+    database_url, kafka_bootstrap, workers
+):
+    """One partition's batch cannot commit (its progress row is locked, as a long lock or a
+    slow disk would do): a quiet symbol on another partition, written by the same writer
+    connection, still gets its candle from the idle advance (SPEC §4) meanwhile. Then the lock
+    goes, the stuck batch commits and nothing is lost."""
+    reset_tables(database_url)
+    settings = operations_settings(max_delay="1", intervals="1m", stream_writers=2)
+    topic, quiet, busy = settings.topic_trades, 0, 2  # (0 % 2 == 2 % 2: the same writer)
+    asyncio.run(ensure_topic(kafka_bootstrap, topic, 4))
+    window_end = (int(time.time()) // 60 * 60 - 3600) * 1000  # a minute an hour ago, in ms
+    # The quiet symbol's window closes by idle advance 10 s + max_delay after its last trade
+    # arrives: time enough to lock the busy partition first.
+    quiet_trades = [
+        {"symbol": "QUIETUSDT", "trade_id": n, "price": p, "quantity": "2", "timestamp": ts}
+        for n, p, ts in [(1, "1.5", window_end - 12_000), (2, "1.25", window_end - 10_000)]
+    ]
+
+    def busy_trade(n: int) -> dict:
+        ts = window_end - 50_000 + n
+        return {"symbol": "BUSYUSDT", "trade_id": n, "price": "7", "quantity": "1", "timestamp": ts}
+
+    _send(kafka_bootstrap, topic, quiet, quiet_trades)
+    _send(kafka_bootstrap, topic, busy, [busy_trade(1)])
+    worker = workers(worker_env(settings, database_url, kafka_bootstrap))
+    wait_until(
+        lambda: consumed(database_url, {quiet}) == 2 and consumed(database_url, {busy}) == 1,
+        60,
+        "both partitions' first messages committed",
+    )
+
+    def quiet_candle():
+        with db.connect(database_url) as conn:
+            return conn.execute(
+                "SELECT open, close, volume, trade_count FROM stream_candles"
+                " WHERE symbol = 'QUIETUSDT'"
+            ).fetchall()
+
+    assert quiet_candle() == [], "closed before the lock: the test proves nothing"
+    with db.connect(database_url) as lock:
+        lock.execute(
+            "SELECT 1 FROM stream_progress WHERE consumer_group = %s AND topic = %s"
+            " AND partition = %s FOR UPDATE",
+            (settings.consumer_group, topic, busy),
+        )
+        _send(kafka_bootstrap, topic, busy, [busy_trade(2), busy_trade(3)])
+        wait_until(lambda: quiet_candle() != [], 40, "the quiet symbol's candle")
+        # ... while the busy partition's batch was still waiting for its row.
+        assert consumed(database_url, {busy}) == 1
+        lock.rollback()
+    assert quiet_candle() == [(Decimal("1.5"), Decimal("1.25"), Decimal("4"), 2)]
+    wait_until(lambda: consumed(database_url, {busy}) == 3, 30, "the stuck batch committed")
+    worker.signal(signal.SIGTERM)
+    assert worker.finish()["consumed"] == 5
+    with db.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM trades").fetchone()[0] == 5
