@@ -158,6 +158,7 @@ async def produce_file(bootstrap: str, topic: str, path: Path) -> tuple[int, dic
 class BareRun:
     consumed: int
     seconds: float
+    cpu_s: float = 0.0  # this process's CPU over the same span (the consumer is all it runs)
 
     @property
     def rate(self) -> float:
@@ -181,6 +182,7 @@ async def bare_consumer(bootstrap: str, topic: str, total: int, batch_size: int)
     consumed = 0
     first_batch = 0
     started = None
+    cpu_started = 0.0
     try:
         async with asyncio.timeout(600):
             while consumed < total:
@@ -190,15 +192,17 @@ async def bare_consumer(bootstrap: str, topic: str, total: int, batch_size: int)
                 n = sum(len(records) for records in fetched.values())
                 if started is None:
                     started = time.perf_counter()
+                    cpu_started = time.process_time()
                     first_batch = n
                 consumed += n
                 await consumer.commit()
         ended = time.perf_counter()
+        cpu = time.process_time() - cpu_started
     finally:
         await consumer.stop()
     assert started is not None
     # The first batch arrived at ``started``: only what came after it counts.
-    return BareRun(consumed - first_batch, ended - started)
+    return BareRun(consumed - first_batch, ended - started, cpu)
 
 
 # --- the worker ---------------------------------------------------------------------------------
@@ -429,6 +433,12 @@ class SizeResult:
         return max(b.rate for b in self.bare)
 
     @property
+    def bare_cpu_us(self) -> float:
+        """CPU per message of the faster bare run."""
+        best = max(self.bare, key=lambda b: b.rate)
+        return 1e6 * best.cpu_s / best.consumed
+
+    @property
     def ratio(self) -> float:
         return self.worker.rate / self.bare_rate
 
@@ -457,7 +467,7 @@ def run_size(
                 bare_consumer(bootstrap, settings.topic_trades, messages, settings.batch_size)
             )
         ]
-        print(f"  bare consumer: {bare[0].rate:,.0f} msgs/s")
+        print(f"  bare consumer: {bare[0].rate:,.0f} msgs/s, {bare[0].cpu_s:.1f} CPU s")
         assert postgres.pid is not None and broker.process is not None
         worker = run_worker(
             settings,
@@ -480,7 +490,7 @@ def run_size(
                 bare_consumer(bootstrap, settings.topic_trades, messages, settings.batch_size)
             )
         )
-        print(f"  bare consumer again: {bare[1].rate:,.0f} msgs/s")
+        print(f"  bare consumer again: {bare[1].rate:,.0f} msgs/s, {bare[1].cpu_s:.1f} CPU s")
         broker_rss = psutil.Process(broker.process.pid).memory_info().rss / 2**20
     finally:
         broker.stop()
@@ -545,81 +555,77 @@ def fmt_s(seconds: float) -> str:
 HEADER = (
     "| trades | messages | bare consumer msgs/s (before / after) | worker trades/s | ratio"
     " | p99 close → commit | p99 batch commit | worker peak RSS (MB)"
-    " | CPU s worker / postgres / broker |\n|---:|---:|---:|---:|---:|---|---|---:|---|"
+    " | CPU s worker / postgres / broker | CPU µs a message: bare / worker / postgres |"
+    "\n|---:|---:|---:|---:|---:|---|---|---:|---|---|"
 )
 
 
 ANALYSIS = """\
 ### Where the worker's time goes
 
-Measured 2026-11-22 with py-spy on the worker (`--profile raw`, waiting left out), per-phase
-timers in an in-process copy of this run (200k trades, batch 5000) and single-threaded
-micro-benchmarks of each step; other sessions' tests and benchmarks shared the machine
-throughout, so single numbers move by ±30%.
+Measured 2026-11-22 on this machine: 2 CPUs shared by the worker, PostgreSQL, the broker and
+other sessions' jobs, so single numbers move by ±30%.
 
-- The worker is a two-stage pipeline in one process: the event loop fetches (aiokafka) and
-  parses batch N+1 while a thread writes and commits batch N (one transaction per batch, in
-  order, as before). Both stages need the GIL for their Python work, so the bound is the
-  process's CPU per message: 15.8 µs at 5M (80 CPU s for 5.08M messages; 18 µs before), and
-  PostgreSQL's 6.9 µs (35 CPU s) on the other CPU, shared with the broker (1.3 µs).
-- Per message, single-threaded: aiokafka's fetch and record decoding ~3-7 µs (all that the bare
-  consumer does: 120k-370k msgs/s here); parsing and validating (`parse_common_trade`, a typed
-  msgspec decode with `Decimal` straight from the JSON text) 1.5-2.8 µs plus ~1 µs of loop (key
-  check, lists); first copies, the fresh/other split and the COPY text rows (`prepare_trades`)
-  2-2.8 µs, of which the rows are ~2; folding into the windows 1-1.4 µs; the rest (the staging
-  path for the ~5% disordered trades, outputs, metrics, thread hand-offs and GIL switches) makes
-  up the total. In the profile: parsing 13% of the worker's busy samples, the COPY rows 15%, the
-  windows 18%, aiokafka 7-10%, the staging path and the other writes 10%.
-- On PostgreSQL's side, the COPY into `trades` alone is 3.6 µs a row of server CPU (heap,
-  primary key, BRIN, WAL; measured with prebuilt rows), binary COPY saves only 0.4 µs of it
-  (and costs the client more than it saves), and COPY into the day's partition directly saves
-  nothing.
-- So on 2 CPUs a ratio of 0.5 is out of reach for one worker process: the bare consumer needs
-  3-8 µs per message of one CPU, and the worker needs aiokafka's same share plus ~10 µs of its
-  own Python on the same CPU (the GIL) plus ~7 µs of PostgreSQL on the other. Even with every
-  wait overlapped that is at most ~60-75k msgs/s, i.e. 0.2-0.6 depending on how fast the bare
-  consumer runs at that moment (it ranged from 95k to 370k msgs/s in these sessions).
+- **The fetch stall (fixed).** aiokafka keeps one fetch request in flight per broker and asks
+  only for partitions whose fetched messages have all been consumed. While the two busy
+  partitions still had messages buffered, the next fetch went out for the two quiet ones (about
+  20 messages each, at the end of their log), and the broker holds such a fetch for
+  `fetch_max_wait_ms` (Kafka's default: 500 ms) waiting for data; the busy partitions, drained
+  meanwhile, waited behind it. In a consumer that spends 10 µs a message (simulated), that cost a
+  third of the time: 56k msgs/s at 500 ms, 81k at 50 ms. The worker now fetches with
+  `fetch_max_wait_ms=50`, and so does the bare consumer here (`CONSUMER_FETCH` in
+  `stream/worker.py`): it had the same stall, and went from 118k-188k to 240k-410k msgs/s. That
+  is why the ratio went down while the worker went up.
+- **Writers.** The partitions are spread over 2 PostgreSQL connections
+  (`CANDLEKEEP_STREAM_WRITERS`), each with one batch being written and one parsed and waiting:
+  one writer's Python runs while the other waits on PostgreSQL. 500k trades, back to back: 69k
+  trades/s with 1 writer, 80-85k with 2. A third waiting batch added nothing and doubled the
+  close-to-commit delay while reading a backlog.
+- **Per message** (the table's last column: CPU time over messages): the bare consumer 2-3 µs
+  (aiokafka's fetch and record decoding, all it does); the worker process 12-13 µs (aiokafka's
+  same share; parsing and validating ~2.5 µs, a typed msgspec decode with `Decimal` straight
+  from the JSON text; first copies and the COPY text rows ~2.5 µs; the windows ~1.5 µs; the rest
+  psycopg, the staging path for the ~5% disordered trades, outputs, thread hand-offs);
+  PostgreSQL ~6 µs (the COPY into `trades` alone is 3.6 µs a row: heap, primary key, BRIN, WAL).
+- **Why 0.5 is out of reach on this machine.** Half the bare consumer's rate is 120k-205k
+  msgs/s: 4.9-8.3 µs of wall time a message, so at most 10-17 µs of CPU a message on 2 CPUs for
+  everything. The worker's ~12.5 µs, PostgreSQL's ~6 µs and the broker's ~1 µs make ~19.5 µs: even
+  with both CPUs busy all the time and nothing else running, at most ~100k msgs/s, a ratio of
+  0.25-0.43. One worker process (one GIL) is bounded by its own 12.5 µs: ~80k msgs/s, 0.2-0.33.
+  0.5 would need the worker's own work a message (JSON with exact decimals, dedupe, the fold,
+  COPY rows, the transaction) to cost about what aiokafka's record decoding costs, or more CPUs
+  than this benchmark's two with a worker process per partition or two.
 
-Changed (2026-11-22, `stream/worker.py`, `stream/sink.py`, `shared/trades.py`,
-`shared/windows.py`): 32,029 → 49,328 trades/s at 1M and 32,582 → 46,249 at 5M (0.22 → 0.31
-and 0.17 → 0.35), same rows, candles and counters (`tests/test_stream*.py`, with the SIGKILL
-test).
+Changed (2026-11-22, session 3; `stream/worker.py`, `stream/sink.py`): 49k → 70-75k trades/s
+at 1M and 46k → 59-67k at 5M (two full runs), same rows, candles and counters
+(`tests/test_stream*.py`, with the SIGKILL test):
 
-1. Parser: the common message (ASCII, at most 480 bytes) is decoded by msgspec straight into a
-   typed struct (`Decimal` from the JSON text, never float) and checked with a few comparisons;
-   anything it does not accept takes the unchanged careful path, which gives the same trade or
-   the exact rejection (`tests/test_trade_parsing.py` compares the two on odd and random
-   inputs). `Trade` is a `msgspec.Struct`: made in C and not tracked by the garbage collector.
-   12 → 1.5-2.8 µs a message.
-2. Pipeline: batch N+1 is fetched, parsed and prepared (first copies, the fresh/other split,
-   the COPY rows) while batch N is written and committed in a thread. The write of N+1 starts
-   only after N has committed; rewinds, reloads, revocations and the stop wait for the batch in
-   flight, and a batch parsed for a partition that was reloaded meanwhile is dropped.
-3. Fewer round trips and waits in the writer: the whole transaction is one thread call; BEGIN,
-   the fence and the savepoint go in one round trip; candles, late, invalid and progress in one
-   pipeline; the outputs are produced (once every fence has passed) while those rows are
-   written, and the commit waits for the broker's acknowledgement as before; the windows fold
-   the batch while the server inserts its COPY (if the COPY meets a stored trade, the savepoint
-   and the windows' state before the batch are restored and the batch takes the staging path).
-4. The process: `gc.freeze()` and a young-generation threshold of 50,000 (was 700) while the
-   worker runs; GIL switch interval 0.5 ms (the writer thread wakes a dozen times a batch and
-   waited up to 5 ms each time for the parsing thread); message keys already checked cached.
+1. `fetch_max_wait_ms=50` (above).
+2. Two writer connections, a partition always on the same one, so its batches, offsets and
+   window state still commit in order; a batch waiting behind a failed one is dropped, and the
+   consumer seeks back to what was committed.
+3. The idle advance of a quiet partition no longer waits for the batches in flight of the
+   others (it is written on a connection of its own; a partition with a batch in flight is not
+   quiet). `tests/test_stream_operations.py` locks one partition's progress row and checks that a
+   quiet symbol on another partition still gets its candle meanwhile.
+4. A late trade's source offset is found by the trade's identity, not by building a key tuple
+   for every trade of the batch (5% of the worker's CPU in the profile).
+
+Before (session 2: msgspec parser, parse while the batch before is written, fewer round trips,
+`gc.freeze`): 32k → 46-49k trades/s.
 
 Not done, by expected gain:
 
 1. Fold the windows in the parse stage (speculatively: the store then confirms which trades are
-   new), taking ~1.5 µs a message off the writer; a failed or fenced batch must then also undo
+   new), taking ~1.5 µs a message off the writers; a failed or fenced batch must then also undo
    the next batch's folding.
 2. A window of recently tried ids per symbol, so that disordered trades never sent before go in
    with the COPY instead of the staging table (4 round trips and a speculative insert each).
-3. More worker processes: the topic has 4 partitions but the 3 default symbols hash onto 2 of
-   them, and the 2 CPUs are shared with PostgreSQL and the broker.
-4. `synchronous_commit = off` for the worker's session was not tried: offsets commit with the
+3. Worker processes per partition on a machine with more CPUs (several `candlekeep stream` in
+   one group already split the partitions).
+4. `synchronous_commit = off` for the worker's sessions was not tried: offsets commit with the
    rows, so a PostgreSQL crash would only lose whole batches that are read again, but it changes
    what a committed batch means to an operator.
-
-The bare consumer reaches 95k to 370k msgs/s here depending on what else runs on the machine:
-the ratio moves with it, the worker's rate much less so.
 """
 
 
@@ -634,7 +640,9 @@ def render(results: list[SizeResult], when: datetime, quick: bool) -> str:
             f"| {r.trades:,} | {r.messages:,} | {r.bare[0].rate:,.0f} / {r.bare[1].rate:,.0f}"
             f" | {w.rate:,.0f} | **{r.ratio:.2f}** | {fmt_s(low)}–{fmt_s(high)}"
             f" (~{fmt_s(interpolated)}) | {fmt_s(c_low)}–{fmt_s(c_high)} | {w.peak_rss_mb:.0f}"
-            f" | {w.worker_cpu_s:.0f} / {w.postgres_cpu_s:.0f} / {w.broker_cpu_s:.0f} |"
+            f" | {w.worker_cpu_s:.0f} / {w.postgres_cpu_s:.0f} / {w.broker_cpu_s:.0f}"
+            f" | {r.bare_cpu_us:.1f} / {1e6 * w.worker_cpu_s / r.messages:.1f}"
+            f" / {1e6 * w.postgres_cpu_s / r.messages:.1f} |"
         )
     ratios = [r.ratio for r in results]
     met = all(x >= TARGET_RATIO for x in ratios)
@@ -676,9 +684,11 @@ Per size, in one run: the synthetic market (`synthetic_messages`, default dials:
 feed order. The symbol keys land on only two of the partitions ({spread} messages on partitions
 0 to 3 at {first.trades:,} trades), so the worker has two busy partitions. Then, on that topic:
 
-- **bare consumer**: an aiokafka consumer group, `getmany(max_records={first.batch_size})` (the
-  worker's batch size), no processing, offsets committed per batch; msgs/s from the first batch
-  to the last. It runs before and after the worker; the ratio uses the better of the two.
+- **bare consumer**: an aiokafka consumer group with the worker's fetch settings,
+  `getmany(max_records={first.batch_size})` (the worker's batch size), no processing, offsets
+  committed per batch; msgs/s from the first batch to the last, and the CPU time of the process
+  it runs in over the same span. It runs before and after the worker; the ratio uses the better
+  of the two.
 - **worker**: `candlekeep stream --exit-when-idle {IDLE_EXIT_S}` as a subprocess (batch
   {first.batch_size}, session timeout 3 s), on a fresh database. Trades/s = messages committed to
   PostgreSQL (`sum(stream_progress.consumed)`, polled every {POLL_S} s) between the first poll
@@ -693,6 +703,8 @@ feed order. The symbol keys land on only two of the partitions ({spread} message
   bucket and a linear interpolation inside it (as Prometheus' `histogram_quantile` does). The
   p99 of `candlekeep_batch_commit_seconds` (one batch's write and commit) is shown next to it.
 - **peak RSS**: the worker process's `VmHWM`.
+- **CPU**: of the worker process (start-up and the final idle wait included), of PostgreSQL's
+  processes and of the broker over the worker's run, and per message consumed.
 
 Last run ({when:%Y-%m-%d %H:%M} UTC{", --quick" if quick else ""}): {m["cpus"]} CPUs
 ({m["cpu"]}), {m["memory"]} RAM, {m["system"]}, Python {m["python"]}. The broker, PostgreSQL and
