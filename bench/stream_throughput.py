@@ -19,6 +19,11 @@ For each size (1M, then 5M trades; ``--quick``: 200k), in one run, with a fresh 
 4. the bare consumer reads the topic once more (a new group), and the ratio is worker trades/s
    over the better of the two bare runs.
 
+Then, once, a live stream: the worker is started on a fresh topic and database, and the messages
+are produced at LIVE_RATE a second for LIVE_SECONDS; the close-to-commit histogram is read when
+the worker has caught up and at the end, and the p99 of the difference is the delay a running
+pipeline sees.
+
 Results go to docs/benchmarks.md, section "Stream worker: end-to-end throughput".
 """
 
@@ -33,6 +38,7 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -505,7 +511,9 @@ def run_size(
     return result
 
 
-def run_all(sizes: list[int], profile: str | None, batch_size: int | None) -> list[SizeResult]:
+def run_all(
+    sizes: list[int], profile: str | None, batch_size: int | None, live_seconds: int
+) -> tuple[list[SizeResult], LiveRun | None]:
     missing = [n for n in sizes if not messages_path(n).exists()]
     if missing:
         print(f"generating {', '.join(f'{n:,}' for n in missing)} messages (cached)...")
@@ -518,9 +526,158 @@ def run_all(sizes: list[int], profile: str | None, batch_size: int | None) -> li
         ).fetchall():  # left by an interrupted run
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(stale)))
     try:
-        return [run_size(n, postgres, profile, batch_size) for n in sizes]
+        results = [run_size(n, postgres, profile, batch_size) for n in sizes]
+        live = None
+        if live_seconds:
+            path = messages_path(max(sizes))
+            live = run_live(postgres, path, min(live_seconds, max(sizes) // LIVE_RATE))
+        return results, live
     finally:
         postgres.stop()
+
+
+# --- live: a paced stream the worker keeps up with ----------------------------------------------
+
+
+#: The live run: the 1M-trade messages produced at this pace, with the worker already running.
+LIVE_RATE = 10_000
+LIVE_SECONDS = 30
+
+
+@dataclass
+class LiveRun:
+    rate: int
+    messages: int
+    produced_rate: float
+    #: Histogram buckets (le, count) of what happened after the worker had caught up.
+    histogram: list[tuple[float, float]]
+    commit_histogram: list[tuple[float, float]]
+    worker_cpu_share: float  # of one CPU, while live
+
+
+async def produce_paced(bootstrap: str, topic: str, path: Path, rate: int, count: int) -> float:
+    """Send the first ``count`` cached messages at ``rate`` a second, in 20 ms steps."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    await producer.start()
+    step = rate // 50
+    sent = 0
+    started = time.perf_counter()
+    try:
+        pending: list = []
+        for chunk in read_chunks(path):
+            for partition, key, value in chunk:
+                if sent >= count:
+                    break
+                pending.append(await producer.send(topic, value, key=key, partition=partition))
+                sent += 1
+                if sent % step == 0:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+                    ahead = started + sent / rate - time.perf_counter()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+            if sent >= count:
+                break
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return sent / (time.perf_counter() - started)
+
+
+def minus(after: list[tuple[float, float]], before: list[tuple[float, float]]):
+    """Cumulative buckets of what was counted between two scrapes."""
+    earlier = dict(before)
+    return [(le, count - earlier.get(le, 0.0)) for le, count in after]
+
+
+def run_live(postgres: EmbeddedPostgres, path: Path, seconds: int) -> LiveRun:
+    """The worker running, then trades arriving at LIVE_RATE a second for ``seconds``: the
+    close-to-commit delay a live stream sees (counted from when the worker has caught up with
+    what arrived while it joined the group)."""
+    count = LIVE_RATE * seconds
+    print(f"== live: {LIVE_RATE:,} msgs/s for {seconds} s")
+    settings = stream_settings()
+    database = f"bench_stream_live_{uuid.uuid4().hex[:6]}"
+    admin_url = postgres.url_for("postgres")
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    url = postgres.url_for(database)
+    db.upgrade(url)
+    broker = EmbeddedBroker(OUT_DIR / "broker").start()
+    topic = settings.topic_trades
+    try:
+        bootstrap = broker.bootstrap_servers
+        asyncio.run(ensure_topic(bootstrap, topic, PARTITIONS))
+        produced: list[float] = []
+        producer = threading.Thread(
+            target=lambda: produced.append(
+                asyncio.run(produce_paced(bootstrap, topic, path, LIVE_RATE, count))
+            ),
+            daemon=True,
+        )
+        port = free_port()
+        env = settings_env(settings, url, bootstrap)
+        env["CANDLEKEEP_METRICS_PORT"] = str(port)
+        command = [sys.executable, "-m", "candlekeep", "stream", "--exit-when-idle", "3"]
+        log = OUT_DIR / "worker-live.log"
+        with log.open("wb") as stderr, db.connect(url) as conn:
+            worker = subprocess.Popen(command, env=env, stdout=stderr, stderr=stderr, cwd=REPO)
+            process = psutil.Process(worker.pid)
+            producer.start()
+            started = time.perf_counter()
+            before = after = None
+            cpu = cpu_before = cpu_at = 0.0
+            caught_up_at = after_at = 0.0
+            try:
+                while worker.poll() is None and time.perf_counter() - started < 600:
+                    time.sleep(0.5)
+                    now = time.perf_counter()
+                    expected = min(count, LIVE_RATE * (now - started))
+                    done = committed(conn, settings.consumer_group)
+                    metrics = scrape(port)
+                    if metrics is None:
+                        continue
+                    with contextlib.suppress(psutil.Error):
+                        times = process.cpu_times()
+                        cpu = times.user + times.system
+                    if before is None and done and done >= expected - LIVE_RATE * 0.5:
+                        before, cpu_before, caught_up_at = metrics, cpu, now
+                    if before is not None:
+                        after, cpu_at, after_at = metrics, cpu, now
+                    if done >= count:
+                        break
+            finally:
+                worker.terminate()
+                worker.wait(60)
+        producer.join(60)
+        if before is None or after is None:
+            raise SystemExit(f"the worker never caught up with the live stream; see {log}")
+        key, commit_key = (
+            "candlekeep_window_close_to_commit_seconds",
+            "candlekeep_batch_commit_seconds",
+        )
+        live_s = max(after_at - caught_up_at, 1e-9)
+        result = LiveRun(
+            LIVE_RATE,
+            count,
+            produced[0] if produced else 0.0,
+            minus(after[key], before[key]),
+            minus(after[commit_key], before[commit_key]),
+            (cpu_at - cpu_before) / live_s,
+        )
+    finally:
+        broker.stop()
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+            )
+    low, high, interpolated = quantile(result.histogram, 0.99)
+    print(
+        f"  produced at {result.produced_rate:,.0f} msgs/s; windows closed while live:"
+        f" {result.histogram[-1][1]:,.0f}; p99 close → commit {fmt_s(low)}–{fmt_s(high)}"
+        f" (~{fmt_s(interpolated)}); worker CPU {result.worker_cpu_share:.0%} of one CPU"
+    )
+    return result
 
 
 # --- reporting ----------------------------------------------------------------------------------
@@ -596,8 +753,8 @@ other sessions' jobs, so single numbers move by ±30%.
   COPY rows, the transaction) to cost about what aiokafka's record decoding costs, or more CPUs
   than this benchmark's two with a worker process per partition or two.
 
-Changed (2026-11-22, session 3; `stream/worker.py`, `stream/sink.py`): 49k → 70-75k trades/s
-at 1M and 46k → 59-67k at 5M (two full runs), same rows, candles and counters
+Changed (2026-11-22, session 3; `stream/worker.py`, `stream/sink.py`): 49k → 68-75k trades/s
+at 1M and 46k → 59-69k at 5M (three full runs), same rows, candles and counters
 (`tests/test_stream*.py`, with the SIGKILL test):
 
 1. `fetch_max_wait_ms=50` (above).
@@ -629,7 +786,29 @@ Not done, by expected gain:
 """
 
 
-def render(results: list[SizeResult], when: datetime, quick: bool) -> str:
+def render_live(live: LiveRun | None) -> str:
+    if live is None:
+        return ""
+    low, high, interpolated = quantile(live.histogram, 0.99)
+    c_low, c_high, _ = quantile(live.commit_histogram, 0.99)
+    return f"""
+**Live stream** (the delay a running pipeline sees): the worker started first, then the first
+{live.messages:,} of those messages produced at {live.rate:,} msgs/s (achieved:
+{live.produced_rate:,.0f}), to a fresh topic and database.
+
+- counted from when the worker had caught up with what arrived while it joined the group:
+  {live.histogram[-1][1]:,.0f} windows closed;
+- p99 close → commit **{fmt_s(low)}–{fmt_s(high)} (~{fmt_s(interpolated)})**, p99 batch
+  commit {fmt_s(c_low)}–{fmt_s(c_high)};
+- the worker used {live.worker_cpu_share:.0%} of one CPU: its batches are small (what arrived
+  since the last fetch), so each message carries more of a batch's fixed cost (fence, commit,
+  acknowledgements) than in a backlog.
+"""
+
+
+def render(
+    results: list[SizeResult], when: datetime, quick: bool, live: LiveRun | None = None
+) -> str:
     m = machine()
     rows = []
     for r in results:
@@ -674,10 +853,11 @@ def render(results: list[SizeResult], when: datetime, quick: bool) -> str:
 
 How to run: `.venv/bin/python bench/stream_throughput.py [--trades N [N ...]] [--quick]
 [--no-write-docs] [--batch-size N] [--profile raw|flamegraph|speedscope]` (default 1M then 5M
-trades, about 10 minutes; `--quick`: 200k, a smoke run that writes no docs; `--profile` runs
-py-spy, `pip install py-spy`, on the worker into `bench/out/stream/`). Needs only the project's
-own dependencies: the broker (Tansu, in memory) and PostgreSQL are the embedded ones, started
-fresh by the script (data in `bench/out/stream/`).
+trades, then a live stream of {LIVE_RATE:,} msgs/s for {LIVE_SECONDS} s, about 10 minutes;
+`--quick`: 200k and 10 s live, a smoke run that writes no docs; `--profile` runs py-spy,
+`pip install py-spy`, on the worker into `bench/out/stream/`, and skips the live stream).
+Needs only the project's own dependencies: the broker (Tansu, in memory) and PostgreSQL are the
+embedded ones, started fresh by the script (data in `bench/out/stream/`).
 
 Per size, in one run: the synthetic market (`synthetic_messages`, default dials: 3 symbols, about
 5% disordered, 0.2% late, 1% duplicates, 0.5% invalid) is produced to a new 4-partition topic in
@@ -716,7 +896,7 @@ the worker share the {m["cpus"]} CPUs.
 {verdict} {flat}
 
 {details}
-
+{render_live(live)}
 {ANALYSIS}"""
 
 
@@ -754,14 +934,15 @@ def main() -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     if args.docs_from_last:
         with LAST.open("rb") as handle:
-            results, when, quick = pickle.load(handle)
+            results, when, quick, live = pickle.load(handle)
     else:
         when = datetime.now(UTC)
         quick = args.quick
-        results = run_all(sizes, args.profile, args.batch_size)
+        live_seconds = 0 if args.profile else (10 if quick else LIVE_SECONDS)
+        results, live = run_all(sizes, args.profile, args.batch_size, live_seconds)
         with LAST.open("wb") as handle:
-            pickle.dump((results, when, quick), handle)
-    text = render(results, when, quick)
+            pickle.dump((results, when, quick, live), handle)
+    text = render(results, when, quick, live)
     print(text)
     if not (quick or args.no_write_docs):
         write_docs(text)
