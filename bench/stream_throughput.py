@@ -738,20 +738,20 @@ other sessions' jobs, so single numbers move by ±30%.
   one writer's Python runs while the other waits on PostgreSQL. 500k trades, back to back: 69k
   trades/s with 1 writer, 80-85k with 2. A third waiting batch added nothing and doubled the
   close-to-commit delay while reading a backlog.
-- **Per message** (the table's last column: CPU time over messages): the bare consumer 2-3 µs
-  (aiokafka's fetch and record decoding, all it does); the worker process 12-13 µs (aiokafka's
+- **Per message** (the table's last column: CPU time over messages): the bare consumer 2-3.5 µs
+  (aiokafka's fetch and record decoding, all it does); the worker process 12-15 µs (aiokafka's
   same share; parsing and validating ~2.5 µs, a typed msgspec decode with `Decimal` straight
   from the JSON text; first copies and the COPY text rows ~2.5 µs; the windows ~1.5 µs; the rest
   psycopg, the staging path for the ~5% disordered trades, outputs, thread hand-offs);
   PostgreSQL ~6 µs (the COPY into `trades` alone is 3.6 µs a row: heap, primary key, BRIN, WAL).
-- **Why 0.5 is out of reach on this machine.** Half the bare consumer's rate is 120k-205k
-  msgs/s: 4.9-8.3 µs of wall time a message, so at most 10-17 µs of CPU a message on 2 CPUs for
-  everything. The worker's ~12.5 µs, PostgreSQL's ~6 µs and the broker's ~1 µs make ~19.5 µs: even
+- **Why 0.5 is out of reach on this machine.** Half the bare consumer's rate is 110k-205k
+  msgs/s: 4.9-9.1 µs of wall time a message, so at most 10-18 µs of CPU a message on 2 CPUs for
+  everything. The worker's 12-15 µs, PostgreSQL's ~6 µs and the broker's ~1 µs make ~20 µs: even
   with both CPUs busy all the time and nothing else running, at most ~100k msgs/s, a ratio of
-  0.25-0.43. One worker process (one GIL) is bounded by its own 12.5 µs: ~80k msgs/s, 0.2-0.33.
-  0.5 would need the worker's own work a message (JSON with exact decimals, dedupe, the fold,
-  COPY rows, the transaction) to cost about what aiokafka's record decoding costs, or more CPUs
-  than this benchmark's two with a worker process per partition or two.
+  0.25-0.45. One worker process (one GIL) is bounded by its own 12-15 µs: ~70-80k msgs/s,
+  0.2-0.35. 0.5 would need the worker's own work a message (JSON with exact decimals, dedupe,
+  the fold, COPY rows, the transaction) to cost about what aiokafka's record decoding costs, or
+  more CPUs than this benchmark's two with a worker process per partition or two.
 
 Changed (2026-11-22, session 3; `stream/worker.py`, `stream/sink.py`): 49k → 68-75k trades/s
 at 1M and 46k → 59-69k at 5M (three full runs), same rows, candles and counters
