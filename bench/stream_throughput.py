@@ -940,8 +940,9 @@ def main() -> None:
         quick = args.quick
         live_seconds = 0 if args.profile else (10 if quick else LIVE_SECONDS)
         results, live = run_all(sizes, args.profile, args.batch_size, live_seconds)
-        with LAST.open("wb") as handle:
-            pickle.dump((results, when, quick, live), handle)
+        if not (quick or args.profile):  # (what --docs-from-last renders: a documented run)
+            with LAST.open("wb") as handle:
+                pickle.dump((results, when, quick, live), handle)
     text = render(results, when, quick, live)
     print(text)
     if not (quick or args.no_write_docs):
