@@ -289,16 +289,9 @@ class StreamWorker:
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
-        for conn in self._connections():
-            with contextlib.suppress(Exception):
-                conn.close()
-        self._conn = None
+        self._conn = _closed(self._conn)
         for writer in self._writers:
-            writer.conn = None
-
-    def _connections(self) -> list[psycopg.Connection]:
-        conns = [self._conn, *(w.conn for w in self._writers)]
-        return [c for c in conns if c is not None]
+            writer.conn = _closed(writer.conn)
 
     def _idle_long_enough(self) -> bool:
         """Quiet for ``exit_when_idle_s`` and at the end of every assigned partition: a broker
@@ -316,10 +309,7 @@ class StreamWorker:
 
     async def _step(self) -> None:
         assert self._consumer is not None
-        if any(
-            conn is None or conn.closed or conn.broken
-            for conn in (self._conn, *(w.conn for w in self._writers))
-        ):
+        if not all(map(_usable, (self._conn, *(w.conn for w in self._writers)))):
             await self._drain()
             await self._reconnect()
         if self._pending:
@@ -688,18 +678,12 @@ class StreamWorker:
     async def _reconnect(self) -> None:
         """(Re)open every connection that is not open and well (nothing may be in flight)."""
         restored = self._conn is not None
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            if self._conn is not None:
-                with contextlib.suppress(Exception):
-                    self._conn.close()
-            self._conn = None
+        if not _usable(self._conn):
+            self._conn = _closed(self._conn)  # (None until the new one is up)
             self._conn = await asyncio.to_thread(self._connect)
         for writer in self._writers:
-            if writer.conn is None or writer.conn.closed or writer.conn.broken:
-                if writer.conn is not None:
-                    with contextlib.suppress(Exception):
-                        writer.conn.close()
-                writer.conn = None
+            if not _usable(writer.conn):
+                writer.conn = _closed(writer.conn)
                 writer.conn = await asyncio.to_thread(db.connect, self.database_url)
         if restored:
             log.info("database connection restored")
@@ -764,6 +748,17 @@ class StreamWorker:
                 self._pending.discard(tp.partition)
             if revoked:  # (the first join revokes nothing)
                 log.info("partitions revoked", partitions=sorted(tp.partition for tp in revoked))
+
+
+def _usable(conn: psycopg.Connection | None) -> bool:
+    return conn is not None and not conn.closed and not conn.broken
+
+
+def _closed(conn: psycopg.Connection | None) -> None:
+    """Close ``conn`` if there is one, whatever state it is in."""
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 class _Abandoned(Exception):
