@@ -99,6 +99,10 @@ def checks_step(
     """Step 4: data-quality checks; returns the report's summary with its verdict."""
     start, end = parse_interval(start, end)
     intervals: IntervalSet = settings.interval_set
+    # Windows the stream has closed: before its watermark (none yet without one).
+    stream_closed_before = (
+        ts_to_datetime(parse_timestamp(stream["watermark"])) if stream.get("watermark") else start
+    )
     with db.connect(url) as conn:
         gap_counts = gaps(conn, start, end, intervals)
         base_windows = conn.execute(
@@ -117,7 +121,14 @@ def checks_step(
             },
             "rollup_violations": {
                 "batch": rollup_violations(conn, "batch_candles", start, end, intervals),
-                "stream": rollup_violations(conn, "stream_candles", start, end, intervals),
+                "stream": rollup_violations(
+                    conn,
+                    "stream_candles",
+                    start,
+                    end,
+                    intervals,
+                    closed_before=stream_closed_before,
+                ),
             },
             "gaps": gap_counts,
             "gaps_total": sum(gap_counts.values()),

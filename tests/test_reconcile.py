@@ -185,3 +185,54 @@ def test_rerunning_an_interval_gives_identical_tables(conn):
     assert [
         r[:-1] for r in conn.execute("SELECT * FROM batch_candles ORDER BY 1, 2, 3, 4").fetchall()
     ] == strip
+
+
+def test_a_stream_that_lags_is_a_warning_not_a_broken_rollup(conn, database_url, tmp_path):
+    """The DAG gave up waiting: the stream's watermark is mid-hour, so its 1m candles are
+    written up to there and the 5m/15m/1h windows still open have no candle yet. That is a
+    stream that lags (``warn``), never "not the merge of their base candles" (``fail``)."""
+    from shared.batch_run import run_interval
+    from shared.config import Settings
+    from stream.sink import write_progress
+
+    rnd = random.Random(5)
+    trades = [
+        Trade(
+            "binance",
+            rnd.choice(["BTCUSDT", "ETHUSDT"]),
+            n,
+            START_US + n * 2 * S,  # in order, no late trade, one every 2 s over the hour
+            Decimal(rnd.randint(100, 200)),
+            Decimal(rnd.randint(1, 9)).scaleb(-2),
+            None,
+        )
+        for n in range(1800)
+    ]
+    windows = PartitionWindows(WindowSettings(INTERVALS, max_delay_us=2 * S))
+    arrived = [t for t in trades if t.ts_us < START_US + 37 * 60 * S]  # the stream stopped here
+    emitted = windows.process(arrived, now_us=0).candles  # no flush: the worker is still running
+    assert {c.interval for c in emitted} == {"1m", "5m", "15m"}  # 35-37 min: 1m ahead of 5m
+    TradePartitions().ensure(conn, trades)
+    store_trades(conn, trades)  # every trade is stored (e.g. by `load`), the stream lags
+    write_candles(conn, emitted)
+    write_progress(conn, "candlekeep", "trades", 0, len(arrived), windows)
+    conn.commit()
+
+    settings = Settings(report_dir=str(tmp_path / "reports"))
+    summary = run_interval(database_url, settings, "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z")
+
+    assert summary["rollup_violations"] == {"batch": 0, "stream": 0}
+    assert summary["counts"]["unexplained"] == 0
+    assert summary["counts"]["missing_in_stream"] > 0  # what the stream has not written yet
+    assert summary["status"] == "warn"
+    assert any("watermark had not passed" in r for r in summary["reasons"])
+    # A larger candle that *is* written and is wrong still fails, lag or not.
+    conn.execute(
+        "UPDATE stream_candles SET high = high + 1 WHERE interval = '5m'"
+        " AND window_start = %s AND symbol = 'BTCUSDT'",
+        (ts_to_datetime(START_US),),
+    )
+    conn.commit()
+    summary = run_interval(database_url, settings, "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z")
+    assert summary["rollup_violations"]["stream"] == 1
+    assert summary["status"] == "fail"
