@@ -70,6 +70,10 @@ def detect_format(path: str, first_line: str) -> str:
     columns = stripped.count(",") + 1
     if columns == 8:
         return "binance-aggtrades"
+    # 7 columns: trades with is_best_match, or aggTrades without it (USD-M files): the name
+    # or a header's first column tells.
+    if columns == 7 and ("aggtrades" in name or stripped.lower().startswith("agg")):
+        return "binance-aggtrades"
     if columns in (6, 7):
         return "binance-trades"
     if "aggtrades" in name:
