@@ -5,10 +5,18 @@ garbage first lines are refused or reported, never taken silently."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import re
+import tempfile
+import uuid
+from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from candlekeep.cli import cli
 from candlekeep.load import load_trades
@@ -233,3 +241,151 @@ def test_a_garbage_first_line_is_an_invalid_line_and_a_real_header_is_skipped(tm
     result = invoke("aggregate", header, "--interval", "1h")
     assert result.exit_code == 0 and "0 invalid lines" in result.stderr
     assert json.loads(result.stdout)["trade_count"] == 3
+
+
+# --- property: random bytes and out-of-range numbers through every file format --------------
+
+FILES = settings(
+    settings.default, max_examples=max(20, settings.default.max_examples // 6), deadline=None
+)
+FORMATS = ["jsonl", "binance-trades", "binance-aggtrades"]
+
+out_of_range_values = st.one_of(
+    st.tuples(st.just("trade_id"), st.integers(2**63, 2**80).map(str)),
+    st.tuples(st.just("trade_id"), st.integers(4400, 6000).map(lambda n: "7" * n)),
+    st.tuples(
+        st.sampled_from(["price", "quantity"]),
+        st.integers(1001, 100_000).map(lambda e: f"1E-{e}"),
+    ),
+    st.tuples(
+        st.sampled_from(["price", "quantity"]), st.integers(1002, 3000).map(lambda n: "3" * n)
+    ),
+    st.tuples(
+        st.sampled_from(["price", "quantity"]), st.integers(1001, 9999).map(lambda e: f"2E+{e}")
+    ),
+    st.tuples(st.just("timestamp"), st.integers(4_102_444_800_000_000, 10**30).map(str)),
+    st.tuples(st.just("span"), st.integers(2**31, 2**62).map(str)),
+)
+garbage = st.binary(max_size=60).map(
+    lambda b: b.replace(b"\n", b"").replace(b"\r", b"") + b"\x00"  # never a trade nor a header
+)
+entries = st.lists(
+    st.one_of(
+        st.tuples(st.just("good"), st.integers(0, 600)),  # padding: long lines, still good
+        st.tuples(st.just("bad"), out_of_range_values),
+        st.tuples(st.just("bytes"), garbage),
+    ),
+    max_size=25,
+)
+
+
+def render(fmt: str, trade_id: int, fields: dict[str, str]) -> bytes:
+    values = {
+        "trade_id": str(trade_id),
+        "price": "1.5",
+        "quantity": "0.25",
+        "timestamp": str(T0 + trade_id),
+        "span": "1",
+    } | fields
+    if fmt == "jsonl":
+        message = {
+            "symbol": "XRPETH",
+            "trade_id": values["trade_id"],
+            "price": values["price"],
+            "quantity": values["quantity"],
+            "timestamp": values["timestamp"],
+        }
+        # Ids and times as JSON numbers, prices as strings (both spellings are canonical).
+        text = json.dumps(message)
+        for name in ("trade_id", "timestamp"):
+            text = text.replace(f'"{name}": "{values[name]}"', f'"{name}": {values[name]}')
+        return text.encode()
+    if fmt == "binance-trades":
+        row = [values["trade_id"], values["price"], values["quantity"], "1", values["timestamp"]]
+        return ",".join([*row, "True", "True"]).encode()
+    first = trade_id
+    last = first + int(values["span"]) - 1
+    row = [values["trade_id"], values["price"], values["quantity"], str(first), str(last)]
+    return ",".join([*row, values["timestamp"], "True", "True"]).encode()
+
+
+def write_input(tmp, fmt, compressed, drawn):
+    """The file's bytes from the drawn entries: good lines (ids = their line numbers, some
+    padded long), out-of-range ones, garbage. Returns the path, the good ids, the bad lines."""
+    lines, good, bad = [], {}, []
+    for number, (kind, value) in enumerate(drawn, 1):
+        if kind == "good":
+            quantity = "0.25" + "0" * value
+            lines.append(render(fmt, number, {"quantity": quantity}))
+            good[number] = Decimal("0.25")
+        elif kind == "bad":
+            name, text = value
+            if name == "span" and fmt != "binance-aggtrades":  # only aggTrades have spans
+                name, text = "trade_id", str(2**63 + int(text))
+            lines.append(render(fmt, number, {name: text}))
+            bad.append(number)
+        else:
+            lines.append(value)
+            bad.append(number)
+    data = b"".join(line + b"\n" for line in lines)
+    suffix = ".jsonl" if fmt == "jsonl" else ".csv"
+    path = tmp / f"XRPETH-{fmt}-{uuid.uuid4().hex[:8]}{suffix}"
+    if compressed:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path, good, bad
+
+
+def check_outcome(result, path, good, bad):
+    """Never a crash; the exit status the docs give; every bad line named by its number."""
+    assert "Traceback" not in result.output and "This is a bug" not in result.stderr
+    if good:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 1, result.output
+        assert f"{path}: nothing valid was read" in result.stderr
+    reported = [
+        int(m.group(1))
+        for m in re.finditer(rf"^{re.escape(str(path))}:(\d+): invalid: ", result.stderr, re.M)
+    ]
+    assert reported == bad
+
+
+@FILES
+@given(
+    fmt=st.sampled_from(FORMATS),
+    compressed=st.booleans(),
+    drawn=entries,
+    workers=st.sampled_from([1, 2]),
+)
+def test_aggregate_never_crashes_and_folds_every_good_line_once(fmt, compressed, drawn, workers):
+    with tempfile.TemporaryDirectory() as tmp:
+        path, good, bad = write_input(Path(tmp), fmt, compressed, drawn)
+        args = ["aggregate", path, "--input-format", fmt, "--symbol", "XRPETH", "--interval", "1d"]
+        result = invoke(*args, "--workers", workers, "--chunk-bytes", 300)
+    check_outcome(result, path, good, bad)
+    candles = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sum(c["trade_count"] for c in candles) == len(good)
+    assert sum(Decimal(c["volume"]) for c in candles) == sum(good.values())
+
+
+@pytest.mark.integration
+@FILES
+@given(fmt=st.sampled_from(FORMATS), compressed=st.booleans(), drawn=entries)
+def test_load_never_crashes_and_stores_every_good_line_once(database_url, fmt, compressed, drawn):
+    db.upgrade(database_url)
+    with db.connect(database_url) as conn:
+        conn.execute("TRUNCATE trades, invalid_trades")
+        conn.commit()
+    with tempfile.TemporaryDirectory() as tmp:
+        path, good, bad = write_input(Path(tmp), fmt, compressed, drawn)
+        args = ["load", path, "--input-format", fmt, "--symbol", "XRPETH"]
+        result = invoke(*args, url=database_url)
+    check_outcome(result, path, good, bad)
+    with db.connect(database_url) as conn:
+        stored = conn.execute("SELECT trade_id, quantity FROM trades ORDER BY trade_id").fetchall()
+        invalid = conn.execute("SELECT source_offset FROM invalid_trades ORDER BY 1").fetchall()
+    assert stored == sorted(good.items())
+    assert [r[0] for r in invalid] == bad
