@@ -12,14 +12,22 @@ import click
 
 from candlekeep.errors import UserError
 from candlekeep.parallel_aggregate import add_trades, default_workers
-from candlekeep.trade_input import TradeInput
+from candlekeep.trade_input import TradeInput, exchange_option, symbol_option
 from shared.aggregation import CandleBook, fill_gaps
 from shared.candle_formats import OUTPUT_FORMATS, candle_json_line, kline_row
-from shared.intervals import IntervalError, IntervalSet
+from shared.intervals import SUPPORTED, IntervalError, IntervalSet
 from shared.trade_files import FORMATS
 
 
 def _interval_names(values: tuple[str, ...]) -> list[str]:
+    """The names given with ``--interval`` (repeated or comma-separated). An empty value is
+    refused rather than read as "the default": the user asked for something."""
+    if any(not value.strip(" ,") for value in values):
+        raise click.BadParameter(
+            f"{next(v for v in values if not v.strip(' ,'))!r} names no interval: use one or "
+            f"more of {' '.join(SUPPORTED)}, or leave the option out for the default",
+            param_hint="'--interval'",
+        )
     return [name for value in values for name in value.split(",") if name.strip()]
 
 
@@ -40,9 +48,17 @@ def _interval_names(values: tuple[str, ...]) -> list[str]:
     help="Candle interval (1m 5m 15m 1h 4h 1d); repeat or comma-separate. "
     "Default: CANDLEKEEP_INTERVALS, or 1m for binance-klines.",
 )
-@click.option("--symbol", help="Symbol of Binance CSV files (default: the file name's prefix).")
 @click.option(
-    "--exchange", default="binance", show_default=True, help="Exchange of Binance CSV files."
+    "--symbol",
+    callback=symbol_option,
+    help="Symbol of Binance CSV files (default: the file name's prefix).",
+)
+@click.option(
+    "--exchange",
+    default="binance",
+    show_default=True,
+    callback=exchange_option,
+    help="Exchange of Binance CSV files (lower-cased).",
 )
 @click.option(
     "--fill-gaps",
@@ -102,6 +118,7 @@ def aggregate(
     source = TradeInput(list(files), input_format, symbol, exchange)
     book = CandleBook(interval_set)
     add_trades(source, book, workers, chunk_bytes)
+    source.require_trades()
     symbols = book.symbols()
     if output_format == "binance-klines" and len(symbols) > 1:
         raise UserError(

@@ -7,8 +7,9 @@ from collections import Counter
 
 import click
 
+from candlekeep.trade_input import exchange_option, symbol_option
 from shared.trade_files import FORMATS
-from shared.trades import parse_timestamp
+from shared.trades import SYMBOL_RULE, normalise_symbol, parse_timestamp
 
 #: Binance's public WebSocket endpoint (imported lazily elsewhere: websockets is in `stream`).
 BINANCE_URL = "wss://stream.binance.com:9443"
@@ -19,8 +20,29 @@ def feed_group() -> None:
     """Produce trade messages to Kafka."""
 
 
+def _symbols_option(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    """``--symbols A,B``: each by SPEC §2's symbol rule (the stream would refuse any other)."""
+    symbols = []
+    for raw in value.split(","):
+        if not raw.strip():
+            continue
+        symbol = normalise_symbol(raw)
+        if symbol is None:
+            raise click.BadParameter(f"{raw[:40]!r} is not {SYMBOL_RULE}")
+        symbols.append(symbol)
+    if not symbols:
+        raise click.BadParameter("no symbol given: e.g. --symbols BTCUSDT,ETHUSDT")
+    return tuple(dict.fromkeys(symbols))
+
+
 @feed_group.command()
-@click.option("--symbols", default="BTCUSDT,ETHUSDT,SOLUSDT", show_default=True)
+@click.option(
+    "--symbols",
+    default="BTCUSDT,ETHUSDT,SOLUSDT",
+    show_default=True,
+    callback=_symbols_option,
+    help="Comma-separated symbols of the synthetic market.",
+)
 @click.option("--count", type=int, default=10_000, show_default=True, help="Trades to make.")
 @click.option(
     "--rate",
@@ -97,7 +119,7 @@ def synthetic(
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--start") from None
     dials = MarketDials(
-        symbols=tuple(s.strip().upper() for s in symbols.split(",") if s.strip()),
+        symbols=symbols,
         start_us=start_us,
         count=count,
         rate=rate,
@@ -196,8 +218,18 @@ def binance(ctx, symbols, url, partitions, max_trades):
     show_default=True,
     help="Format of the files (auto: told from each file's name and first line).",
 )
-@click.option("--symbol", help="Symbol of Binance CSV files (default: the file name's prefix).")
-@click.option("--exchange", default="binance", show_default=True, help="Exchange of CSV trades.")
+@click.option(
+    "--symbol",
+    callback=symbol_option,
+    help="Symbol of Binance CSV files (default: the file name's prefix).",
+)
+@click.option(
+    "--exchange",
+    default="binance",
+    show_default=True,
+    callback=exchange_option,
+    help="Exchange of CSV trades (lower-cased).",
+)
 @click.option(
     "--speed",
     type=float,

@@ -89,6 +89,8 @@ class UnitResult:
     #: (exchange, symbol) -> (lowest id, highest id, every id seen); None on a re-run.
     #: Consecutive ids (Binance's) are sent as a range: nothing to pack or pickle.
     ids: dict[Key, tuple[int, int, range | array | tuple[int, ...]]] | None = None
+    #: Lines that were trades (not invalid, blank or a header): a file with none fails the run.
+    trade_lines: int = 0
 
 
 @dataclass
@@ -200,6 +202,7 @@ def fold_unit(task: _Task) -> UnitResult:
         unshown,
         reader.microseconds,
         ids,
+        reader.lines - base - reader.invalid - reader.skipped,
     )
 
 
@@ -362,6 +365,7 @@ class _Reporter:
             source.invalid += result.invalid - len(result.shown)
             source.invalid_reasons.update(result.unshown_reasons)
             source.lines += result.lines
+            source.trade_lines[unit.path] += result.trade_lines
             self.lines_before += result.lines
             self.next += 1
 

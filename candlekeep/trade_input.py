@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -19,7 +20,14 @@ from shared.trade_files import (
     detect_format,
     symbol_from_filename,
 )
-from shared.trades import Rejection, Trade
+from shared.trades import (
+    EXCHANGE_RULE,
+    SYMBOL_RULE,
+    Rejection,
+    Trade,
+    normalise_exchange,
+    normalise_symbol,
+)
 
 #: How many invalid lines are printed one by one before only their count is kept.
 MAX_LINES_SHOWN = 1000
@@ -48,6 +56,8 @@ class TradeInput:
     invalid_reasons: Counter = field(default_factory=Counter)
     invalid_lines: list[InvalidLine] = field(default_factory=list)
     microseconds: bool | None = None
+    #: Per file: lines that were trades (neither invalid, nor blank, nor a header).
+    trade_lines: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         for path in self.paths:
@@ -131,8 +141,39 @@ class TradeInput:
                         lines = _counting(handle, progress, task)
                     yield from reader.trades(lines)
                 self.lines += reader.lines
+                self.trade_lines[path] += reader.lines - reader.invalid - reader.skipped
                 if self.microseconds is None:
                     self.microseconds = reader.microseconds
+
+    def require_trades(self) -> None:
+        """Fail when a file held no trade at all (empty, or every line invalid): most likely
+        the wrong file or the wrong ``--input-format``, never a run to call a success."""
+        for path in dict.fromkeys(self.paths):
+            if self.trade_lines[path] == 0:
+                raise UserError(
+                    f"{path}: nothing valid was read from it (no trade in it; its invalid "
+                    "lines, if any, are listed above): check the file, --input-format and "
+                    "--symbol"
+                )
+
+
+def symbol_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--symbol``: SPEC §2's symbol rule (shared with the stream's parser), checked before any
+    work, as a usage error."""
+    if value is None:
+        return None
+    symbol = normalise_symbol(value)
+    if symbol is None:
+        raise click.BadParameter(f"{value[:40]!r} is not {SYMBOL_RULE}")
+    return symbol
+
+
+def exchange_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--exchange``: SPEC §2's exchange rule (``Binance`` is ``binance``), as a usage error."""
+    exchange = normalise_exchange(value)
+    if exchange is None:
+        raise click.BadParameter(f"{value[:40]!r} is not {EXCHANGE_RULE}")
+    return exchange
 
 
 def _no_symbol(path: str) -> UserError:

@@ -46,6 +46,14 @@ class Interval:
 
 def interval(name: str) -> Interval:
     """The interval called ``name``; raises :class:`IntervalError` naming the supported ones."""
+    if "M" in name:
+        # Binance's vocabulary (which the klines output follows) has 1m for a minute and 1M
+        # for a month: lower-casing would silently turn a month into a minute.
+        raise IntervalError(
+            f"unknown interval {name!r}: in Binance's vocabulary 1M is a month, which "
+            f"candlekeep does not make; use one of {' '.join(SUPPORTED)} (minutes are a "
+            "lower-case m)"
+        )
     key = name.strip().lower()
     if key not in SUPPORTED:
         raise IntervalError(f"unknown interval {name!r}: use one of {', '.join(SUPPORTED)}")

@@ -27,6 +27,13 @@ MAX_TS_US = 4_102_444_800 * 1_000_000
 
 _SYMBOL_RE = re.compile(r"[A-Z0-9._-]{1,32}")
 _EXCHANGE_RE = re.compile(r"[a-z0-9._-]{1,32}")
+#: The rules in words, for messages (SPEC §2).
+SYMBOL_RULE = "1-32 characters of A-Z 0-9 . _ - (upper-cased)"
+EXCHANGE_RULE = "1-32 characters of a-z 0-9 . _ - (lower-cased)"
+#: Trade ids are stored as ``bigint``: 0 <= id < 2^63.
+ID_LIMIT = 2**63
+#: An aggTrade's ``raw_trades`` is stored as ``integer``.
+MAX_RAW_TRADES = 2**31 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
 _JSON = msgspec.json.Decoder(float_hook=Decimal)
@@ -79,7 +86,14 @@ class Rejection:
         return self.reason
 
 
-class _Invalid(Exception):
+class InvalidField(ValueError):
+    """A field breaks its rule (SPEC §2); ``rejection`` says which field and why.
+
+    Raised by the field rules below, which every entry point shares: the JSON message parser,
+    the CSV file reader (:mod:`shared.trade_files`) and the command-line options, so that a
+    value is accepted or refused the same way whichever way it came in.
+    """
+
     def __init__(self, code: str, reason: str):
         super().__init__(reason)
         self.rejection = Rejection(code, reason)
@@ -118,6 +132,13 @@ def _parse_careful(value: bytes | str | None, max_ts_us: int | None) -> Trade | 
     try:
         obj = _JSON.decode(value)
     except msgspec.DecodeError as exc:
+        if str(exc).startswith("Integer value out of range"):
+            # Valid JSON, but an integer literal beyond 64 bits: no id or time is that large.
+            return Rejection(
+                "out_of_range",
+                "message holds an integer of more than 64 bits: out of range for any field "
+                "(write very large prices and quantities as decimal strings)",
+            )
         return Rejection("not_json", f"message is not valid JSON: {exc}")
     except RecursionError:
         return Rejection("not_json", "message is not valid JSON: nested too deeply")
@@ -129,18 +150,18 @@ def parse_trade_object(obj: Any, *, max_ts_us: int | None = None) -> Trade | Rej
     if not isinstance(obj, dict):
         return Rejection("not_object", f"message is a JSON {_json_type(obj)}, not an object")
     try:
-        symbol = _symbol(_required(obj, "symbol"))
-        trade_id = _trade_id(_required(obj, "trade_id"))
-        price = _positive_decimal("price", _required(obj, "price"))
-        quantity = _positive_decimal("quantity", _required(obj, "quantity"))
+        symbol = check_symbol(_required(obj, "symbol"))
+        trade_id = check_trade_id(_required(obj, "trade_id"))
+        price = check_positive_decimal("price", _required(obj, "price"))
+        quantity = check_positive_decimal("quantity", _required(obj, "quantity"))
         ts_us = _timestamp(_required(obj, "timestamp"), max_ts_us)
-        exchange = _exchange(obj.get("exchange"))
+        exchange = check_exchange(obj.get("exchange"))
         side = obj.get("is_buyer_maker")
         if side is not None and not isinstance(side, bool):
-            raise _Invalid(
+            raise InvalidField(
                 "wrong_type", f"is_buyer_maker: must be true, false or absent, got {_show(side)}"
             )
-    except _Invalid as exc:
+    except InvalidField as exc:
         return exc.rejection
     return Trade(exchange, symbol, trade_id, ts_us, price, quantity, side)
 
@@ -162,11 +183,15 @@ _TYPED = msgspec.json.Decoder(_Message)
 _SYMBOLS: dict[str, str] = {}
 _EXCHANGES: dict[str, str] = {DEFAULT_EXCHANGE: DEFAULT_EXCHANGE}
 _NAME_CACHE_MAX = 10_000
-#: Longer messages take the careful path (a trade is ~200 bytes); see ``parse_common_trade``.
-_COMMON_MAX_BYTES = 480
-_SMALLEST = Decimal(f"1E-{_COMMON_MAX_BYTES}")
-_TOO_LARGE = Decimal("1E+1001")
-_ID_LIMIT = 2**63
+#: The fast paths' bounds (this module's JSON one and the CSV reader's): a message or line of
+#: at most COMMON_MAX_BYTES whose price and quantity x have COMMON_SMALLEST <= x <
+#: COMMON_TOO_LARGE passes :func:`check_positive_decimal`'s range: x < 10^1001 means at most
+#: 1000 digits before the point, and x >= 10^-480 written in at most 480 characters means an
+#: exponent above -1000 (adjusted() - digits + 1), checked without as_tuple(). Anything else
+#: takes the careful path (a trade is ~200 bytes).
+COMMON_MAX_BYTES = 480
+COMMON_SMALLEST = Decimal(f"1E-{COMMON_MAX_BYTES}")
+COMMON_TOO_LARGE = Decimal("1E+1001")
 
 
 def parse_common_trade(value: bytes, max_ts_us: int | None = None) -> Trade | None:
@@ -176,32 +201,33 @@ def parse_common_trade(value: bytes, max_ts_us: int | None = None) -> Trade | No
     exact rejection for the others. This path only ever accepts, so it cannot reject
     differently; ``tests/test_trade_parsing.py`` checks that both paths agree.
     """
-    if len(value) > _COMMON_MAX_BYTES or not value.isascii():
+    if len(value) > COMMON_MAX_BYTES or not value.isascii():
         return None  # (the careful path checks UTF-8, even in fields it does not read)
     try:
         m = _TYPED.decode(value)
         price = m.price
         quantity = m.quantity
-        # Finite, > 0 and 10^-480 <= x < 10^1001, i.e. -480 <= adjusted() <= 1000; a message
-        # of at most _COMMON_MAX_BYTES holds fewer digits than that, so the exponent is above
-        # -1000 (adjusted() - digits + 1): what _positive_decimal accepts, without as_tuple().
-        # A NaN raises InvalidOperation here.
-        if not (_SMALLEST <= price < _TOO_LARGE and _SMALLEST <= quantity < _TOO_LARGE):
+        # Finite, > 0 and within COMMON_SMALLEST..COMMON_TOO_LARGE: what check_positive_decimal
+        # accepts. A NaN raises InvalidOperation here.
+        if not (
+            COMMON_SMALLEST <= price < COMMON_TOO_LARGE
+            and COMMON_SMALLEST <= quantity < COMMON_TOO_LARGE
+        ):
             return None
     except (msgspec.DecodeError, RecursionError, InvalidOperation):
         return None
     symbol = _SYMBOLS.get(m.symbol)
     if symbol is None:
-        symbol = _checked_name(m.symbol, _SYMBOLS, _symbol)
+        symbol = _checked_name(m.symbol, _SYMBOLS, check_symbol)
         if symbol is None:
             return None
     exchange = _EXCHANGES.get(m.exchange)
     if exchange is None:
-        exchange = _checked_name(m.exchange, _EXCHANGES, _exchange)
+        exchange = _checked_name(m.exchange, _EXCHANGES, check_exchange)
         if exchange is None:
             return None
     trade_id = m.trade_id
-    if trade_id < 0 or trade_id >= _ID_LIMIT:
+    if trade_id < 0 or trade_id >= ID_LIMIT:
         return None
     ts = m.timestamp
     if ts.__class__ is int:
@@ -220,7 +246,7 @@ def _checked_name(raw: str, cache: dict[str, str], rule) -> str | None:
     """``rule(raw)`` (the careful check) remembered when it passes; ``None`` when it fails."""
     try:
         name = rule(raw)
-    except _Invalid:
+    except InvalidField:
         return None
     if len(cache) < _NAME_CACHE_MAX:
         cache[raw] = name
@@ -269,45 +295,83 @@ def parse_timestamp(text: str) -> int:
 
 def _required(obj: dict, name: str) -> Any:
     if name not in obj or obj[name] is None:
-        raise _Invalid("missing_field", f"{name}: required field is missing")
+        raise InvalidField("missing_field", f"{name}: required field is missing")
     return obj[name]
 
 
-def _symbol(raw: Any) -> str:
+def normalise_symbol(raw: str) -> str | None:
+    """SPEC §2's symbol: stripped and upper-cased, ``None`` unless it is 1-32 of ``A-Z 0-9 . _ -``.
+
+    The one place the rule lives: the stream's parser, ``load``, ``aggregate``, ``--symbol``,
+    the feeds' ``--symbols`` and symbols taken from file names all come through here, so no
+    entry point stores a symbol another would refuse (or spells one symbol two ways).
+    """
+    stripped = raw.strip()
+    if not stripped.isascii():  # ("ß".upper() is "SS": only ASCII is upper-cased)
+        return None
+    symbol = stripped.upper()
+    return symbol if _SYMBOL_RE.fullmatch(symbol) else None
+
+
+def normalise_exchange(raw: str) -> str | None:
+    """SPEC §2's exchange: stripped and lower-cased (``Binance`` and ``binance`` are one venue),
+    ``None`` unless it is 1-32 of ``a-z 0-9 . _ -``. Shared like :func:`normalise_symbol`."""
+    stripped = raw.strip()
+    if not stripped.isascii():  # ("K".lower() is "k": only ASCII is lower-cased)
+        return None
+    exchange = stripped.lower()
+    return exchange if _EXCHANGE_RE.fullmatch(exchange) else None
+
+
+def check_symbol(raw: Any) -> str:
     if not isinstance(raw, str):
-        raise _Invalid("wrong_type", f"symbol: must be a string, got {_show(raw)}")
-    symbol = raw.strip().upper()
-    if not _SYMBOL_RE.fullmatch(symbol):
-        raise _Invalid(
-            "bad_symbol", f"symbol: {raw[:40]!r} is not 1-32 characters of A-Z 0-9 . _ -"
-        )
+        raise InvalidField("wrong_type", f"symbol: must be a string, got {_show(raw)}")
+    symbol = normalise_symbol(raw)
+    if symbol is None:
+        raise InvalidField("bad_symbol", f"symbol: {raw[:40]!r} is not {SYMBOL_RULE}")
     return symbol
 
 
-def _exchange(raw: Any) -> str:
+def check_exchange(raw: Any) -> str:
     if raw is None:
         return DEFAULT_EXCHANGE
     if not isinstance(raw, str):
-        raise _Invalid("wrong_type", f"exchange: must be a string, got {_show(raw)}")
-    exchange = raw.strip().lower()
-    if not _EXCHANGE_RE.fullmatch(exchange):
-        raise _Invalid(
-            "bad_exchange", f"exchange: {raw[:40]!r} is not 1-32 characters of a-z 0-9 . _ -"
-        )
+        raise InvalidField("wrong_type", f"exchange: must be a string, got {_show(raw)}")
+    exchange = normalise_exchange(raw)
+    if exchange is None:
+        raise InvalidField("bad_exchange", f"exchange: {raw[:40]!r} is not {EXCHANGE_RULE}")
     return exchange
 
 
-def _trade_id(raw: Any) -> int:
+def check_trade_id(raw: Any, name: str = "trade_id") -> int:
+    """A trade id (or a CSV file's other ids, by ``name``): an integer that ``bigint`` holds."""
     if isinstance(raw, bool) or not isinstance(raw, int):
-        raise _Invalid("wrong_type", f"trade_id: must be an integer, got {_show(raw)}")
-    if raw < 0 or raw >= 2**63:
-        raise _Invalid("out_of_range", f"trade_id: must be between 0 and 2^63-1, got {raw}")
+        raise InvalidField("wrong_type", f"{name}: must be an integer, got {_show(raw)}")
+    if raw < 0 or raw >= ID_LIMIT:
+        raise InvalidField(
+            "out_of_range", f"{name}: must be between 0 and 2^63-1, got {_brief(raw)}"
+        )
     return raw
 
 
-def _positive_decimal(name: str, raw: Any) -> Decimal:
+def check_raw_trades(first_id: int, last_id: int) -> int:
+    """How many exchange trades an aggTrade stands for (``last_id - first_id + 1``): at least
+    one, and few enough for the ``integer`` column that stores it."""
+    if last_id < first_id:
+        raise InvalidField("out_of_range", "last_trade_id is smaller than first_trade_id")
+    raw_trades = last_id - first_id + 1
+    if raw_trades > MAX_RAW_TRADES:
+        raise InvalidField(
+            "out_of_range",
+            f"last_trade_id - first_trade_id + 1 is {raw_trades}, more than the "
+            f"{MAX_RAW_TRADES} trades one record can stand for",
+        )
+    return raw_trades
+
+
+def check_positive_decimal(name: str, raw: Any) -> Decimal:
     if isinstance(raw, bool):
-        raise _Invalid(
+        raise InvalidField(
             "wrong_type", f"{name}: must be a decimal string or number, got {_show(raw)}"
         )
     if isinstance(raw, int | Decimal):
@@ -316,24 +380,30 @@ def _positive_decimal(name: str, raw: Any) -> Decimal:
         try:
             value = Decimal(raw.strip())
         except InvalidOperation:
-            raise _Invalid("wrong_type", f"{name}: {raw[:40]!r} is not a decimal number") from None
+            raise InvalidField(
+                "wrong_type", f"{name}: {raw[:40]!r} is not a decimal number"
+            ) from None
     else:
-        raise _Invalid(
+        raise InvalidField(
             "wrong_type", f"{name}: must be a decimal string or number, got {_show(raw)}"
         )
     if not value.is_finite():
-        raise _Invalid("not_finite", f"{name}: must be finite, got {raw!s:.40}")
+        raise InvalidField("not_finite", f"{name}: must be finite, got {_brief(raw)}")
     if value <= 0:
-        raise _Invalid("not_positive", f"{name}: must be greater than 0, got {raw!s:.40}")
+        raise InvalidField("not_positive", f"{name}: must be greater than 0, got {_brief(raw)}")
     # NUMERIC holds 131072 digits before the point and 16383 after; stay far inside that.
     if value.adjusted() > 1000 or value.as_tuple().exponent < -1000:  # type: ignore[operator]
-        raise _Invalid("out_of_range", f"{name}: {raw!s:.40} is out of range")
+        raise InvalidField(
+            "out_of_range",
+            f"{name}: {_brief(raw)} is out of range (at most 1000 digits before the point "
+            "and 1000 after)",
+        )
     return value
 
 
 def _timestamp(raw: Any, max_ts_us: int | None) -> int:
     if isinstance(raw, bool):
-        raise _Invalid(
+        raise InvalidField(
             "wrong_type", f"timestamp: must be epoch milliseconds or ISO-8601, got {raw}"
         )
     if isinstance(raw, int):
@@ -343,27 +413,44 @@ def _timestamp(raw: Any, max_ts_us: int | None) -> int:
             ts_us = parse_timestamp(raw)
         except ValueError as exc:
             detail = str(exc) if "offset" in str(exc) else f"{raw[:40]!r} is not ISO-8601"
-            raise _Invalid("bad_timestamp", f"timestamp: {detail}") from None
+            raise InvalidField("bad_timestamp", f"timestamp: {detail}") from None
     else:
-        raise _Invalid(
+        raise InvalidField(
             "wrong_type",
             f"timestamp: must be epoch milliseconds or an ISO-8601 string, got {_show(raw)}",
         )
+    return check_ts_us(ts_us, raw, max_ts_us)
+
+
+def check_ts_us(
+    ts_us: int,
+    raw: Any,
+    max_ts_us: int | None = None,
+    unit: str = "epoch milliseconds expected, not microseconds or nanoseconds",
+) -> int:
+    """A trade time in microseconds within [epoch, 2100) (and not after ``max_ts_us``);
+    ``raw`` is the value as written, for the message, ``unit`` what the source expects."""
     if ts_us < MIN_TS_US:
-        raise _Invalid("bad_timestamp", f"timestamp: {raw!s:.40} is before the Unix epoch")
+        raise InvalidField("bad_timestamp", f"timestamp: {_brief(raw)} is before the Unix epoch")
     if ts_us >= MAX_TS_US:
-        raise _Invalid(
-            "bad_timestamp",
-            f"timestamp: {raw!s:.40} is after 2100-01-01 (epoch milliseconds expected, "
-            "not microseconds or nanoseconds)",
+        raise InvalidField(
+            "bad_timestamp", f"timestamp: {_brief(raw)} is after 2100-01-01 ({unit})"
         )
     if max_ts_us is not None and ts_us > max_ts_us:
-        raise _Invalid(
+        raise InvalidField(
             "bad_timestamp",
             f"timestamp: {ts_to_datetime(ts_us).isoformat()} is in the future "
             f"(later than {ts_to_datetime(max_ts_us).isoformat()})",
         )
     return ts_us
+
+
+def _brief(value: Any) -> str:
+    """At most 40 characters of a value, for a message (a huge int cannot even be turned into
+    text: Python refuses past 4300 digits, so its size is said instead)."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"an integer of {len(hex(abs(value))) - 2} hex digits"
+    return f"{value!s:.40}"
 
 
 def _json_type(value: Any) -> str:

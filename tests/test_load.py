@@ -92,4 +92,4 @@ def test_invalid_lines_land_in_invalid_trades_once(url, tmp_path):
         assert conn.execute("SELECT count(*) FROM trades").fetchone()[0] == 3
     assert [(r[1], r[2]) for r in rows] == [(2, "wrong_type"), (5, "not_positive")]
     assert rows[0][0] == str(path) and rows[0][4] == b"1,abc,1,1,1,1570752011620,True,True"
-    assert rows[1][3] == "quantity: must be greater than 0, got '0'"
+    assert rows[1][3] == "quantity: must be greater than 0, got 0"

@@ -33,7 +33,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from shared.trade_files import MICROSECOND_THRESHOLD
-from shared.trades import Rejection, parse_trade_object
+from shared.trades import Rejection, normalise_symbol, parse_trade_object
 from stream.feeds.produce import FeedError, ensure_topic
 from stream.feeds.replay import SendStats, canonical_timestamp, produce_live
 from stream.feeds.synthetic import FeedMessage
@@ -58,12 +58,19 @@ class Skipped:
 
 def parse_symbols(text: str) -> list[str]:
     """``btcusdt,ETHUSDT`` → ``["BTCUSDT", "ETHUSDT"]`` (ValueError naming a bad one)."""
-    symbols = [s.strip().upper() for s in text.split(",") if s.strip()]
+    symbols = []
+    for raw in text.split(","):
+        if not raw.strip():
+            continue
+        # SPEC §2's rule first (the one every entry point shares), then Binance's own, narrower.
+        symbol = normalise_symbol(raw)
+        if symbol is None or not _SYMBOL_RE.fullmatch(symbol):
+            raise ValueError(
+                f"{raw.strip()[:40]!r} is not a Binance symbol (1-32 letters and digits only)"
+            )
+        symbols.append(symbol)
     if not symbols:
         raise ValueError("no symbols given: e.g. --symbols btcusdt,ethusdt")
-    for symbol in symbols:
-        if not _SYMBOL_RE.fullmatch(symbol):
-            raise ValueError(f"{symbol!r} is not a Binance symbol (letters and digits only)")
     return list(dict.fromkeys(symbols))
 
 
