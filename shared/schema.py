@@ -74,7 +74,9 @@ trades = Table(
 )
 
 
-def _candle_table(name: str, *extra: Column, key: tuple[str, ...] = (), index: bool = True) -> Table:
+def _candle_table(
+    name: str, *extra: Column, key: tuple[str, ...] = (), index: bool = True
+) -> Table:
     """A table of candles keyed by (exchange, symbol, interval, window_start) and ``key``."""
     return Table(
         name,

@@ -496,9 +496,7 @@ def merge_parts(conn: psycopg.Connection, candles: Sequence[Candle]) -> psycopg.
         return None
     keys = sorted({c.key for c in candles})
     locks = sorted({_lock_id(*key) for key in keys})
-    conn.execute(
-        "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (locks,)
-    )
+    conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (locks,))
     cur = conn.cursor()
     cur.execute(
         _MERGE,
