@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from datetime import timedelta
 
 import pytest
-from aiokafka.partitioner import murmur2
 
 from shared.trades import datetime_to_ts, ts_to_datetime
 from stream.feeds.synthetic import MarketDials, synthetic_messages
 from stream.worker import StreamWorker
 
+from . import test_stream_operations as operations
 from .streaming import (
     expected_candles,
     latest_candles,
@@ -36,17 +35,14 @@ from .streaming import (
     stream_settings,
     tables,
 )
-from .test_stream_operations import PacedProducer, assignments, wait_until, workers  # noqa: F401
+from .test_stream_operations import PacedProducer, assignments, wait_until
+
+workers = operations.workers  # (the fixture: worker subprocesses, killed if left running)
 
 pytestmark = pytest.mark.integration
 
 MINUTE = 60_000_000
 START = 1_767_225_600_000_000  # the synthetic market's start: 2026-01-01T00:00:00Z
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """Where the producer's default partitioner sends ``key``."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def feed(count: int = 12_000, seed: int = 5, rate: float = 20) -> list:
@@ -119,3 +115,60 @@ def test_a_symbol_keyed_in_two_casings_gets_one_candle_with_every_trade(
     ]
     row = found["candles"][(*first[:3], ts_to_datetime(START))]
     assert row[6] == len(trades) > 100  # trade_count
+
+
+def test_two_workers_each_with_a_partition_of_the_same_symbol(
+    database_url, kafka_bootstrap, workers
+):
+    """Two workers in one group, one partition each, both holding BTCUSDT and ETHUSDT: every
+    window's two parts are written by two workers at the same time."""
+    reset_tables(database_url)
+    settings = stream_settings(intervals="1m,5m")
+    asyncio.run(_ensure_topic(kafka_bootstrap, settings.topic_trades, 2))
+    env = settings_env(settings, database_url, kafka_bootstrap)
+    a = workers(env, "--exit-when-idle", "6")
+    b = workers(env, "--exit-when-idle", "6")
+
+    def split():
+        got = [assignments(w)[-1:] for w in (a, b)]
+        return all(g and len(g[0]) == 1 for g in got) and got[0][0] != got[1][0]
+
+    wait_until(split, 30, "the group to give each worker one partition")
+    deliveries = produce_all(kafka_bootstrap, settings.topic_trades, feed(), 2)
+    assert {d.partition for d in deliveries if d.message.key == b"btcusdt"} == {1}
+    assert {d.partition for d in deliveries if d.message.key == b"BTCUSDT"} == {0}
+    a_summary, b_summary = a.finish(), b.finish()
+    assert a_summary["consumed"] > 0 and b_summary["consumed"] > 0
+    assert a_summary["consumed"] + b_summary["consumed"] == len(deliveries)
+    check_run(database_url, kafka_bootstrap, settings, deliveries)
+
+
+def test_a_worker_killed_during_a_rebalance_counts_no_part_twice(
+    database_url, kafka_bootstrap, workers
+):
+    """A live stream on four partitions, BTCUSDT and ETHUSDT on two each. A second worker joins;
+    the first is killed -9 while the group rebalances; the survivor takes every partition over
+    from what was committed, and rewrites the parts the killed one had not committed."""
+    reset_tables(database_url)
+    settings = stream_settings(intervals="1m,5m", batch_size=250)
+    # 16,000 trades over 800 s of event time, sent in about 11 s.
+    producer = PacedProducer(kafka_bootstrap, settings.topic_trades, feed(16_000, seed=9), 1500)
+    env = settings_env(settings, database_url, kafka_bootstrap)
+    a = workers(env, "--exit-when-idle", "4")
+    wait_until(lambda: bool(a.events("partitions loaded")), 30, "A to load its partitions")
+    wait_until(lambda: tables(database_url)["progress"], 30, "A to commit a batch")
+    b = workers(env, "--exit-when-idle", "4")
+    wait_until(lambda: a.events("partitions revoked"), 30, "the group to rebalance")
+    a.process.send_signal(signal.SIGKILL)
+    a.process.wait()
+    assert producer.is_alive(), "the stream ended before the kill: slow it down"
+    wait_until(lambda: assignments(b) and assignments(b)[-1] == {0, 1, 2, 3}, 30, "B to take all")
+    deliveries = producer.result()
+    b.finish()
+    check_run(database_url, kafka_bootstrap, settings, deliveries)
+
+
+async def _ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    from stream.feeds.produce import ensure_topic
+
+    await ensure_topic(bootstrap, topic, partitions)
