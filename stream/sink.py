@@ -189,11 +189,12 @@ def record_batch(
     batch: PartitionBatch,
     windows: PartitionWindows,
     result: BatchResult,
-) -> None:
+    merge: Sequence[Candle] = (),
+) -> psycopg.Cursor | None:
     """The second half of a batch (after :func:`apply_batch`): the candles' parts, late and
     invalid rows, and the progress row with the offsets and window state, sent together (one
-    round trip). The merged candles are the caller's to write (:func:`merge_parts`), once for
-    every batch of its transaction."""
+    round trip), with :func:`merge_parts` of ``merge`` last: the candles of every batch of the
+    transaction, given with its last batch, after all of their parts. Returns its cursor."""
     emission = result.emission
     result.snapshot = windows.snapshot()
     with conn.pipeline():
@@ -214,6 +215,7 @@ def record_batch(
             late=len(emission.late),
             snapshot=result.snapshot,
         )
+        return merge_parts(conn, merge)
 
 
 #: Per (exchange, symbol), the greatest trade id this process has tried to store: a hint only

@@ -55,7 +55,6 @@ from stream.sink import (
     PartitionBatch,
     apply_batch,
     load_progress,
-    merge_parts,
     merged_candles,
     prepare_trades,
     record_batch,
@@ -532,13 +531,14 @@ class StreamWorker:
         ]
         produced = [asyncio.run_coroutine_threadsafe(self._produce(results), loop)]
         try:
-            for (batch, result), w in zip(results, windows, strict=True):
-                record_batch(conn, self.group, self.topic, batch, w, result)
             candles = [c for _, result in results for c in result.emission.candles]
-            if candles:
-                with conn.pipeline():
-                    cur = merge_parts(conn, candles)
-                merged = merged_candles(cur)
+            cur = None
+            for n, ((batch, result), w) in enumerate(zip(results, windows, strict=True)):
+                last = n == len(results) - 1
+                merge = candles if last else ()
+                cur = record_batch(conn, self.group, self.topic, batch, w, result, merge)
+            merged = merged_candles(cur)
+            if merged:
                 produced.append(
                     asyncio.run_coroutine_threadsafe(self._produce_candles(merged), loop)
                 )
