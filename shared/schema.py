@@ -40,6 +40,7 @@ metadata = MetaData()
 
 TRADES = "trades"
 STREAM_CANDLES = "stream_candles"
+STREAM_CANDLE_PARTS = "stream_candle_parts"
 BATCH_CANDLES = "batch_candles"
 LATE_TRADES = "late_trades"
 INVALID_TRADES = "invalid_trades"
@@ -73,7 +74,10 @@ trades = Table(
 )
 
 
-def _candle_table(name: str, *extra: Column) -> Table:
+def _candle_table(
+    name: str, *extra: Column, key: tuple[str, ...] = (), index: bool = True
+) -> Table:
+    """A table of candles keyed by (exchange, symbol, interval, window_start) and ``key``."""
     return Table(
         name,
         metadata,
@@ -94,8 +98,10 @@ def _candle_table(name: str, *extra: Column) -> Table:
         Column("taker_buy_volume", Numeric),
         Column("taker_buy_quote_volume", Numeric),
         *extra,
-        PrimaryKeyConstraint("exchange", "symbol", "interval", "window_start", name=f"{name}_pkey"),
-        Index(f"{name}_window_start_idx", "window_start"),
+        PrimaryKeyConstraint(
+            "exchange", "symbol", "interval", "window_start", *key, name=f"{name}_pkey"
+        ),
+        *([Index(f"{name}_window_start_idx", "window_start")] if index else []),
     )
 
 
@@ -103,6 +109,23 @@ stream_candles = _candle_table(
     STREAM_CANDLES,
     Column("revision", Integer, nullable=False, server_default=text("0")),
     _ts("updated_at", server_default=func.now()),
+)
+
+#: Each partition's part of a stream candle (a symbol's trades may arrive on several partitions,
+#: SPEC §4): ``stream_candles`` holds the merge of a key's parts (``stream.sink``). The first and
+#: last trade's timestamps make the merge exact; ``revision`` is the part's own (its partition's
+#: windows count their emissions). Partition -1 (empty topic): a candle written before migration
+#: 0004, partition unknown.
+stream_candle_parts = _candle_table(
+    STREAM_CANDLE_PARTS,
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    _ts("open_ts"),
+    _ts("close_ts"),
+    Column("revision", Integer, nullable=False, server_default=text("0")),
+    _ts("updated_at", server_default=func.now()),
+    key=("topic", "partition"),
+    index=False,
 )
 
 batch_candles = _candle_table(

@@ -1,7 +1,10 @@
 """The worker's Kafka output messages: candles, late trades and invalid messages.
 
-Outputs are at least once (SPEC §5): a consumer dedupes candles by key and revision, late and
-invalid messages by their source partition and offset.
+Outputs are at least once (SPEC §5): a consumer dedupes candles by key and revision (the highest
+revision, and on a tie the later message: a failed transaction's candle may be sent again, with
+the same revision, merged with parts committed meanwhile), late and invalid messages by their
+source partition and offset. A candle message is the ``stream_candles`` row: the merge of every
+partition's part of its window.
 """
 
 from __future__ import annotations

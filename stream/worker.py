@@ -42,6 +42,7 @@ from aiokafka.errors import (
 )
 
 from shared import db
+from shared.candles import Candle
 from shared.config import Settings
 from shared.errors import CandlekeepError
 from shared.trade_store import InvalidMessage, TradePartitions
@@ -54,6 +55,7 @@ from stream.sink import (
     PartitionBatch,
     apply_batch,
     load_progress,
+    merged_candles,
     prepare_trades,
     record_batch,
     write_tick,
@@ -513,9 +515,11 @@ class StreamWorker:
         """The batch's transaction, in a thread, up to and including the commit.
 
         Partitions first (their own short transaction), then per partition the fence, trades
-        and windows; once every fence has passed, the outputs are produced (on the event loop)
-        while the candles, late and invalid rows and progress are written; the commit waits for
-        the broker's acknowledgement.
+        and windows; once every fence has passed, the late and invalid outputs are produced (on
+        the event loop) while the candles' parts, late and invalid rows and progress are
+        written. Then the merged candles of the keys those parts belong to (a symbol may be on
+        several partitions, SPEC §4) are written and produced, with their revision; the commit
+        waits for the broker's acknowledgement of everything.
         """
         self._trade_partitions.ensure(
             conn,
@@ -525,13 +529,24 @@ class StreamWorker:
             (batch, apply_batch(conn, self.group, self.topic, batch, w, now_us))
             for batch, w in zip(batches, windows, strict=True)
         ]
-        produced = asyncio.run_coroutine_threadsafe(self._produce(results), loop)
+        produced = [asyncio.run_coroutine_threadsafe(self._produce(results), loop)]
         try:
-            for (batch, result), w in zip(results, windows, strict=True):
-                record_batch(conn, self.group, self.topic, batch, w, result)
-            produced.result()
+            candles = [c for _, result in results for c in result.emission.candles]
+            cur = None
+            for n, ((batch, result), w) in enumerate(zip(results, windows, strict=True)):
+                last = n == len(results) - 1
+                merge = candles if last else ()
+                cur = record_batch(conn, self.group, self.topic, batch, w, result, merge)
+            merged = merged_candles(cur)
+            if merged:
+                produced.append(
+                    asyncio.run_coroutine_threadsafe(self._produce_candles(merged), loop)
+                )
+            for future in produced:
+                future.result()
         except BaseException:
-            produced.cancel()
+            for future in produced:
+                future.cancel()
             raise
         conn.commit()
         return results
@@ -554,7 +569,7 @@ class StreamWorker:
                 continue
             conn = self._conn
             try:
-                await asyncio.to_thread(
+                merged = await asyncio.to_thread(
                     write_tick,
                     conn,
                     self.group,
@@ -564,7 +579,7 @@ class StreamWorker:
                     emission,
                     state.windows,
                 )
-                await self._produce([(None, _Only(emission))])
+                await self._produce_candles(merged)
                 await asyncio.to_thread(conn.commit)
             except Fenced:
                 await asyncio.to_thread(conn.rollback)
@@ -593,23 +608,33 @@ class StreamWorker:
         return (state.stored_offset or 0) >= highwater
 
     async def _produce(self, results) -> None:
-        """Send the batch's outputs and wait for the broker's acknowledgement."""
+        """Send the batch's late and invalid outputs and wait for the broker's acknowledgement
+        (its candles are the merged ones: :meth:`_produce_candles`)."""
         assert self._producer is not None
         futures = []
         send = self._producer.send
         for batch, result in results:
             emission: Emission = result.emission
-            for candle in emission.candles:
-                key, value = messages.candle_message(candle)
-                futures.append(await send(self.settings.topic_candles, value, key=key))
             for late in emission.late:
-                offset = batch.offset_of(late.trade) if batch else None
+                offset = batch.offset_of(late.trade)
                 offset = -1 if offset is None else offset
-                key, value = messages.late_message(late, batch.partition if batch else -1, offset)
+                key, value = messages.late_message(late, batch.partition, offset)
                 futures.append(await send(self.settings.topic_late, value, key=key))
-            for invalid in batch.invalid if batch else ():
+            for invalid in batch.invalid:
                 key, value = messages.invalid_message(invalid)
                 futures.append(await send(self.settings.topic_invalid, value, key=key))
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def _produce_candles(self, candles: list[Candle]) -> None:
+        """Send merged candles (``stream_candles`` rows, with their revision) and wait for the
+        broker's acknowledgement."""
+        assert self._producer is not None
+        send = self._producer.send
+        futures = []
+        for candle in candles:
+            key, value = messages.candle_message(candle)
+            futures.append(await send(self.settings.topic_candles, value, key=key))
         if futures:
             await asyncio.gather(*futures)
 
@@ -763,11 +788,6 @@ def _closed(conn: psycopg.Connection | None) -> None:
 
 class _Abandoned(Exception):
     """A batch not written because the one before it failed (that failure is the one raised)."""
-
-
-@dataclass
-class _Only:
-    emission: Emission
 
 
 class _Rebalance(ConsumerRebalanceListener):

@@ -4,19 +4,26 @@ and an independent reference model of what the worker must write."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import uuid
 from dataclasses import dataclass, field
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
 from shared import db
 from shared.aggregation import aggregate
+from shared.candles import Candle, merge
 from shared.config import Settings
 from shared.trades import Rejection, check_key, datetime_to_ts, parse_trade_message
 from stream.feeds.produce import Delivery, ensure_topic, produce
+from stream.feeds.synthetic import FeedMessage
 
 STREAM_TABLES = (
     "trades",
     "stream_candles",
+    "stream_candle_parts",
     "late_trades",
     "invalid_trades",
     "stream_progress",
@@ -93,7 +100,7 @@ class Expected:
     invalid: dict = field(default_factory=dict)  # (partition, offset) -> code
     late: set = field(default_factory=set)  # (exchange, symbol, trade_id)
     on_time: list = field(default_factory=list)
-    partition_of: dict = field(default_factory=dict)  # symbol -> partition
+    on_time_by_partition: dict = field(default_factory=dict)  # partition -> [trade]
 
 
 def reference_model(deliveries: list[Delivery], settings: Settings) -> Expected:
@@ -119,13 +126,13 @@ def reference_model(deliveries: list[Delivery], settings: Settings) -> Expected:
                 out.duplicates += 1
                 continue
             out.stored.add(identity)
-            out.partition_of[trade.symbol] = partition
             watermark = None if greatest is None else greatest - ws.max_delay_us
             end = trade.ts_us - trade.ts_us % base + base
             if watermark is not None and end + ws.allowed_lateness_us <= watermark:
                 out.late.add(trade.key)
             else:
                 out.on_time.append(trade)
+                out.on_time_by_partition.setdefault(partition, []).append(trade)
             greatest = trade.ts_us if greatest is None else max(greatest, trade.ts_us)
     return out
 
@@ -173,12 +180,89 @@ def tables(url: str) -> dict:
 
 
 def expected_candles(expected: Expected, settings: Settings, progress: dict) -> dict:
-    """The core's candles over the on-time trades, for windows the partition's final watermark
-    has passed (the rest are still open, in the stored window state)."""
+    """The core's candles over the on-time trades: each partition's, for the windows its final
+    watermark has passed (the rest are still open, in its stored window state), merged per key
+    across the partitions (a symbol's trades may arrive on several, SPEC §4)."""
     watermarks = {p: datetime_to_ts(row[1]) for p, row in progress.items() if row[1]}
-    out = {}
-    for candle in aggregate(expected.on_time, settings.interval_set):
-        wm = watermarks.get(expected.partition_of[candle.symbol])
-        if wm is not None and candle.window_end_us <= wm:
-            out[candle.key] = candle.values()
+    intervals = settings.interval_set
+    parts: dict = {}
+    for partition, trades in expected.on_time_by_partition.items():
+        wm = watermarks.get(partition)
+        for candle in aggregate(trades, intervals):
+            if wm is not None and candle.window_end_us <= wm:
+                parts.setdefault(candle.key, []).append(candle)
+    return {key: merge(c, intervals.by_name(key[2])).values() for key, c in parts.items()}
+
+
+def rekey(messages, every: int = 40) -> list[FeedMessage]:
+    """The feed's messages with the key of every other block of ``every`` trade ids of a symbol
+    in lower case (a producer that keys with ``btcusdt``, SPEC §4): the partitioner sends them
+    to the partition of that key. A copy of a trade goes with it (same id, same key)."""
+    out = []
+    for m in messages:
+        trade = parse_trade_message(m.value) if m.kind != "invalid" else None
+        if isinstance(trade, Rejection) or trade is None or m.key is None:
+            out.append(m)
+            continue
+        key = m.key.lower() if (trade.trade_id // every) % 2 else m.key
+        out.append(dataclasses.replace(m, key=key))
     return out
+
+
+async def _latest_candles(bootstrap: str, topic: str) -> dict:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        async with asyncio.timeout(30):
+            while not consumer.partitions_for_topic(topic):
+                await consumer.topics()
+                await asyncio.sleep(0.1)
+            tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            latest: dict = {}
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for r in records:
+                        value = json.loads(r.value)
+                        kept = latest.get(r.key)
+                        if kept is None or value["revision"] >= kept["revision"]:
+                            latest[r.key] = value  # (on a tie, the later message)
+        return latest
+    finally:
+        await consumer.stop()
+
+
+def latest_candles(bootstrap: str, topic: str) -> dict:
+    """What a consumer of the ``candles`` topic ends with, keeping the highest revision of each
+    key (SPEC §5): {key: the message's JSON object}."""
+    return asyncio.run(_latest_candles(bootstrap, topic))
+
+
+def stream_candle_messages(url: str) -> dict:
+    """``stream_candles`` as the ``candles`` topic's messages would carry them: {key: JSON}."""
+    from stream.messages import candle_message
+
+    out = {}
+    with db.connect(url) as conn:
+        for row in conn.execute(
+            "SELECT exchange, symbol, interval, window_start, window_end, open, high, low,"
+            " close, volume, quote_volume, trade_count, first_trade_id, last_trade_id,"
+            " taker_buy_volume, taker_buy_quote_volume, revision FROM stream_candles"
+        ).fetchall():
+            candle = Candle(
+                *row[:3], datetime_to_ts(row[3]), datetime_to_ts(row[4]), *row[5:16], 0, 0, row[16]
+            )
+            key, value = candle_message(candle)
+            out[key] = json.loads(value)
+    return out
+
+
+def reconcile_counts(url: str, settings: Settings, start, end) -> dict:
+    """Recompute and reconcile ``[start, end)`` (the DAG's steps 2 and 3); the counts of each
+    kind."""
+    from shared.batch_run import recompute_step, reconcile_step
+
+    recompute_step(url, settings, start, end)
+    return reconcile_step(url, settings, start, end)["counts"]

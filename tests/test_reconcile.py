@@ -72,7 +72,7 @@ def simulate_stream(conn, seed=1, count=1500):
         latest[candle.key] = candle
     TradePartitions().ensure(conn, trades)
     store_trades(conn, trades)
-    write_candles(conn, list(latest.values()))
+    write_candles(conn, list(latest.values()), "t", 0)
     write_late(conn, late, PartitionBatch(0, None, 0))
     conn.commit()
     return late

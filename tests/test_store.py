@@ -231,3 +231,103 @@ def test_psycopg_reads_numeric_as_exact_decimal(conn):
     value = conn.execute("SELECT 0.1::numeric + 0.2::numeric").fetchone()[0]
     assert value == Decimal("0.3") and isinstance(value, Decimal)
     assert isinstance(conn, psycopg.Connection)
+
+
+def test_upgrading_a_store_with_stream_candles_makes_them_parts_that_merge_exactly(database_url):
+    """0002 -> head with stream candles written before parts existed: a candle a partition still
+    holds open (allowed lateness) becomes that partition's part, so its next revision replaces
+    it instead of adding to it; a final one becomes the part of partition -1 and merges with
+    what another partition writes for its window, open and close taken by trade time."""
+    from psycopg.types.json import Jsonb
+
+    from shared.candles import open_candle
+    from shared.trades import Trade
+    from shared.windows import candle_to_state
+    from stream.sink import write_candles
+
+    name = f"candlekeep_upgrade_{uuid.uuid4().hex[:12]}"
+    server = with_database(database_url, "postgres")
+    _admin(server, "DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
+    _admin(server, "CREATE DATABASE {}", name)
+    url = with_database(database_url, name)
+    minute = 60_000_000
+    w0 = T0_US - T0_US % minute
+    one_minute = INTERVALS.base
+
+    def trade(i, ts, price):
+        return Trade("binance", "BTCUSDT", i, ts, Decimal(price), Decimal(1))
+
+    try:
+        db.upgrade(url, "0002")
+        final = [trade(1, w0 + 10, "10"), trade(2, w0 + 20, "11")]  # window w0, final
+        held = [trade(3, w0 + minute + 10, "12")]  # window w0 + 1 min, still open to updates
+        candles = []
+        for trades in (final, held):
+            candle = open_candle(trades[0], one_minute)
+            for t in trades[1:]:
+                candle.add(t)
+            candle.revision = 0
+            candles.append(candle)
+        state = {
+            "version": 1,
+            "symbols": [
+                {
+                    "exchange": "binance",
+                    "symbol": "BTCUSDT",
+                    "bases": [candle_to_state(candles[1])],
+                    "larger": [],
+                }
+            ],
+        }
+        with db.connect(url) as conn:
+            TradePartitions().ensure(conn, final + held)
+            store_trades(conn, final + held)
+            for c in candles:
+                conn.execute(
+                    "INSERT INTO stream_candles (exchange, symbol, interval, window_start,"
+                    " window_end, open, high, low, close, volume, quote_volume, trade_count,"
+                    " first_trade_id, last_trade_id, revision) VALUES (%s, %s, %s, %s, %s, %s,"
+                    " %s, %s, %s, %s, %s, %s, %s, %s, 0)",
+                    (
+                        *c.key[:3],
+                        ts_to_datetime(c.window_start_us),
+                        ts_to_datetime(c.window_end_us),
+                        *c.values()[:9],
+                    ),
+                )
+            conn.execute(
+                "INSERT INTO stream_progress (consumer_group, topic, partition, next_offset,"
+                " window_state) VALUES ('g', 'trades', 3, 10, %s)",
+                (Jsonb(state),),
+            )
+            conn.commit()
+        assert db.upgrade(url) == db.head_revision()
+        with db.connect(url) as conn:
+            parts = conn.execute(
+                "SELECT window_start, topic, partition, open_ts, close_ts FROM stream_candle_parts"
+                " ORDER BY window_start"
+            ).fetchall()
+            assert [(datetime_to_ts(r[0]), r[1], r[2]) for r in parts] == [
+                (w0, "", -1),
+                (w0 + minute, "trades", 3),
+            ]
+            assert [datetime_to_ts(parts[0][3]), datetime_to_ts(parts[0][4])] == [w0 + 10, w0 + 20]
+            # Partition 3 revises its window: its part is replaced, not added to.
+            late = trade(4, w0 + minute + 5, "13")
+            candles[1].add(late)
+            candles[1].revision = 1
+            (merged,) = write_candles(conn, [candles[1]], "trades", 3)
+            assert (merged.trade_count, merged.open, merged.revision) == (2, Decimal(13), 1)
+            # Another partition's part of the final window merges with the migrated one: its
+            # trade at w0 + 15 falls between the two, so open and close stay theirs.
+            other = open_candle(trade(9, w0 + 15, "99"), one_minute)
+            other.revision = 0
+            (merged,) = write_candles(conn, [other], "trades", 1)
+            assert merged.values() == (
+                Decimal(10), Decimal(99), Decimal(10), Decimal(11), Decimal(3), Decimal(120),
+                3, 1, 2, None, None,
+            )  # fmt: skip
+            assert merged.revision == 1
+            conn.commit()
+    finally:
+        _admin(server, "DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
