@@ -49,11 +49,12 @@ def rollup_violations(
 ) -> int:
     """Larger candles that are not the merge of their base candles in the same table.
 
-    ``closed_before``: the stream's watermark, for the stream's table. The stream writes a
-    larger candle only once all of its base windows have closed, so while the watermark has not
-    passed a larger window's end, its base candles without it are a stream that lags, not a
-    broken invariant (the lag is a ``warn`` of its own). A larger candle that is there is always
-    checked. ``None`` (batch): every larger window is complete.
+    ``closed_before``: the stream's watermark (the least over its partitions), for the stream's
+    table. The stream writes a larger candle only once all of its base windows have closed, and a
+    symbol spread over partitions gets each partition's part as that partition closes it; so
+    until the watermark has passed a larger window's end, its base candles without it (or with
+    parts the larger one has not got yet) are a stream that lags, not a broken invariant; the lag
+    is a ``warn`` of its own. ``None`` (batch): every larger window is complete.
     """
     base = intervals.base.name
     total = 0
@@ -85,16 +86,16 @@ def rollup_violations(
             )
             SELECT count(*)
             FROM larger l FULL JOIN merged m USING (exchange, symbol, window_start)
-            WHERE (l.open IS NULL AND (%(closed_before)s::timestamptz IS NULL
-                                       OR m.window_start + %(len)s <= %(closed_before)s))
-               OR m.open IS NULL OR NOT (
+            WHERE (%(closed_before)s::timestamptz IS NULL
+                   OR window_start + %(len)s <= %(closed_before)s)
+              AND (l.open IS NULL OR m.open IS NULL OR NOT (
                   l.open = m.open AND l.high = m.high AND l.low = m.low
                   AND l.close = m.close AND l.volume = m.volume
                   AND l.quote_volume = m.quote_volume AND l.trade_count = m.trade_count
                   AND l.first_trade_id = m.first_trade_id
                   AND l.last_trade_id = m.last_trade_id
                   AND l.taker_buy_volume IS NOT DISTINCT FROM m.taker_buy_volume
-                  AND l.taker_buy_quote_volume IS NOT DISTINCT FROM m.taker_buy_quote_volume)
+                  AND l.taker_buy_quote_volume IS NOT DISTINCT FROM m.taker_buy_quote_volume))
             """,
             {
                 "len": timedelta(microseconds=interval.length_us),

@@ -214,17 +214,18 @@ def test_a_stream_that_lags_is_a_warning_not_a_broken_rollup(conn, database_url,
     assert {c.interval for c in emitted} == {"1m", "5m", "15m"}  # 35-37 min: 1m ahead of 5m
     TradePartitions().ensure(conn, trades)
     store_trades(conn, trades)  # every trade is stored (e.g. by `load`), the stream lags
-    write_candles(conn, emitted)
-    write_progress(conn, "candlekeep", "trades", 0, len(arrived), windows)
+    write_candles(conn, emitted, "trades", 0)
+    settings = Settings(report_dir=str(tmp_path / "reports"))
+    write_progress(conn, settings.consumer_group, settings.topic_trades, 0, len(arrived), windows)
     conn.commit()
 
-    settings = Settings(report_dir=str(tmp_path / "reports"))
     summary = run_interval(database_url, settings, "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z")
 
     assert summary["rollup_violations"] == {"batch": 0, "stream": 0}
     assert summary["counts"]["unexplained"] == 0
     assert summary["counts"]["missing_in_stream"] > 0  # what the stream has not written yet
     assert summary["status"] == "warn"
+    assert summary["stream"]["watermark"].startswith("2026-01-01T00:36")
     assert any("watermark had not passed" in r for r in summary["reasons"])
     # A larger candle that *is* written and is wrong still fails, lag or not.
     conn.execute(
