@@ -34,7 +34,8 @@ def conn(database_url):
     db.upgrade(database_url)
     with db.connect(database_url) as connection:
         connection.execute(
-            "TRUNCATE trades, stream_candles, batch_candles, late_trades, candle_mismatches"
+            "TRUNCATE trades, stream_candles, stream_candle_parts, batch_candles, late_trades,"
+            " candle_mismatches, stream_progress"
         )
         connection.commit()
         yield connection

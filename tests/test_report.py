@@ -29,7 +29,7 @@ def reported(database_url, tmp_path):
     db.upgrade(database_url)
     with db.connect(database_url) as conn:
         conn.execute(
-            "TRUNCATE trades, stream_candles, batch_candles, late_trades,"
+            "TRUNCATE trades, stream_candles, stream_candle_parts, batch_candles, late_trades,"
             " candle_mismatches, dq_reports, stream_progress, invalid_trades"
         )
         conn.commit()
