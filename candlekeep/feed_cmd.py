@@ -7,8 +7,8 @@ from collections import Counter
 
 import click
 
+from candlekeep.errors import UserError
 from shared.trade_files import FORMATS
-from shared.trades import parse_timestamp
 
 #: Binance's public WebSocket endpoint (imported lazily elsewhere: websockets is in `stream`).
 BINANCE_URL = "wss://stream.binance.com:9443"
@@ -92,10 +92,12 @@ def synthetic(
     if start == "now":
         start_us = int(time.time() * 1_000_000)
     else:
+        from shared.batch_run import IntervalError, parse_instant
+
         try:
-            start_us = parse_timestamp(start)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--start") from None
+            start_us = parse_instant("--start", start)
+        except IntervalError as exc:
+            raise UserError(str(exc)) from None
     dials = MarketDials(
         symbols=tuple(s.strip().upper() for s in symbols.split(",") if s.strip()),
         start_us=start_us,
