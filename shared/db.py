@@ -39,13 +39,15 @@ def libpq_url(url: str) -> str:
     if not url.startswith(("postgresql://", "postgres://")):
         raise DatabaseError(f"DATABASE_URL {redact(url)!r} is not a postgresql:// URL")
     remember(url)
+    written = url_password(url)
     try:
         parsed = conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
-        raise DatabaseError(
-            f"DATABASE_URL {redact(url)!r} is not a URL libpq can read: {redact(str(exc))}"
-        ) from None
-    written = url_password(url)
+        if written is None:
+            raise DatabaseError(
+                f"DATABASE_URL {redact(url)!r} is not a URL libpq can read: {redact(str(exc))}"
+            ) from None
+        parsed = {}  # libpq's message quotes the URL from where it got lost: not shown
     if written is not None and "password=" not in url and parsed.get("password") != written:
         # libpq ends the password at a raw "/" (and the user name at the first "@"): it would
         # connect as someone else, or to a "host" made of the password's pieces.

@@ -29,6 +29,8 @@ _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/?#@]*:)(\S*)@")
 _KEYWORD = re.compile(
     r"(?i)\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|[^\s&'\"]*)"
 )
+#: Where libpq (or a reader of URLs) may cut a password written raw or percent-encoded.
+_SPECIAL = re.compile(r"[#?/@&=:;\s]|%2F|%23|%3F|%40", re.IGNORECASE)
 
 _secrets: set[str] = set()
 
@@ -56,6 +58,9 @@ def remember(conninfo: str | None) -> None:
     for key in ("password", "sslpassword"):
         if parsed.get(key):
             candidates.add(str(parsed[key]))
+    # libpq's errors quote the rest of a URL it cannot read from a special character on: the
+    # pieces between such characters are masked too.
+    candidates.update(piece for c in list(candidates) for piece in _SPECIAL.split(c))
     for secret in candidates:
         if len(secret) >= MIN_SECRET_LENGTH:
             _secrets.update({secret, quote(secret, safe=""), quote(secret)})
