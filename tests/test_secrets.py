@@ -63,14 +63,12 @@ def assert_hidden(text: str) -> None:
         f"postgresql://app:{PASSWORD}@db:5432/x",  # raw # ? / (urlsplit stops at the first)
         f"postgres://app:{PASSWORD}@db/x",
         f"postgresql+psycopg://app:{PASSWORD}@db/x?sslmode=require",
-        f"postgresql://app:{quote(PASSWORD, safe='')}@db/x",  # percent-encoded
-        "postgresql://app:Sw0rd@Fi5h@Ke7@db/x",  # raw @
-        f"postgresql://db/x?user=app&password={quote(PASSWORD, safe='')}&sslmode=require",
         "host=db user=app password='Sw0rd Fi5h\\' Ke7' dbname=x",  # quoted key=value
         'connection to "postgresql://app:Sw0rd#Fi5h?Ke7@db/x" failed',  # inside a message
     ],
 )
 def test_every_spelling_of_a_password_is_masked(url):
+    """(Percent-encoded passwords, raw ``@`` and ``?password=`` are in test_embedded_services.)"""
     shown = db.redact(url)
     assert_hidden(shown)
     assert "***" in shown
