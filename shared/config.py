@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.intervals import DEFAULT_INTERVALS, IntervalSet
@@ -76,7 +76,7 @@ class Settings(BaseSettings):
 
     @field_validator("database_url", "kafka_bootstrap_servers")
     @classmethod
-    def _not_empty(cls, value: str | None, info) -> str | None:
+    def _not_empty(cls, value: str | None, info: ValidationInfo) -> str | None:
         """An empty value is a mistake (a compose file's ``${VAR}`` with VAR unset, say), not
         a wish for the embedded servers: those are what an *unset* variable gives."""
         if value is not None and not value.strip():
