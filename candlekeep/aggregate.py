@@ -16,6 +16,7 @@ from candlekeep.trade_input import TradeInput, exchange_option, symbol_option
 from shared.aggregation import CandleBook, fill_gaps
 from shared.candle_formats import OUTPUT_FORMATS, candle_json_line, kline_row
 from shared.intervals import SUPPORTED, IntervalError, IntervalSet
+from shared.outputs import check_output_file
 from shared.trade_files import FORMATS
 
 
@@ -114,6 +115,8 @@ def aggregate(
             "binance-klines output holds one interval per file: pass a single --interval "
             "(or use --output-format jsonl)"
         )
+    if output != "-":
+        check_output_file(output, "-o")  # before the work, not after it
     started = time.perf_counter()
     source = TradeInput(list(files), input_format, symbol, exchange)
     book = CandleBook(interval_set)

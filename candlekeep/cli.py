@@ -19,6 +19,7 @@ from candlekeep.reconcile_cmd import reconcile, report
 from candlekeep.stream_cmd import stream
 from shared.config import Settings
 from shared.errors import CandlekeepError
+from shared.redaction import redact
 
 
 def load_settings() -> Settings:
@@ -56,7 +57,7 @@ def main() -> None:
     except CandlekeepError as exc:
         if os.environ.get("CANDLEKEEP_DEBUG"):
             raise
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {redact(str(exc))}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -64,8 +65,8 @@ def main() -> None:
         if os.environ.get("CANDLEKEEP_DEBUG"):
             raise
         click.echo(
-            f"Error: unexpected {type(exc).__name__}: {exc}. This is a bug in candlekeep: "
-            "rerun with CANDLEKEEP_DEBUG=1 for the traceback and report it.",
+            f"Error: unexpected {type(exc).__name__}: {redact(str(exc))}. This is a bug in "
+            "candlekeep: rerun with CANDLEKEEP_DEBUG=1 for the traceback and report it.",
             err=True,
         )
         sys.exit(2)

@@ -102,7 +102,10 @@ def demo(ctx, hours, rate, keep_running, airflow_port):
 
             live(console, demo_settings, airflow_url, broker, port=airflow_port)
     finally:
-        with console.status("stopping embedded services"):
+        from candlekeep.demo_live import CtrlC
+
+        # Shielded: a Ctrl-C here would leave the broker or PostgreSQL running.
+        with CtrlC(), console.status("stopping embedded services"):
             broker.stop()
             server.stop()
 

@@ -7,9 +7,10 @@ from collections import Counter
 
 import click
 
+from candlekeep.errors import UserError
 from candlekeep.trade_input import exchange_option, symbol_option
 from shared.trade_files import FORMATS
-from shared.trades import SYMBOL_RULE, normalise_symbol, parse_timestamp
+from shared.trades import SYMBOL_RULE, normalise_symbol
 
 #: Binance's public WebSocket endpoint (imported lazily elsewhere: websockets is in `stream`).
 BINANCE_URL = "wss://stream.binance.com:9443"
@@ -114,10 +115,12 @@ def synthetic(
     if start == "now":
         start_us = int(time.time() * 1_000_000)
     else:
+        from shared.batch_run import IntervalError, parse_instant
+
         try:
-            start_us = parse_timestamp(start)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--start") from None
+            start_us = parse_instant("--start", start)
+        except IntervalError as exc:
+            raise UserError(str(exc)) from None
     dials = MarketDials(
         symbols=symbols,
         start_us=start_us,

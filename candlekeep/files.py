@@ -6,6 +6,7 @@ import gzip
 import io
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
@@ -24,7 +25,27 @@ def check_readable(path: str) -> None:
 
 @contextmanager
 def open_trade_file(path: str) -> Iterator[TextIO]:
-    """Text lines of a trade file; undecodable bytes become U+FFFD (and the line is rejected)."""
+    """Text lines of a trade file; undecodable bytes become U+FFFD (and the line is rejected).
+
+    A damaged archive is found while it is read (gzip checks its end only at the end): whoever
+    reads the lines gets one :class:`UserError` naming the file, instead of ``EOFError``
+    (which click turns into a bare "Aborted!") or a ``BadGzipFile`` taken for a bug.
+    """
+    try:
+        with _open(path) as handle:
+            yield handle
+    except EOFError:
+        raise damaged(path, "it ends before its compressed data does (truncated)") from None
+    except (gzip.BadGzipFile, zipfile.BadZipFile, zlib.error) as exc:
+        raise damaged(path, f"{exc}") from None
+
+
+def damaged(path: str, what: str) -> UserError:
+    return UserError(f"{path}: the compressed file is damaged: {what}: download or copy it again")
+
+
+@contextmanager
+def _open(path: str) -> Iterator[TextIO]:
     check_readable(path)
     if path.endswith(".gz"):
         with gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="") as handle:
@@ -49,8 +70,11 @@ def first_line(path: str) -> str:
 def inner_name(path: str) -> str:
     """The name that tells a file's format and symbol (the member's name inside a zip)."""
     if path.endswith(".zip") and os.path.isfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = [m for m in archive.namelist() if not m.endswith("/")]
-            if len(names) == 1:
-                return names[0]
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = [m for m in archive.namelist() if not m.endswith("/")]
+        except zipfile.BadZipFile as exc:
+            raise damaged(path, str(exc)) from None
+        if len(names) == 1:
+            return names[0]
     return path[:-3] if path.endswith(".gz") else path

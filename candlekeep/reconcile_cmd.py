@@ -35,8 +35,10 @@ def reconcile(ctx, start, end, wait_s):
     from candlekeep.errors import UserError
     from candlekeep.services import database_url
     from shared.batch_run import IntervalError, run_interval
+    from shared.outputs import check_output_dir
 
     settings = ctx.find_root().obj()
+    check_output_dir(settings.report_dir, "CANDLEKEEP_REPORT_DIR")  # before any work
     url = database_url(ctx)
     try:
         summary = run_interval(
@@ -68,9 +70,11 @@ def report(ctx, start, end, output):
     from candlekeep.services import database_url
     from shared import db
     from shared.batch_run import IntervalError, report_summary
+    from shared.outputs import check_output_file
     from shared.report import render_report
 
     settings = ctx.find_root().obj()
+    check_output_file(output, "-o")  # before any work
     url = database_url(ctx)
     try:
         summary = report_summary(url, settings, start, end)

@@ -7,6 +7,7 @@ between tasks. Every step is idempotent: rerunning an interval replaces its resu
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from datetime import datetime
 
@@ -32,6 +33,38 @@ class IntervalError(ValueError):
     pass
 
 
+TIME_EXAMPLES = "e.g. 2026-01-01T00:00Z, 2026-01-01T00:00:00+00:00 or 2026-01-01T02:00+02:00"
+
+
+def parse_instant(name: str, text: str) -> int:
+    """A time given on a command line or in a run's params, in epoch microseconds.
+
+    Python's own words for a bad time ("Invalid isoformat string", "offset must be a timedelta
+    strictly between…") are not for a person: the error says what the value is not and shows
+    the forms that work.
+    """
+    value = text.strip()
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        if value.lstrip("-").isdigit():
+            why = "a number, not a time (epoch numbers are not taken: say which instant)"
+        elif "no UTC offset" in str(exc):
+            why = "a time without a UTC offset"
+        elif re.search(r"[+-](\d\d):?(\d\d)$", value) and not _offset_ok(value):
+            why = "a time whose UTC offset is not between -23:59 and +23:59"
+        else:
+            why = "not a valid ISO-8601 time"
+        raise IntervalError(
+            f"{name} {text!r} is {why}: write ISO-8601 with an offset, {TIME_EXAMPLES}"
+        ) from None
+
+
+def _offset_ok(value: str) -> bool:
+    hours, minutes = re.search(r"[+-](\d\d):?(\d\d)$", value).groups()
+    return int(hours) < 24 and int(minutes) < 60
+
+
 def parse_interval(start: str | datetime | None, end: str | datetime | None) -> tuple:
     """``(start, end)`` as aware datetimes; a clear error when missing or reversed."""
     if start is None or end is None or start == "" or end == "":
@@ -46,10 +79,7 @@ def parse_interval(start: str | datetime | None, end: str | datetime | None) -> 
                 raise IntervalError(f"{name} {value.isoformat()} has no UTC offset")
             values.append(value)
             continue
-        try:
-            values.append(ts_to_datetime(parse_timestamp(str(value))))
-        except ValueError as exc:
-            raise IntervalError(f"{name}: {exc}") from None
+        values.append(ts_to_datetime(parse_instant(name, str(value))))
     if values[1] <= values[0]:
         raise IntervalError(
             f"end {values[1].isoformat()} is not after start {values[0].isoformat()}"
@@ -63,6 +93,7 @@ def wait_step(
     """Step 1: wait (bounded) until the stream's watermark has passed ``end``."""
     _, end = parse_interval(start, end)
     with db.connect(url) as conn:
+        db.require_schema(conn, url)  # the first step: a missing schema is said here, clearly
         position = wait_for_watermark(
             conn, settings.consumer_group, settings.topic_trades, end, timeout_s, poll_s=poll_s
         )
@@ -209,6 +240,7 @@ def report_summary(url: str, settings: Settings, start, end) -> dict:
     one built from the tables as they are."""
     start, end = parse_interval(start, end)
     with db.connect(url) as conn:
+        db.require_schema(conn, url)
         row = conn.execute(
             "SELECT summary FROM dq_reports WHERE interval_start = %s AND interval_end = %s",
             (start, end),

@@ -9,10 +9,11 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.intervals import DEFAULT_INTERVALS, IntervalSet
+from shared.redaction import remember
 from shared.windows import WindowSettings
 
 _DURATION_RE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
@@ -72,6 +73,17 @@ class Settings(BaseSettings):
     dq_wait_timeout: timedelta = timedelta(minutes=10)
     report_dir: str = "reports"
     log_level: str = "INFO"
+
+    @field_validator("database_url", "kafka_bootstrap_servers")
+    @classmethod
+    def _not_empty(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """An empty value is a mistake (a compose file's ``${VAR}`` with VAR unset, say), not
+        a wish for the embedded servers: those are what an *unset* variable gives."""
+        if value is not None and not value.strip():
+            what = "a postgresql:// URL" if info.field_name == "database_url" else "host:port,…"
+            raise ValueError(f"is empty: unset it to use the embedded server, or set {what}")
+        remember(value)  # its password is masked in everything printed or logged from now on
+        return value
 
     @field_validator("intervals")
     @classmethod

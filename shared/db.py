@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-import re
+import logging
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from shared.errors import CandlekeepError
+from shared.redaction import redact, remember, url_password
+
+__all__ = ["redact"]  # re-exported: callers import it from here
+
+#: PostgreSQL's notices (``RAISE WARNING``, server warnings), which psycopg drops unless a
+#: connection has a handler: logged, so the worker's JSON log shows them like any event.
+notices = logging.getLogger("candlekeep.postgresql")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 class DatabaseError(CandlekeepError):
     """PostgreSQL is missing, unreachable or not migrated; the message says what to do."""
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``: safe to put in an error message or a log.
-
-    Handles ``scheme://user:password@host``, ``password=`` in a query string and libpq
-    ``key=value`` strings.
-    """
-    text = re.sub(r"(password=)[^&\s]*", r"\1***", url, flags=re.IGNORECASE)
-    parts = urlsplit(text)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    if not (parts.scheme and at and colon):
-        return text
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -41,27 +33,55 @@ def sqlalchemy_url(url: str) -> str:
 
 
 def libpq_url(url: str) -> str:
-    """The same database as a libpq URL (what psycopg takes)."""
+    """The same database as a libpq URL (what psycopg takes), checked the way libpq reads it."""
     if url.startswith("postgresql+psycopg://"):
-        return "postgresql://" + url[len("postgresql+psycopg://") :]
+        url = "postgresql://" + url[len("postgresql+psycopg://") :]
     if not url.startswith(("postgresql://", "postgres://")):
         raise DatabaseError(f"DATABASE_URL {redact(url)!r} is not a postgresql:// URL")
+    remember(url)
+    written = url_password(url)
+    try:
+        parsed = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        if written is None:
+            raise DatabaseError(
+                f"DATABASE_URL {redact(url)!r} is not a URL libpq can read: {redact(str(exc))}"
+            ) from None
+        parsed = {}  # libpq's message quotes the URL from where it got lost: not shown
+    if written is not None and "password=" not in url and parsed.get("password") != written:
+        # libpq ends the password at a raw "/" (and the user name at the first "@"): it would
+        # connect as someone else, or to a "host" made of the password's pieces.
+        raise DatabaseError(
+            "DATABASE_URL's password holds characters a URL must percent-encode (libpq reads "
+            f"{redact(url)!r} differently from how it is written): encode them, e.g. / as "
+            "%2F, @ as %40, : as %3A, % as %25"
+        )
     return url
 
 
 def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) -> psycopg.Connection:
     """A psycopg connection, or a :class:`DatabaseError` naming the URL and what to do."""
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             libpq_url(url), autocommit=autocommit, connect_timeout=connect_timeout
         )
     except psycopg.OperationalError as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+        reason = redact(" ".join(str(exc).split())) or type(exc).__name__
         raise DatabaseError(
             f"cannot connect to PostgreSQL at {redact(url)}: {reason}. Check that the server is "
             "running and that DATABASE_URL is right, or unset DATABASE_URL to use the embedded "
             "PostgreSQL"
         ) from None
+    conn.add_notice_handler(_log_notice)
+    return conn
+
+
+def _log_notice(diagnostic: psycopg.errors.Diagnostic) -> None:
+    severity = (diagnostic.severity_nonlocalized or diagnostic.severity or "NOTICE").upper()
+    level = logging.WARNING if severity == "WARNING" else logging.INFO
+    notices.log(
+        level, "postgresql %s: %s", severity.lower(), redact(diagnostic.message_primary or "")
+    )
 
 
 def alembic_config(url: str):

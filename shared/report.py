@@ -16,6 +16,7 @@ from psycopg.types.json import Jsonb
 from shared import db
 from shared.charts import bar_chart, line_chart
 from shared.config import Settings
+from shared.outputs import OutputError
 from shared.trades import datetime_to_ts
 
 MAX_MISMATCH_ROWS = 500
@@ -111,9 +112,19 @@ def report_path(settings: Settings, summary: dict) -> Path:
 
 
 def publish_report(url: str, settings: Settings, summary: dict) -> dict:
-    """Upsert the ``dq_reports`` row (summary, status, HTML) and write the HTML file."""
+    """Write the HTML file, then upsert the ``dq_reports`` row (summary, status, HTML): a report
+    directory that cannot be written leaves no row behind."""
+    path = report_path(settings, summary)
     with db.connect(url) as conn:
         html = render_report(conn, summary)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(html, encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write the report {path}: {exc.strerror}: set CANDLEKEEP_REPORT_DIR to "
+                "a directory candlekeep can write"
+            ) from None
         conn.execute(
             "INSERT INTO dq_reports (interval_start, interval_end, status, summary, html)"
             " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (interval_start, interval_end) DO UPDATE"
@@ -128,9 +139,6 @@ def publish_report(url: str, settings: Settings, summary: dict) -> dict:
             ),
         )
         conn.commit()
-    path = report_path(settings, summary)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html, encoding="utf-8")
     return {"status": summary["status"], "path": str(path)}
 
 
