@@ -854,9 +854,9 @@ class StreamWorker:
         state.last_digest = state.verify = None
         state.short_since, state.short_checks = None, 0
         state.reset_id = reset_id
+        # (The group's offset in Kafka follows with the next batch's commit: committing here,
+        # under the lock, could wait on a group coordinator that is itself recovering.)
         self._consumer.seek(tp, first)
-        with contextlib.suppress(KafkaError):  # (for lag tools only, as after a batch)
-            await self._consumer.commit({tp: first})
 
     async def _reconnect(self) -> None:
         """(Re)open every connection that is not open and well (nothing may be in flight)."""

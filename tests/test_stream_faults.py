@@ -88,12 +88,19 @@ class RestartableBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def restart(self, topic: str) -> None:
-        """Stop, start on the same port (empty), and create ``topic`` again at once (before a
-        running worker's metadata requests could create it with other settings)."""
+    def restart(self, settings) -> None:
+        """Stop, start on the same port (empty), and create the topics again at once, the
+        trades topic with its 4 partitions (before a running worker's metadata requests could
+        create it otherwise) and the worker's output topics, as whoever creates them would."""
         self.broker.stop()
         self.broker = EmbeddedBroker(self.data_dir, port=self.port).start()
-        asyncio.run(ensure_topic(self.bootstrap, topic, 4))
+        for topic in (
+            settings.topic_trades,
+            settings.topic_candles,
+            settings.topic_late,
+            settings.topic_invalid,
+        ):
+            asyncio.run(ensure_topic(self.bootstrap, topic, 4))
 
     def stop(self) -> None:
         self.broker.stop()
@@ -208,7 +215,7 @@ def test_broker_restarted_between_runs_resets_are_recorded_and_nothing_new_is_sk
     before = next_offsets(database_url)
     watermarks = {p: row[1] for p, row in tables(database_url)["progress"].items()}
 
-    broker.restart(topic)
+    broker.restart(settings)
     new_log = produce_all(broker.bootstrap, topic, feed(4000, seed=32, start_us=T0_US + HOUR_US))
     new_sizes = {p: sum(1 for d in new_log if d.partition == p) for p in before}
     assert all(new_sizes[p] > before[p] for p in before), "the new log must reach past"
@@ -269,18 +276,27 @@ def test_broker_restarted_under_a_running_worker_resets_from_the_new_logs_start(
     settings = operations_settings()
     topic = settings.topic_trades
     env = worker_env(settings, database_url, broker.bootstrap)
-    first_log = produce_all(broker.bootstrap, topic, feed(16_000, seed=33))
+    first_log = feed(16_000, seed=33)
+    head = produce_all(broker.bootstrap, topic, first_log[:2000])
     port = free_port()
     worker = workers(env, "--exit-when-idle", "4", "--metrics-port", str(port))
-    wait_until(lambda: consumed(database_url) >= 3000, 60, "part of hour 0 consumed")
-    broker.restart(topic)
-    at_restart = consumed(database_url)
-    new_log = produce_all(broker.bootstrap, topic, feed(600, seed=34, start_us=T0_US + HOUR_US))
-    wait_until(
-        lambda: len(resets(database_url)) == 4,
-        40,
-        "the resets to be recorded:\n" + worker.log_tail(),
-    )
+    wait_until(lambda: consumed(database_url) == len(head), 60, "the first messages consumed")
+    # The rest of the hour arrives while the worker's writes wait (a lock on trades, as a slow
+    # disk would make them wait): the restart finds it fetched at most, not committed.
+    with db.connect(database_url) as lock:
+        lock.execute("LOCK TABLE trades IN SHARE MODE")
+        rest = produce_all(broker.bootstrap, topic, first_log[2000:])
+        wait_until(lambda: worker.events("partitions loaded"), 10, "the worker running")
+        time.sleep(1)  # (fetching)
+        broker.restart(settings)
+        at_restart = consumed(database_url)
+        new_log = produce_all(broker.bootstrap, topic, feed(600, seed=34, start_us=T0_US + HOUR_US))
+        lock.rollback()
+    first_log = head + rest
+    try:
+        wait_until(lambda: len(resets(database_url)) == 4, 40, "the resets to be recorded")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the worker's log:\n{worker.log_tail()}") from None
     samples = scrape(port)
     summary = worker.finish(timeout=60)
 
@@ -330,7 +346,7 @@ def test_fail_policy_stops_with_one_line_records_the_reset_and_commits_nothing(
     first_log = produce_all(broker.bootstrap, topic, feed(1600, seed=35))
     workers(env, "--exit-when-idle", "3").finish()
     before = tables(database_url)
-    broker.restart(topic)
+    broker.restart(settings)
     new_log = produce_all(broker.bootstrap, topic, feed(800, seed=36, start_us=T0_US + HOUR_US))
 
     stopping = workers({**env, "CANDLEKEEP_OFFSET_RESET": "fail"}, "--exit-when-idle", "3")
