@@ -406,3 +406,52 @@ def test_worker_connections_terminated_mid_batch_recovers_and_loses_nothing(
     assert summary["retries"] >= 1 and worker.events("database connection restored")
     assert summary["consumed"] == produced
     assert_same_final_state(database_url, second_database, produced)
+
+
+# -- 5. retention deleted unread messages --------------------------------------------------------
+
+
+def test_retention_before_the_stored_offset_is_a_reset_that_counts_what_it_skipped(
+    broker, database_url, monkeypatch
+):
+    """Messages deleted by retention before the worker read them. The embedded broker cannot
+    delete records (its DeleteRecords closes the connection and the log start stays 0), so the
+    fault is injected at the one place the worker learns the log start: the broker's answer
+    says the log now starts 50 messages after each stored offset. Everything else is real: the
+    worker records the resets, skips exactly those messages, counts them, and the report of the
+    hour fails (messages were lost) naming each reset."""
+    from stream.worker import StreamWorker
+
+    reset_tables(database_url)
+    settings = operations_settings()
+    topic = settings.topic_trades
+    first_log = produce_all(broker.bootstrap, topic, feed(1600, seed=38))
+    asyncio.run(StreamWorker(settings, database_url, broker.bootstrap, exit_when_idle_s=2).run())
+    before = next_offsets(database_url)
+    more = produce_all(broker.bootstrap, topic, feed(1600, seed=39, start_us=T0_US + 60_000_000))
+    deleted = 50
+    real_bounds = StreamWorker._log_bounds
+
+    async def after_retention(self, tp):
+        first, end = await real_bounds(self, tp)
+        return max(first, before[tp.partition] + deleted), end
+
+    monkeypatch.setattr(StreamWorker, "_log_bounds", after_retention)
+    summary = asyncio.run(
+        StreamWorker(settings, database_url, broker.bootstrap, exit_when_idle_s=2).run()
+    )
+
+    found = resets(database_url)
+    assert found.keys() == before.keys()
+    for partition, row in found.items():
+        assert row["kind"] == "before_start" and row["skipped"] == deleted
+        assert row["stored_offset"] == before[partition]
+        assert row["log_start_offset"] == before[partition] + deleted
+    skipped = deleted * len(before)
+    assert summary.resets == len(before) and summary.skipped == skipped
+    assert summary.consumed == len(more) - skipped
+    sums = assert_conservation(database_url, len(first_log) + len(more) - skipped)
+    assert sums["skipped"] == skipped
+    report = run_interval(database_url, settings, *hour(0))
+    assert report["status"] == "fail"
+    assert sum("deleted by retention" in r for r in report["reasons"]) == len(before)
