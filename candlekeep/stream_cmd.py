@@ -56,11 +56,18 @@ def stream(ctx, exit_when_idle, metrics_port):
         late=summary.late,
         candles=summary.candles,
         retries=summary.retries,
+        resets=summary.resets,
+        skipped=summary.skipped,
     )
     if sys.stderr.isatty():  # elsewhere stderr is JSON lines only: the event above says it
         click.echo(
             f"consumed {summary.consumed:,} messages: {summary.stored:,} trades stored, "
             f"{summary.duplicates:,} duplicates, {summary.invalid:,} invalid, "
-            f"{summary.late:,} late; {summary.candles:,} candles written",
+            f"{summary.late:,} late; {summary.candles:,} candles written"
+            + (
+                f"; {summary.resets:,} offset reset(s) skipped {summary.skipped:,} messages"
+                if summary.resets
+                else ""
+            ),
             err=True,
         )

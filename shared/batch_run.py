@@ -20,6 +20,7 @@ from shared.quality import (
     gaps,
     invalid_stats,
     late_stats,
+    offset_resets,
     ohlc_violations,
     rollup_violations,
     verdict,
@@ -167,6 +168,9 @@ def checks_step(
             "late_trades": late_stats(conn, start, end),
             "invalid_messages": invalid_stats(conn),
             "stream": stream,
+            "offset_resets": offset_resets(
+                conn, settings.consumer_group, settings.topic_trades, start, end
+            ),
         }
     status, reasons = verdict(summary, thresholds(settings))
     summary["status"] = status

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import Literal
 
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,6 +63,10 @@ class Settings(BaseSettings):
     #: PostgreSQL connections that write batches side by side (a partition always uses the same
     #: one, so each partition's batches still commit one at a time, in order).
     stream_writers: int = Field(2, ge=1, le=64)
+    #: What the worker does when a partition's stored position is no longer in its log (SPEC §4
+    #: "Offset resets"): ``earliest`` goes on from the log's start, ``fail`` stops. Either way
+    #: the reset is recorded in ``offset_resets`` first.
+    offset_reset: Literal["earliest", "fail"] = "earliest"
     session_timeout: timedelta = timedelta(seconds=10)
     heartbeat_interval: timedelta = timedelta(seconds=3)
     data_dir: str = ".candlekeep"

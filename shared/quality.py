@@ -2,8 +2,9 @@
 
 Checks run in SQL over the run's owned windows: OHLC sanity (low ≤ open, close ≤ high), the
 rollup invariant (every larger candle equals the merge of its base candles) in both candle
-tables, gaps (base windows without trades), late-trade and invalid-message rates, and the
-stream's lag. ``verdict`` turns the summary into a status with the reasons for it.
+tables, gaps (base windows without trades), late-trade and invalid-message rates, the stream's
+lag, and the offset resets that may have touched the interval. ``verdict`` turns the summary into
+a status with the reasons for it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import psycopg
+from psycopg.rows import dict_row
 
 from shared.intervals import IntervalSet
 from shared.recompute import owned_windows
@@ -171,6 +173,53 @@ def invalid_stats(conn: psycopg.Connection) -> dict:
     }
 
 
+def offset_resets(
+    conn: psycopg.Connection, group: str, topic: str, start: datetime, end: datetime
+) -> list[dict]:
+    """The offset resets (SPEC §4) of the stream (consumer ``group`` on ``topic``) that may have
+    touched ``[start, end)``.
+
+    The messages a reset passed over were not read, so their event times are not known; they
+    lie after the partition's watermark at the reset (earlier ones would have been late) and
+    before the first trade read after it (``resumed_at``). A reset touches every interval that
+    meets ``[watermark, resumed_at]``: without a watermark (nothing read before) from the
+    beginning, without ``resumed_at`` (nothing read since, or the worker stopped under
+    ``fail``) onwards.
+    """
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT id, consumer_group, topic, partition, kind, stored_offset, log_start_offset,"
+            " log_end_offset, skipped, policy, watermark, resumed_at, detected_at"
+            " FROM offset_resets WHERE consumer_group = %s AND topic = %s"
+            " AND (watermark IS NULL OR watermark < %s)"
+            " AND (resumed_at IS NULL OR resumed_at >= %s) ORDER BY detected_at, id",
+            (group, topic, end, start),
+        ).fetchall()
+    if not conn.autocommit:
+        conn.rollback()
+    return [
+        {name: v.isoformat() if isinstance(v, datetime) else v for name, v in row.items()}
+        for row in rows
+    ]
+
+
+def describe_reset(reset: dict) -> str:
+    """One line for a report's reasons."""
+    where = f"offset reset on {reset['topic']} partition {reset['partition']}"
+    what = {
+        "beyond_end": f"stored offset {reset['stored_offset']} beyond the log's end "
+        f"{reset['log_end_offset']} (broker lost its log or topic recreated)",
+        "replaced": f"the log before stored offset {reset['stored_offset']} was replaced "
+        "(broker lost its log or topic recreated)",
+        "before_start": f"stored offset {reset['stored_offset']} before the log's start "
+        f"{reset['log_start_offset']} (deleted by retention)",
+    }[reset["kind"]]
+    return (
+        f"{where} at {reset['detected_at']}: {what}; {reset['skipped']} message(s) known "
+        f"skipped, policy {reset['policy']}"
+    )
+
+
 def verdict(summary: dict, thresholds: Thresholds) -> tuple[str, list[str]]:
     """``fail`` for anything that means a bug or lost data, ``warn`` past a threshold."""
     counts = summary["counts"]
@@ -185,6 +234,11 @@ def verdict(summary: dict, thresholds: Thresholds) -> tuple[str, list[str]]:
     for table, n in summary["rollup_violations"].items():
         if n:
             fail.append(f"{n} {table} candle(s) that are not the merge of their base candles")
+    # An offset reset that skipped messages lost them (for the stream and for batch alike, so
+    # the two still agree): fail. One that skipped none known (the broker lost a log whose
+    # unread end, if any, is not known) may have lost trades: warn.
+    for reset in summary.get("offset_resets", []):
+        (fail if reset["skipped"] else warn).append(describe_reset(reset))
     if counts["missing_in_stream"] > thresholds.max_missing_in_stream:
         warn.append(f"{counts['missing_in_stream']} candle(s) missing in the stream")
     late = summary["late_trades"]

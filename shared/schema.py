@@ -47,6 +47,7 @@ INVALID_TRADES = "invalid_trades"
 STREAM_PROGRESS = "stream_progress"
 CANDLE_MISMATCHES = "candle_mismatches"
 DQ_REPORTS = "dq_reports"
+OFFSET_RESETS = "offset_resets"
 
 MISMATCH_KINDS = ("late", "missing_in_stream", "missing_in_batch", "unexplained")
 
@@ -190,7 +191,47 @@ stream_progress = Table(
     Column("invalid", BigInteger, nullable=False, server_default=text("0")),
     Column("late", BigInteger, nullable=False, server_default=text("0")),
     _ts("updated_at", server_default=func.now()),
+    # Messages the worker passed over by offset resets (known from the offsets; see
+    # offset_resets): messages in the log = consumed + skipped.
+    Column("skipped", BigInteger, nullable=False, server_default=text("0")),
+    # CRC-32 of the key and value of the message before next_offset: a log replaced by another
+    # (broker storage lost, topic recreated) has another message there.
+    Column("last_digest", BigInteger),
     PrimaryKeyConstraint("consumer_group", "topic", "partition", name="stream_progress_pkey"),
+)
+
+offset_resets = Table(
+    OFFSET_RESETS,
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("consumer_group", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    # beyond_end: the log is shorter than the stored position (broker storage lost, topic
+    # recreated); replaced: another message than the one consumed lies before the stored
+    # position (the same, with a new log already longer); before_start: retention deleted
+    # messages before they were consumed.
+    Column("kind", Text, nullable=False),
+    Column("stored_offset", BigInteger, nullable=False),
+    Column("log_start_offset", BigInteger, nullable=False),
+    Column("log_end_offset", BigInteger, nullable=False),
+    # Messages known to be passed over (before_start: the deleted range; beyond_end: the new
+    # log's messages already gone before its start). What the old log held past stored_offset
+    # is not known.
+    Column("skipped", BigInteger, nullable=False),
+    # CANDLEKEEP_OFFSET_RESET when detected: earliest (went on from the log start) or fail.
+    Column("policy", Text, nullable=False),
+    # The partition's watermark and greatest trade time at the reset, and the time of the first
+    # trade read after it: the event times the skipped messages may have had lie between.
+    _ts("watermark", nullable=True),
+    _ts("max_trade_ts", nullable=True),
+    _ts("resumed_at", nullable=True),
+    _ts("detected_at", server_default=func.now()),
+    CheckConstraint(
+        "kind IN ('beyond_end', 'replaced', 'before_start')", name="offset_resets_kind_check"
+    ),
+    CheckConstraint("policy IN ('earliest', 'fail')", name="offset_resets_policy_check"),
+    Index("offset_resets_partition_idx", "consumer_group", "topic", "partition"),
 )
 
 candle_mismatches = Table(

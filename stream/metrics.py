@@ -29,3 +29,13 @@ CLOSE_TO_COMMIT = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 RETRIES = Counter("candlekeep_retries_total", "Batches retried after a failure", ["cause"])
+OFFSET_RESETS = Counter(
+    "candlekeep_offset_resets_total",
+    "Partitions whose stored position was no longer in the log (see offset_resets)",
+    ["partition", "kind"],
+)
+MESSAGES_SKIPPED = Counter(
+    "candlekeep_messages_skipped_total",
+    "Messages passed over by offset resets, as far as the offsets tell",
+    ["partition"],
+)

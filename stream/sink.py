@@ -12,9 +12,10 @@ lost the partition (a zombie) finds another offset there and its batch is rolled
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -41,6 +42,9 @@ class StoredProgress:
 
     next_offset: int | None
     window_state: dict | None
+    last_digest: int | None = None  # of the message before next_offset (see record_digest)
+    #: An ``offset_resets`` row (policy earliest) that no trade has been read after yet.
+    pending_reset: int | None = None
 
 
 @dataclass
@@ -54,6 +58,9 @@ class PartitionBatch:
     offsets: list[int] = field(default_factory=list)  # the offset of each of ``trades``
     invalid: list[InvalidMessage] = field(default_factory=list)
     consumed: int = 0
+    last_digest: int | None = None  # record_digest of the batch's last message
+    #: An ``offset_resets`` row to complete with the time of the batch's first trade.
+    reset_id: int | None = None
     #: ``prepare_trades(trades)``, done early (the worker does it while the batch before this
     #: one is written); None: done when the batch is written.
     prepared: PreparedTrades | None = None
@@ -85,16 +92,108 @@ class BatchResult:
     snapshot: dict | None = None  # the window state written with the batch (by record_batch)
 
 
+def record_digest(key: bytes | None, value: bytes | None) -> int:
+    """A fingerprint of one Kafka message (CRC-32 of its key and value): the one stored with the
+    offsets tells whether the log still holds, before the stored position, the message the
+    worker consumed there, or is another log (broker storage lost, topic recreated)."""
+    return zlib.crc32(value or b"", zlib.crc32(key or b""))
+
+
 def load_progress(
     conn: psycopg.Connection, group: str, topic: str, partition: int
 ) -> StoredProgress:
     row = conn.execute(
-        "SELECT next_offset, window_state FROM stream_progress"
-        " WHERE consumer_group = %s AND topic = %s AND partition = %s",
+        "SELECT next_offset, window_state, last_digest, (SELECT max(id) FROM offset_resets r"
+        "  WHERE r.consumer_group = p.consumer_group AND r.topic = p.topic"
+        "  AND r.partition = p.partition AND r.policy = 'earliest' AND r.resumed_at IS NULL)"
+        " FROM stream_progress p WHERE consumer_group = %s AND topic = %s AND partition = %s",
         (group, topic, partition),
     ).fetchone()
     conn.rollback()
-    return StoredProgress(row[0], row[1]) if row else StoredProgress(None, None)
+    return StoredProgress(*row) if row else StoredProgress(None, None)
+
+
+@dataclass
+class OffsetReset:
+    """A partition's stored position no longer in its log (SPEC §4 "Offset resets")."""
+
+    partition: int
+    kind: str  # beyond_end | replaced | before_start
+    stored_offset: int
+    log_start: int
+    log_end: int
+    policy: str  # earliest | fail
+    watermark: datetime | None
+    max_trade_ts: datetime | None
+
+    @property
+    def skipped(self) -> int:
+        """Messages known to be passed over by going on from the log start: the deleted range
+        (before_start), or those of a new log already gone before its start. What an old log
+        held past the stored position is gone with it and not known."""
+        if self.kind == "before_start":
+            return self.log_start - self.stored_offset
+        return self.log_start
+
+    def describe(self, topic: str) -> str:
+        where = f"partition {self.partition} of topic {topic}: stored offset {self.stored_offset}"
+        if self.kind == "before_start":
+            return (
+                f"{where} is before the log's start {self.log_start} (retention deleted "
+                f"{self.skipped} message(s) before they were consumed)"
+            )
+        if self.kind == "replaced":
+            return (
+                f"{where}, but the log (end {self.log_end}) holds another message before it "
+                "(the broker lost its log or the topic was recreated)"
+            )
+        return (
+            f"{where} is beyond the log's end {self.log_end} (the broker lost its log or the "
+            "topic was recreated)"
+        )
+
+
+def record_reset(conn: psycopg.Connection, group: str, topic: str, reset: OffsetReset) -> int:
+    """Record ``reset`` in ``offset_resets`` and, with policy ``earliest``, move the partition's
+    progress to the log start (counting what that skips), in the caller's transaction; returns
+    the row's id.
+
+    A reset detected again at the same stored offset after a ``fail`` (the operator restarted
+    with another policy) updates that row: one row per reset.
+    """
+    _fence(conn, group, topic, PartitionBatch(reset.partition, reset.stored_offset, 0))
+    values = (
+        reset.kind,
+        reset.log_start,
+        reset.log_end,
+        reset.skipped,
+        reset.policy,
+        reset.watermark,
+        reset.max_trade_ts,
+    )
+    row = conn.execute(
+        "UPDATE offset_resets SET kind = %s, log_start_offset = %s, log_end_offset = %s,"
+        " skipped = %s, policy = %s, watermark = %s, max_trade_ts = %s"
+        " WHERE id = (SELECT max(id) FROM offset_resets WHERE consumer_group = %s"
+        "  AND topic = %s AND partition = %s) AND policy = 'fail' AND stored_offset = %s"
+        " RETURNING id",
+        (*values, group, topic, reset.partition, reset.stored_offset),
+    ).fetchone()
+    if row is None:
+        row = conn.execute(
+            "INSERT INTO offset_resets (kind, log_start_offset, log_end_offset, skipped, policy,"
+            " watermark, max_trade_ts, consumer_group, topic, partition, stored_offset)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (*values, group, topic, reset.partition, reset.stored_offset),
+        ).fetchone()
+    if reset.policy == "earliest":
+        conn.execute(
+            "UPDATE stream_progress SET next_offset = %s, skipped = skipped + %s,"
+            " last_digest = NULL, updated_at = now()"
+            " WHERE consumer_group = %s AND topic = %s AND partition = %s",
+            (reset.log_start, reset.skipped, group, topic, reset.partition),
+        )
+    return row[0]
 
 
 def _fence(
@@ -198,6 +297,13 @@ def record_batch(
     emission = result.emission
     result.snapshot = windows.snapshot()
     with conn.pipeline():
+        if batch.reset_id is not None and batch.trades:
+            # The first trade read after an offset reset: the end of the event times that the
+            # messages it skipped may have had.
+            conn.execute(
+                "UPDATE offset_resets SET resumed_at = %s WHERE id = %s AND resumed_at IS NULL",
+                (ts_to_datetime(batch.trades[0].ts_us), batch.reset_id),
+            )
         write_parts(conn, topic, batch.partition, emission.candles)
         write_late(conn, emission.late, batch)
         store_invalid(conn, batch.invalid)
@@ -214,6 +320,7 @@ def record_batch(
             invalid=len(batch.invalid),
             late=len(emission.late),
             snapshot=result.snapshot,
+            last_digest=batch.last_digest,
         )
         return merge_parts(conn, merge)
 
@@ -580,16 +687,17 @@ def write_progress(
     invalid: int = 0,
     late: int = 0,
     snapshot: dict | None = None,
+    last_digest: int | None = None,
 ) -> None:
     """Upsert the partition's progress row; ``snapshot``: ``windows.snapshot()`` if already
-    taken."""
+    taken; ``last_digest``: that of the message before ``next_offset`` (None: unchanged)."""
     clock = windows.clock
     watermark = None if clock.watermark_us is None else ts_to_datetime(clock.watermark_us)
     max_ts = None if clock.max_ts_us is None else ts_to_datetime(clock.max_ts_us)
     conn.execute(
         "INSERT INTO stream_progress (consumer_group, topic, partition, next_offset, watermark,"
-        " max_trade_ts, window_state, consumed, stored, duplicates, invalid, late)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " max_trade_ts, window_state, consumed, stored, duplicates, invalid, late, last_digest)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET"
         " next_offset = EXCLUDED.next_offset, watermark = EXCLUDED.watermark,"
         " max_trade_ts = EXCLUDED.max_trade_ts, window_state = EXCLUDED.window_state,"
@@ -597,7 +705,9 @@ def write_progress(
         " stored = stream_progress.stored + EXCLUDED.stored,"
         " duplicates = stream_progress.duplicates + EXCLUDED.duplicates,"
         " invalid = stream_progress.invalid + EXCLUDED.invalid,"
-        " late = stream_progress.late + EXCLUDED.late, updated_at = now()",
+        " late = stream_progress.late + EXCLUDED.late,"
+        " last_digest = coalesce(EXCLUDED.last_digest, stream_progress.last_digest),"
+        " updated_at = now()",
         (
             group,
             topic,
@@ -611,5 +721,6 @@ def write_progress(
             duplicates,
             invalid,
             late,
+            last_digest,
         ),
     )

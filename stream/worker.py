@@ -46,18 +46,27 @@ from shared.candles import Candle
 from shared.config import Settings
 from shared.errors import CandlekeepError
 from shared.trade_store import InvalidMessage, TradePartitions
-from shared.trades import Rejection, check_key, parse_common_trade, parse_trade_message
+from shared.trades import (
+    Rejection,
+    check_key,
+    parse_common_trade,
+    parse_trade_message,
+    ts_to_datetime,
+)
 from shared.windows import Emission, PartitionWindows, StateMismatch
 from stream import messages, metrics
 from stream.sink import (
     BatchResult,
     Fenced,
+    OffsetReset,
     PartitionBatch,
     apply_batch,
     load_progress,
     merged_candles,
     prepare_trades,
     record_batch,
+    record_digest,
+    record_reset,
     write_tick,
 )
 
@@ -94,10 +103,23 @@ PARSE_CHUNK = 1000
 #: waiting its turn, so that parsing goes on while the writer waits on PostgreSQL. (3 was no
 #: faster in the benchmark, and a batch read from a backlog waited twice as long to commit.)
 PIPELINE_DEPTH = 2
+#: A log end below the stored position is believed only after this long and this many fetch
+#: answers in a row that say so. Measured on the embedded Tansu broker: the high watermark of
+#: its fetch answers never fell below what a consumer had read (0 of 1,644 checks under a live
+#: producer), while its ListOffsets end lags by the last producer batch (up to 149 messages)
+#: for as long as the partition stays quiet, so ListOffsets alone never decides a reset. Kafka's
+#: high watermark can lag briefly after a leader change. A few seconds cover both, and a lost
+#: log is still noticed within seconds instead of waited on forever.
+RESET_GRACE_S = 3.0
+RESET_GRACE_CHECKS = 3
 
 
 class BrokerUnavailable(CandlekeepError):
     pass
+
+
+class OffsetResetStop(CandlekeepError):
+    """An offset reset under ``CANDLEKEEP_OFFSET_RESET=fail``: recorded, then the worker stops."""
 
 
 @dataclass(eq=False)
@@ -113,6 +135,17 @@ class PartitionState:
     position: int | None = None
     #: Batches of this partition handed to a writer and not finished yet.
     inflight: int = 0
+    #: record_digest of the message before stored_offset, as committed.
+    last_digest: int | None = None
+    #: (offset, digest) of the stored message the first fetch must show again: the log is the
+    #: one the worker read (None: nothing to check).
+    verify: tuple[int, int] | None = None
+    #: An offset_resets row waiting for the first trade read after it.
+    reset_id: int | None = None
+    #: Since when (monotonic) fetches say the log ends below the position, and how many did.
+    short_since: float | None = None
+    short_checks: int = 0
+    last_poll: int | None = None
 
     def __post_init__(self) -> None:
         if self.position is None:
@@ -137,6 +170,8 @@ class RunSummary:
     late: int = 0
     candles: int = 0
     retries: int = 0
+    resets: int = 0
+    skipped: int = 0  # messages passed over by offset resets (consumed + skipped = read range)
     partitions: set[int] = field(default_factory=set)
 
 
@@ -331,7 +366,11 @@ class StreamWorker:
             return
         fetched_at = self.wall_clock()
         async with self._lock:
-            parsed = await self._parse(fetched)
+            replaced: list[int] = []
+            parsed = await self._parse(fetched, replaced)
+            for partition in replaced:
+                await self._reset(partition, "replaced")
+            await self._check_log_ends({b.partition for _, b in parsed})
             await self._tick(busy={b.partition for _, b in parsed})
             if parsed:
                 self._last_message_at = self.wall_clock()
@@ -379,7 +418,11 @@ class StreamWorker:
         if failures:
             raise failures[0]
 
-    async def _parse(self, fetched) -> list[tuple[PartitionState, PartitionBatch]]:
+    async def _parse(
+        self, fetched, replaced: list[int]
+    ) -> list[tuple[PartitionState, PartitionBatch]]:
+        """Parse fetched records into batches; partitions whose log turned out to be another
+        one than the worker read (see ``PartitionState.verify``) go to ``replaced``."""
         now_us = int(self.wall_clock() * 1_000_000)
         max_ts_us = now_us + self._max_future_us
         key_symbols = self._key_symbols
@@ -390,6 +433,16 @@ class StreamWorker:
             state = self.partitions.get(tp.partition)
             if state is None or not records or tp.topic != self.topic:
                 continue  # revoked meanwhile
+            if state.verify is not None:
+                offset, digest = state.verify
+                if records[0].offset == offset:
+                    if record_digest(records[0].key, records[0].value) != digest:
+                        replaced.append(tp.partition)
+                        continue
+                    records = records[1:]  # the same message: the same log
+                state.verify = None
+                if not records:
+                    continue
             if state.position is not None and records[0].offset < state.position:
                 # Fetched before the seek to the stored offset took effect (e.g. from the offset
                 # committed to Kafka, which lags PostgreSQL): already in the store.
@@ -398,6 +451,8 @@ class StreamWorker:
                     continue
             # resumed_from is set when the batch is written: after the one before it commits.
             batch = PartitionBatch(tp.partition, None, records[-1].offset + 1)
+            batch.last_digest = record_digest(records[-1].key, records[-1].value)
+            batch.reset_id = state.reset_id
             trades = batch.trades
             offsets = batch.offsets
             for start in range(0, len(records), PARSE_CHUNK):
@@ -495,6 +550,9 @@ class StreamWorker:
             state = self.partitions[batch.partition]
             state.stored_offset = batch.next_offset
             state.committed_state = result.snapshot
+            state.last_digest = batch.last_digest
+            if batch.reset_id is not None and batch.trades:
+                state.reset_id = None
             self._account(
                 batch,
                 result.emission,
@@ -602,6 +660,8 @@ class StreamWorker:
         assert self._consumer is not None
         if tp not in self._consumer.assignment():
             return False  # (highwater() asserts that it is)
+        if state.verify is not None or state.short_since is not None:
+            return False  # (the log is being checked: not known to be at its end)
         highwater = self._consumer.highwater(tp)
         if highwater is None:
             return False
@@ -682,23 +742,146 @@ class StreamWorker:
     # -- recovery -----------------------------------------------------------------------------
 
     async def _out_of_range(self, positions: dict) -> None:
-        """A fetch position the broker does not have. Below the log start, retention deleted
-        messages before they were consumed: say so loudly and go on from the log start. Above
-        the end, the broker's high watermark lags what it acknowledged: wait and retry."""
+        """A fetch position the broker says it does not have (Kafka; Tansu answers such a fetch
+        with no records, see :meth:`_check_log_ends`). Below the log start: retention deleted
+        messages before they were consumed, a reset at once. Above the end: a reset once the
+        end has stayed below for the grace (a lagging high watermark catches up meanwhile)."""
         assert self._consumer is not None
-        for tp, offset in positions.items():
-            first = (await self._consumer.beginning_offsets([tp]))[tp]
-            if offset < first:
-                log.error(
-                    "messages deleted by retention before they were consumed",
-                    partition=tp.partition,
-                    lost_from=offset,
-                    lost_to=first - 1,
-                )
-                self._consumer.seek(tp, first)
-            else:
-                await asyncio.sleep(0.1)
+        async with self._lock:
+            for tp, offset in positions.items():
+                state = self.partitions.get(tp.partition)
+                if state is None or tp not in self._consumer.assignment():
+                    continue
+                first, end = await self._log_bounds(tp)
+                stored = state.stored_offset or 0
+                if stored < first:
+                    await self._reset(tp.partition, "before_start", (first, end))
+                    continue
+                if offset < first:  # (the message checked by ``verify`` was deleted)
+                    state.verify = None
+                    self._consumer.seek(tp, stored)
+                    continue
+                if self._short(state, end, poll=time.monotonic_ns()):
+                    await self._reset(tp.partition, "beyond_end", (first, end))
+                    continue
                 self._consumer.seek(tp, offset)
+        await asyncio.sleep(0.1)
+
+    async def _check_log_ends(self, busy: set[int]) -> None:
+        """After a fetch: a partition whose log ends below the worker's position (the high
+        watermark of the broker's last fetch answer) lost its log, once that has held for the
+        grace. (Under the lock.)"""
+        assert self._consumer is not None
+        assignment = self._consumer.assignment()
+        for partition, state in list(self.partitions.items()):
+            tp = TopicPartition(self.topic, partition)
+            if partition in busy or state.position is None or tp not in assignment:
+                continue
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            if self._short(state, highwater, poll=self._consumer.last_poll_timestamp(tp)):
+                await self._reset(partition, "beyond_end")
+
+    def _short(self, state: PartitionState, end: int, poll: int | None) -> bool:
+        """Note a log end ``end`` seen by a fetch answer (``poll``: when it came); True once it
+        has been below the position for ``RESET_GRACE_S`` and ``RESET_GRACE_CHECKS`` answers."""
+        position = state.position or 0
+        if end >= position:
+            if state.short_since is not None:
+                log.info("log end caught up: no offset reset", end=end, position=position)
+            state.short_since, state.short_checks = None, 0
+            return False
+        if poll is None or poll == state.last_poll:
+            return False  # no new answer since the last look
+        state.last_poll = poll
+        now = time.monotonic()
+        if state.short_since is None:
+            state.short_since = now
+            log.warning(
+                "log ends below the stored position: checking again",
+                end=end,
+                position=position,
+                grace_s=RESET_GRACE_S,
+            )
+        state.short_checks += 1
+        return state.short_checks >= RESET_GRACE_CHECKS and now - state.short_since >= RESET_GRACE_S
+
+    async def _log_bounds(self, tp: TopicPartition) -> tuple[int, int]:
+        """The partition's log start and end: ListOffsets, with the end raised to the high
+        watermark of the last fetch answer (Tansu's ListOffsets end lags by a producer batch)."""
+        assert self._consumer is not None
+        first = (await self._consumer.beginning_offsets([tp]))[tp]
+        end = (await self._consumer.end_offsets([tp]))[tp]
+        return first, max(end, self._consumer.highwater(tp) or 0)
+
+    async def _reset(
+        self, partition: int, kind: str, bounds: tuple[int, int] | None = None
+    ) -> None:
+        """Record an offset reset and follow ``CANDLEKEEP_OFFSET_RESET`` (under the lock): with
+        ``earliest`` the partition goes on from the log start with its window state (trades
+        below its watermark are then late, as they are), with ``fail`` the worker stops."""
+        assert self._consumer is not None and self._conn is not None
+        await self._drain()  # the partition's batches in flight commit (or fail) first
+        state = self.partitions.get(partition)
+        if state is None or state.stored_offset is None:
+            return
+        tp = TopicPartition(self.topic, partition)
+        first, end = bounds or await self._log_bounds(tp)
+        clock = state.windows.clock
+        reset = OffsetReset(
+            partition,
+            kind,
+            state.stored_offset,
+            first,
+            end,
+            self.settings.offset_reset,
+            None if clock.watermark_us is None else ts_to_datetime(clock.watermark_us),
+            None if clock.max_ts_us is None else ts_to_datetime(clock.max_ts_us),
+        )
+        conn = self._conn
+        try:
+            reset_id = await asyncio.to_thread(record_reset, conn, self.group, self.topic, reset)
+            await asyncio.to_thread(conn.commit)
+        except Fenced:
+            await asyncio.to_thread(conn.rollback)
+            await self._reload(partition)
+            return
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(conn.rollback)
+            raise
+        metrics.OFFSET_RESETS.labels(str(partition), kind).inc()
+        metrics.MESSAGES_SKIPPED.labels(str(partition)).inc(reset.skipped)
+        self.summary.resets += 1
+        self.summary.skipped += reset.skipped
+        log.error(
+            "offset reset",
+            topic=self.topic,
+            partition=partition,
+            kind=kind,
+            stored_offset=reset.stored_offset,
+            log_start=first,
+            log_end=end,
+            skipped=reset.skipped,
+            watermark=reset.watermark.isoformat() if reset.watermark else None,
+            policy=reset.policy,
+            reset_id=reset_id,
+        )
+        if reset.policy == "fail":
+            raise OffsetResetStop(
+                f"{reset.describe(self.topic)}. Recorded in offset_resets (id {reset_id}); "
+                "nothing was committed past it. To go on from the log's start, restart with "
+                "CANDLEKEEP_OFFSET_RESET=earliest; to lose nothing, first replay the missing "
+                "trades from their source (candlekeep feed replay). See docs/operations.md"
+            )
+        state.stored_offset = state.position = first
+        state.last_digest = state.verify = None
+        state.short_since, state.short_checks = None, 0
+        state.reset_id = reset_id
+        # (The group's offset in Kafka follows with the next batch's commit: committing here,
+        # under the lock, could wait on a group coordinator that is itself recovering.)
+        self._consumer.seek(tp, first)
 
     async def _reconnect(self) -> None:
         """(Re)open every connection that is not open and well (nothing may be in flight)."""
@@ -723,11 +906,13 @@ class StreamWorker:
                     self.window_settings, state.committed_state
                 )
                 state.position = state.stored_offset
-                await self._seek(partition, state.stored_offset)
+                await self._seek(partition, state.stored_offset, state.verify)
 
     async def _reload(self, partition: int, conn: psycopg.Connection | None = None) -> None:
         """(Re)load a partition's committed progress from PostgreSQL and seek to it (``conn``:
-        a writer's, between its transactions; by default the loop's)."""
+        a writer's, between its transactions; by default the loop's, which also checks that the
+        stored position is not before the log start)."""
+        on_loop = conn is None
         conn = conn or self._conn
         assert conn is not None
         progress = await asyncio.to_thread(load_progress, conn, self.group, self.topic, partition)
@@ -735,12 +920,29 @@ class StreamWorker:
             windows = PartitionWindows.restore(self.window_settings, progress.window_state)
         except StateMismatch as exc:
             raise CandlekeepError(f"partition {partition}: {exc}") from None
-        self.partitions[partition] = PartitionState(
-            windows, progress.window_state, progress.next_offset
+        state = PartitionState(
+            windows,
+            progress.window_state,
+            progress.next_offset,
+            last_digest=progress.last_digest,
+            reset_id=progress.pending_reset,
         )
-        await self._seek(partition, progress.next_offset)
+        if progress.next_offset and progress.last_digest is not None:
+            state.verify = (progress.next_offset - 1, progress.last_digest)
+        self.partitions[partition] = state
+        tp = TopicPartition(self.topic, partition)
+        if on_loop and progress.next_offset is not None and tp in self._consumer.assignment():
+            first, end = await self._log_bounds(tp)
+            if progress.next_offset < first:
+                await self._reset(partition, "before_start", (first, end))
+                return
+        await self._seek(partition, progress.next_offset, state.verify)
 
-    async def _seek(self, partition: int, offset: int | None) -> None:
+    async def _seek(
+        self, partition: int, offset: int | None, verify: tuple[int, int] | None = None
+    ) -> None:
+        """Position the consumer at ``offset`` (None: the log start), or at the message to
+        check again first (``verify``)."""
         assert self._consumer is not None
         tp = TopicPartition(self.topic, partition)
         if tp not in self._consumer.assignment():
@@ -748,7 +950,7 @@ class StreamWorker:
         if offset is None:
             await self._consumer.seek_to_beginning(tp)
         else:
-            self._consumer.seek(tp, offset)
+            self._consumer.seek(tp, verify[0] if verify else offset)
 
     async def on_assigned(self, assigned) -> None:
         """Only note the partitions: the loop loads their progress before its next fetch.

@@ -30,6 +30,7 @@ STREAM_TABLES = (
     "batch_candles",
     "candle_mismatches",
     "dq_reports",
+    "offset_resets",
 )
 
 
