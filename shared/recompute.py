@@ -3,10 +3,10 @@
 The trades never travel into Python: one set-based statement folds them into base candles and
 merges those into the larger intervals, in the same way as the core. A hash-aggregate pass over
 the interval's trades computes every field but open and close; those are the first and last
-trade by ``(ts, trade_id)``, which the primary key ``(exchange, symbol, ts, trade_id)`` holds in
-that order, so each comes from one index probe per window instead of a comparison on every row
-(the first version took ``min``/``max`` of an ``ARRAY[epoch, id, price]`` built per trade: twice
-the time for a day of 10M trades).
+trade by ``(ts, trade_id)``, which the index ``trades_time_idx`` on
+``(exchange, symbol, ts, trade_id)`` holds in that order, so each comes from one index probe per
+window instead of a comparison on every row (the first version took ``min``/``max`` of an
+``ARRAY[epoch, id, price]`` built per trade: twice the time for a day of 10M trades).
 
 The run for ``[start, end)`` owns every window that *ends* in ``(start, end]``: with the default
 intervals and hourly runs, exactly the windows inside the hour; a ``1d`` window is computed by the
@@ -78,8 +78,8 @@ aggregate AS (
     GROUP BY 1, 2, 3
 )"""
 
-#: A window's first (last) trade by ``(ts, trade_id)`` is the first (last) primary-key entry in
-#: its span: one index probe per window, whatever the number of trades in it.
+#: A window's first (last) trade by ``(ts, trade_id)`` is the first (last) ``trades_time_idx``
+#: entry in its span: one index probe per window, whatever the number of trades in it.
 _PROBE = """
 CROSS JOIN LATERAL (
     SELECT t.ts, t.trade_id, t.price FROM trades AS t

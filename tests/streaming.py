@@ -20,6 +20,7 @@ STREAM_TABLES = (
     "late_trades",
     "invalid_trades",
     "stream_progress",
+    "trade_conflicts",
     "batch_candles",
     "candle_mismatches",
     "dq_reports",

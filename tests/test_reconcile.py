@@ -16,7 +16,7 @@ from shared import db
 from shared.intervals import IntervalSet
 from shared.recompute import recompute_batch_candles
 from shared.reconcile import classify
-from shared.trade_store import TradePartitions, store_trades
+from shared.trade_store import store_trades
 from shared.trades import Trade, datetime_to_ts, ts_to_datetime
 from shared.windows import PartitionWindows, WindowSettings
 from stream.sink import PartitionBatch, write_candles, write_late
@@ -70,7 +70,6 @@ def simulate_stream(conn, seed=1, count=1500):
     latest = {}
     for candle in emitted:
         latest[candle.key] = candle
-    TradePartitions().ensure(conn, trades)
     store_trades(conn, trades)
     write_candles(conn, list(latest.values()))
     write_late(conn, late, PartitionBatch(0, None, 0))
