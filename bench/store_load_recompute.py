@@ -410,7 +410,7 @@ def bench_size(
     with db.connect(url, autocommit=True) as conn:
         stored = conn.execute("SELECT count(*) FROM trades").fetchone()[0]
         conn.execute("VACUUM ANALYZE trades")
-        size = conn.execute("SELECT pg_total_relation_size('trades_20260101')").fetchone()[0]
+        size = conn.execute("SELECT pg_total_relation_size('trades')").fetchone()[0]
     if stored != trades:
         raise SystemExit(f"expected {trades:,} trades in the table, found {stored:,}")
     result = SizeResult(trades, load, size / 2**20)
