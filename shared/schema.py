@@ -7,9 +7,9 @@ definitions. Money and sizes are ``NUMERIC`` (exact), times ``timestamptz``.
 ``trades`` is keyed by a trade's identity, ``(exchange, symbol, trade_id)`` (SPEC §2: a copy with
 another timestamp or price is the same trade), so PostgreSQL itself keeps one row per trade
 whichever path writes it. A unique key of a partitioned table must contain the partition key, so
-the table is not partitioned (migration 0003; the cost, measured, is in docs/storage.md). The
-index ``(exchange, symbol, ts, trade_id)`` finds a window's first and last trade (its open and
-close) with one probe each; BRIN on ``ts`` serves the hour-range scans.
+the table is not partitioned (migration 0003; the choice, measured, is in docs/storage.md). The
+key also finds a window's first and last trade (its open and close), with one probe each where
+ids grow with time (``shared.recompute``); BRIN on ``ts`` serves the hour-range scans.
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ trades = Table(
     Column("raw_trades", Integer, nullable=False, server_default=text("1")),
     _ts("ingested_at", server_default=func.now()),
     PrimaryKeyConstraint("exchange", "symbol", "trade_id", name="trades_pkey"),
-    Index("trades_time_idx", "exchange", "symbol", "ts", "trade_id"),
     Index("trades_ts_brin", "ts", postgresql_using="brin"),
 )
 

@@ -5,9 +5,9 @@ their timestamps or prices say, and the first copy wins. Until now the key was
 ``(exchange, symbol, ts, trade_id)`` (PostgreSQL requires the partition key of the daily
 partitions in every unique key), so a copy with another ``ts`` was stored as a second trade.
 A unique key on the identity alone cannot be declared on a table partitioned by time, so
-``trades`` becomes one table (docs/storage.md says what that costs and why it was chosen over a
-separate identity table next to the partitions); the time-ordered index the recomputation probes
-for a window's open and close stays, as an index.
+``trades`` becomes one table with one B-tree, the key (docs/storage.md says what that costs and
+why it was chosen over a separate identity table next to the partitions, or a second,
+time-ordered index); the recomputation finds a window's open and close through the key.
 
 Upgrading keeps, of each id stored more than once, the first copy (earliest ``ingested_at``,
 then earliest ``ts``); every other copy goes to ``trade_conflicts`` with the kept copy's values,
@@ -100,7 +100,6 @@ def upgrade() -> None:
     op.execute(
         "ALTER TABLE trades ADD CONSTRAINT trades_pkey PRIMARY KEY (exchange, symbol, trade_id)"
     )
-    op.execute("CREATE INDEX trades_time_idx ON trades (exchange, symbol, ts, trade_id)")
     op.execute("CREATE INDEX trades_ts_brin ON trades USING brin (ts)")
     op.execute("ALTER TABLE stream_progress ADD COLUMN conflicting bigint NOT NULL DEFAULT 0")
 
