@@ -210,7 +210,9 @@ def store_trades(
         return StoreResult(len(trades), 0)
     stage(conn, trades, source)
     stored = conn.execute(_MOVE).rowcount
-    conflicting = conn.execute(_CONFLICTS).fetchone()[0]
+    conflicting = 0
+    if stored < len(trades):  # (a join of the whole chunk: only when it holds copies)
+        conflicting = conn.execute(_CONFLICTS).fetchone()[0]
     conn.execute("TRUNCATE trades_staging")
     return StoreResult(stored, len(trades) - stored, conflicting)
 
@@ -227,9 +229,12 @@ def store_new_trades(
     if not trades:
         return NewTrades([], 0)
     stage(conn, trades, source)
-    rows = conn.execute(_MOVE + " RETURNING exchange, symbol, trade_id").fetchall()
-    conflicting = conn.execute(_CONFLICTS).fetchone()[0]
-    conn.execute("TRUNCATE trades_staging")
+    with conn.pipeline():  # one round trip for the three (the stream's batches are small)
+        moved = conn.execute(_MOVE + " RETURNING exchange, symbol, trade_id")
+        counted = conn.execute(_CONFLICTS)
+        conn.execute("TRUNCATE trades_staging")
+    rows = moved.fetchall()
+    conflicting = counted.fetchone()[0]
     new = {tuple(r) for r in rows}
     out = []
     for trade in trades:
