@@ -88,11 +88,14 @@ aggregate AS (
 #: the venues' ids are consecutive) that is the first entry: one probe per window, as with a
 #: time-ordered index, but without a second B-tree for every writer to maintain
 #: (docs/storage.md); a window whose first trade came out of id order reads on to it.
+#: ``(t.ts = …) IS TRUE`` (the same, ``ts`` is never NULL) keeps the planner from adding the
+#: BRIN index on ``ts`` to the key in a bitmap scan that reads and sorts the whole window: five
+#: times the time per probe (a day of 1M trades: 5.2-5.9 s of probes instead of 2.3 s).
 _PROBE = """
 CROSS JOIN LATERAL (
     SELECT t.ts, t.trade_id, t.price FROM trades AS t
     WHERE t.exchange = a.exchange AND t.symbol = a.symbol
-      AND t.trade_id BETWEEN a.min_id AND a.max_id AND t.ts = a.{ts}
+      AND t.trade_id BETWEEN a.min_id AND a.max_id AND (t.ts = a.{ts}) IS TRUE
     ORDER BY t.trade_id {order}
     LIMIT 1
 ) AS {name}"""
