@@ -59,7 +59,9 @@ ON CONFLICT DO NOTHING
 
 #: After ``_MOVE``, every trade of the staging table is stored: each staged copy that differs
 #: from the stored (first) copy is a conflicting duplicate; its count is the result, and each
-#: distinct one is kept (once: a copy seen again adds nothing).
+#: distinct one is kept (once: a copy seen again adds nothing). The lateral join makes each
+#: staged row one probe of the key: the staging table has no statistics, and a hash join with a
+#: scan of ``trades`` per batch would grow with the table.
 _CONFLICTS = f"""
 WITH differing AS (
     SELECT s.exchange, s.symbol, s.trade_id, t.ts AS first_ts, t.price AS first_price,
@@ -67,7 +69,10 @@ WITH differing AS (
            {_EPOCH_PLUS.format("s.ts_us")} AS ts, s.price, s.quantity, s.is_buyer_maker,
            s.source, s.source_partition, s.source_offset, s.seq
     FROM trades_staging s
-    JOIN trades t USING (exchange, symbol, trade_id)
+    CROSS JOIN LATERAL (
+        SELECT t.ts, t.price, t.quantity, t.is_buyer_maker FROM trades t
+        WHERE t.exchange = s.exchange AND t.symbol = s.symbol AND t.trade_id = s.trade_id
+    ) t
     WHERE (t.ts, t.price, t.quantity, t.is_buyer_maker)
           IS DISTINCT FROM ({_EPOCH_PLUS.format("s.ts_us")}, s.price, s.quantity, s.is_buyer_maker)
 ), kept AS (
@@ -246,17 +251,71 @@ def store_new_trades(
 
 
 def count_conflicts(
-    conn: psycopg.Connection, copies: Sequence[Trade], source: Source | None = None
+    conn: psycopg.Connection,
+    copies: Sequence[Trade],
+    source: Source | None = None,
+    firsts: Sequence[Trade | None] | None = None,
 ) -> int:
     """Of copies of trades already stored, how many differ from the stored first copy; keep
     each distinct one in ``trade_conflicts``. (The stream drops repeats inside a batch before
-    storing; their first copies must be stored when this runs.)"""
-    if not copies:
-        return 0
-    stage(conn, copies, source)
-    conflicting = conn.execute(_CONFLICTS).fetchone()[0]
-    conn.execute("TRUNCATE trades_staging")
+    storing; their first copies must be stored when this runs.)
+
+    ``firsts``, parallel to ``copies``: a copy's first copy where the caller knows it is the
+    stored one (it stored it in this transaction), so that an exact copy costs no statement; a
+    None is looked up in ``trades``.
+    """
+    pairs = list(zip(copies, firsts or [None] * len(copies), strict=True))
+    differing = [
+        (n, c, f) for n, (c, f) in enumerate(pairs) if f is None or _values(c) != _values(f)
+    ]
+    known = [(n, c, f) for n, c, f in differing if f is not None]
+    unknown = [c for _, c, f in differing if f is None]
+    offsets = source.offsets if source is not None and source.offsets else None
+    if known:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO trade_conflicts (exchange, symbol, trade_id, first_ts, first_price,"
+                " first_quantity, first_is_buyer_maker, ts, price, quantity, is_buyer_maker,"
+                " source, source_partition, source_offset)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                [
+                    (
+                        c.exchange,
+                        c.symbol,
+                        c.trade_id,
+                        ts_to_datetime(f.ts_us),
+                        f.price,
+                        f.quantity,
+                        f.is_buyer_maker,
+                        ts_to_datetime(c.ts_us),
+                        c.price,
+                        c.quantity,
+                        c.is_buyer_maker,
+                        source.name if source is not None else None,
+                        source.partition if source is not None else None,
+                        offsets[n] if offsets is not None else None,
+                    )
+                    for n, c, f in known
+                ],
+            )
+    conflicting = len(known)
+    if unknown:
+        unknown_source = None
+        if source is not None:
+            unknown_offsets = (
+                [offsets[n] for n, _, f in differing if f is None] if offsets else None
+            )
+            unknown_source = Source(source.name, source.partition, unknown_offsets)
+        stage(conn, unknown, unknown_source)
+        conflicting += conn.execute(_CONFLICTS).fetchone()[0]
+        conn.execute("TRUNCATE trades_staging")
     return conflicting
+
+
+def _values(t: Trade) -> tuple:
+    """What must agree between two copies of a trade (numbers by value, as in SQL)."""
+    return (t.ts_us, t.price, t.quantity, t.is_buyer_maker)
 
 
 @dataclass

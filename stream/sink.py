@@ -151,9 +151,24 @@ def apply_batch(
     _fence(conn, group, topic, batch, _FRESH_SAVEPOINT if prepared.fresh else None)
     source = _BatchSource(f"kafka:{topic}", batch)
     new, emission, conflicting = _store_and_fold(conn, prepared, windows, now_us, source)
-    # Repeats inside the batch: their first copies are stored by now (this batch's or before).
-    conflicting += count_conflicts(conn, prepared.repeats, source.of(prepared.repeats))
+    conflicting += _repeats_conflicting(conn, prepared, new, source.of(prepared.repeats))
     return BatchResult(emission, len(new), len(batch.trades) - len(new), conflicting)
+
+
+def _repeats_conflicting(
+    conn: psycopg.Connection, prepared: PreparedTrades, new: list[Trade], source: Source | None
+) -> int:
+    """Count (and keep) the conflicting ones among the batch's repeats. Their first copies are
+    stored by now: where that is the batch's own (new) first copy, the comparison is made here
+    and an exact copy costs nothing; else the stored one is read."""
+    repeats = prepared.repeats
+    if not repeats:
+        return 0
+    stored_here = set(map(id, new))
+    first_of = {t.key: t for t in prepared.unique}
+    firsts = [first_of[r.key] for r in repeats]
+    known = [f if id(f) in stored_here else None for f in firsts]
+    return count_conflicts(conn, repeats, source, known)
 
 
 class _BatchSource:
@@ -329,11 +344,9 @@ def store_prepared(
         if not _copy_rows_if_all_new(conn, prepared.fresh_rows):
             fresh, others = [], unique
     stored = store_new_trades(conn, others)
+    new = stored.new if not fresh else _merge_new(unique, others, stored.new)  # arrival order
     # Repeats inside the batch last: their first copies are stored by now.
-    conflicting = stored.conflicting + count_conflicts(conn, prepared.repeats)
-    if not fresh:
-        return NewTrades(stored.new, conflicting)
-    return NewTrades(_merge_new(unique, others, stored.new), conflicting)  # in arrival order
+    return NewTrades(new, stored.conflicting + _repeats_conflicting(conn, prepared, new, None))
 
 
 _FRESH_SAVEPOINT = "fresh_trades"
