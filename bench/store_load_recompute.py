@@ -443,7 +443,7 @@ def bench_size(
 
 
 EXPLAINED = {
-    "An hour of the day: one partition, read through the BRIN index": (
+    "An hour of the day, read through the BRIN index": (
         "SELECT count(*) FROM trades WHERE ts >= %(start)s AND ts < %(end)s",
         {"start": DAY + timedelta(hours=13), "end": DAY + timedelta(hours=14)},
     ),
