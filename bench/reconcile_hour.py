@@ -52,8 +52,6 @@ def prepare(url: str, trades: int, late_share: float) -> dict:
     db.upgrade(url)
     intervals = Settings().interval_set
     with db.connect(url) as conn:
-        conn.execute("SELECT candlekeep_ensure_trade_partition(%s::date)", (START.date(),))
-        conn.commit()
         conn.execute(
             """
             INSERT INTO trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker)

@@ -410,7 +410,7 @@ def bench_size(
     with db.connect(url, autocommit=True) as conn:
         stored = conn.execute("SELECT count(*) FROM trades").fetchone()[0]
         conn.execute("VACUUM ANALYZE trades")
-        size = conn.execute("SELECT pg_total_relation_size('trades_20260101')").fetchone()[0]
+        size = conn.execute("SELECT pg_total_relation_size('trades')").fetchone()[0]
     if stored != trades:
         raise SystemExit(f"expected {trades:,} trades in the table, found {stored:,}")
     result = SizeResult(trades, load, size / 2**20)
@@ -443,7 +443,7 @@ def bench_size(
 
 
 EXPLAINED = {
-    "An hour of the day: one partition, read through the BRIN index": (
+    "An hour of the day, read through the BRIN index": (
         "SELECT count(*) FROM trades WHERE ts >= %(start)s AND ts < %(end)s",
         {"start": DAY + timedelta(hours=13), "end": DAY + timedelta(hours=14)},
     ),
@@ -455,23 +455,11 @@ EXPLAINED = {
 
 
 def explain(url: str) -> str:
-    """EXPLAIN ANALYZE of range scans, with empty partitions for the days around (created
-    here, after the timings) so that pruning shows."""
+    """EXPLAIN ANALYZE of range scans (after the timings)."""
     out = []
     with db.connect(url, autocommit=True) as conn:
-        for day in (DAY - timedelta(days=1), DAY + timedelta(days=1)):
-            conn.execute("SELECT candlekeep_ensure_trade_partition(%s::date)", (day.date(),))
-        partitions = conn.execute(
-            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), c.relpages"
-            " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-            " WHERE i.inhparent = 'trades'::regclass ORDER BY 1"
-        ).fetchall()
-        out.append(
-            "-- partitions of trades (name, bounds, heap pages):\n"
-            + "\n".join(
-                f"--   {name}: {bound} ({pages:,} pages)" for name, bound, pages in partitions
-            )
-        )
+        pages = conn.execute("SELECT relpages FROM pg_class WHERE relname = 'trades'").fetchone()
+        out.append(f"-- trades: {pages[0]:,} heap pages")
         for title, (query, params) in EXPLAINED.items():
             plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + query, params)
             shown = query % {k: f"'{v.isoformat()}'" for k, v in params.items()}

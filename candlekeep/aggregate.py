@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from collections.abc import Iterator
@@ -9,11 +10,12 @@ from contextlib import contextmanager
 from typing import TextIO
 
 import click
+from rich.console import Console
 
 from candlekeep.errors import UserError
 from candlekeep.parallel_aggregate import add_trades, default_workers
 from candlekeep.trade_input import TradeInput, exchange_option, symbol_option
-from shared.aggregation import CandleBook, fill_gaps
+from shared.aggregation import CandleBook, conflicting_copies, fill_gaps
 from shared.candle_formats import OUTPUT_FORMATS, candle_json_line, kline_row
 from shared.intervals import SUPPORTED, IntervalError, IntervalSet
 from shared.outputs import check_output_file
@@ -122,6 +124,12 @@ def aggregate(
     book = CandleBook(interval_set)
     add_trades(source, book, workers, chunk_bytes)
     source.require_trades()
+    conflicting = 0
+    if book.dedup.repeated:  # rare: read the input again for those ids' copies
+        again = TradeInput(
+            list(files), input_format, symbol, exchange, console=Console(file=io.StringIO())
+        )
+        conflicting = conflicting_copies(again.trades(), book.dedup.repeated)
     symbols = book.symbols()
     if output_format == "binance-klines" and len(symbols) > 1:
         raise UserError(
@@ -135,8 +143,8 @@ def aggregate(
     elapsed = time.perf_counter() - started
     source.console.print(
         f"aggregated {book.trades:,} trades ({book.dedup.duplicates:,} duplicates, "
-        f"{source.invalid:,} invalid lines) from {len(files)} file(s) into {written:,} candles "
-        f"in {elapsed:.2f}s",
+        f"{conflicting:,} conflicting, {source.invalid:,} invalid lines) from {len(files)} "
+        f"file(s) into {written:,} candles in {elapsed:.2f}s",
         highlight=False,
         soft_wrap=True,
     )

@@ -19,10 +19,9 @@ CHUNK = 100_000
 def load_trades(url: str, source: TradeInput, chunk: int = CHUNK) -> dict[str, int]:
     """Load every trade of ``source`` in chunks, one transaction each; memory stays flat."""
     from shared import db
-    from shared.trade_store import InvalidMessage, TradePartitions, store_invalid, store_trades
+    from shared.trade_store import InvalidMessage, store_invalid, store_trades
 
-    totals = {"read": 0, "stored": 0, "duplicates": 0, "invalid": 0}
-    partitions = TradePartitions()
+    totals = {"read": 0, "stored": 0, "duplicates": 0, "conflicting": 0, "invalid": 0}
     trades = source.trades()
     with db.connect(url) as conn:
         db.require_schema(conn, url)
@@ -31,7 +30,6 @@ def load_trades(url: str, source: TradeInput, chunk: int = CHUNK) -> dict[str, i
             invalid = source.take_invalid()
             if not batch and not invalid:
                 break
-            partitions.ensure(conn, batch)
             result = store_trades(conn, batch)
             store_invalid(
                 conn,
@@ -52,6 +50,7 @@ def load_trades(url: str, source: TradeInput, chunk: int = CHUNK) -> dict[str, i
             totals["read"] += len(batch)
             totals["stored"] += result.stored
             totals["duplicates"] += result.duplicates
+            totals["conflicting"] += result.conflicting
             totals["invalid"] += len(invalid)
             del batch, invalid  # before the next chunk is read: one chunk alive at a time
     return totals
@@ -84,7 +83,8 @@ def load(ctx, files, input_format, symbol, exchange):
     elapsed = time.perf_counter() - started
     source.console.print(
         f"loaded {totals['stored']:,} new trades ({totals['duplicates']:,} already stored or "
-        f"duplicated, {totals['invalid']:,} invalid lines kept in invalid_trades) from "
+        f"duplicated, of which {totals['conflicting']:,} conflicting (kept in trade_conflicts), "
+        f"{totals['invalid']:,} invalid lines kept in invalid_trades) from "
         f"{len(files)} file(s) in {elapsed:.1f}s ({totals['read'] / max(elapsed, 1e-9):,.0f} "
         "rows/s)",
         highlight=False,

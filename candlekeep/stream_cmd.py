@@ -52,6 +52,7 @@ def stream(ctx, exit_when_idle, metrics_port):
         consumed=summary.consumed,
         stored=summary.stored,
         duplicates=summary.duplicates,
+        conflicting=summary.conflicting,
         invalid=summary.invalid,
         late=summary.late,
         candles=summary.candles,
@@ -62,7 +63,8 @@ def stream(ctx, exit_when_idle, metrics_port):
     if sys.stderr.isatty():  # elsewhere stderr is JSON lines only: the event above says it
         click.echo(
             f"consumed {summary.consumed:,} messages: {summary.stored:,} trades stored, "
-            f"{summary.duplicates:,} duplicates, {summary.invalid:,} invalid, "
+            f"{summary.duplicates:,} duplicates ({summary.conflicting:,} conflicting), "
+            f"{summary.invalid:,} invalid, "
             f"{summary.late:,} late; {summary.candles:,} candles written"
             + (
                 f"; {summary.resets:,} offset reset(s) skipped {summary.skipped:,} messages"

@@ -25,11 +25,28 @@ class Deduplicator:
     """Remembers trade ids; the first copy of a trade wins, later copies are counted.
 
     Ids are kept per (exchange, symbol) as plain ints: cheaper to hash and store than one
-    (exchange, symbol, id) tuple per trade, which mattered at millions of trades.
+    (exchange, symbol, id) tuple per trade, which mattered at millions of trades. Only the ids
+    are kept, not the first copies' values (that would cost the fold a third of its speed), so
+    which duplicates conflict with their first copy is found afterwards, from the ids in
+    ``repeated``, by :func:`conflicting_copies` over the trades read again.
     """
 
     seen: dict[tuple[str, str], set[int]] = field(default_factory=dict)
     duplicates: int = 0
+    #: (exchange, symbol) -> ids met more than once (rare: recorded only for duplicates).
+    repeated: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+
+    def repeat(self, exchange: str, symbol: str, trade_id: int) -> None:
+        """Count a later copy of ``trade_id`` and remember its id."""
+        self.duplicates += 1
+        ids = self.repeated.get((exchange, symbol))
+        if ids is None:
+            ids = self.repeated[exchange, symbol] = set()
+        ids.add(trade_id)
+
+    def absorb_repeated(self, other: Deduplicator) -> None:
+        for key, ids in other.repeated.items():
+            self.repeated.setdefault(key, set()).update(ids)
 
     def ids(self, exchange: str, symbol: str) -> set[int]:
         """The (live) set of trade ids seen so far for one symbol."""
@@ -41,7 +58,7 @@ class Deduplicator:
     def first_seen(self, trade: Trade) -> bool:
         ids = self.ids(trade.exchange, trade.symbol)
         if trade.trade_id in ids:
-            self.duplicates += 1
+            self.repeat(trade.exchange, trade.symbol, trade.trade_id)
             return False
         ids.add(trade.trade_id)
         return True
@@ -87,7 +104,7 @@ class CandleBook:
                 before = len(ids)
                 ids.add(trade_id)
                 if len(ids) == before:
-                    self.dedup.duplicates += 1
+                    self.dedup.repeat(exchange, symbol, trade_id)
                     continue
                 count += 1
                 if book is None:
@@ -138,14 +155,14 @@ class CandleBook:
         base_len = base.length_us
         book = self._bases.get((exchange, symbol))
         ids = self.dedup.ids(exchange, symbol)
-        count = duplicates = 0
+        count = 0
         with localcontext(EXACT):
             for row in rows:
                 trade_id, ts, price, quantity, is_buyer_maker, raw_trades = row
                 before = len(ids)
                 ids.add(trade_id)
                 if len(ids) == before:
-                    duplicates += 1
+                    self.dedup.repeat(exchange, symbol, trade_id)
                     continue
                 count += 1
                 if book is None:
@@ -183,7 +200,6 @@ class CandleBook:
                         candle.taker_buy_volume = candle.taker_buy_volume + quantity
                         candle.taker_buy_quote_volume = candle.taker_buy_quote_volume + notional
         self.trades += count
-        self.dedup.duplicates += duplicates
 
     def exclude(self, exchange: str, symbol: str, trade_ids: Iterable[int]) -> None:
         """Count later trades with these ids as duplicates: their first copy was folded elsewhere
@@ -209,6 +225,7 @@ class CandleBook:
                     held.absorb(candle)
         self.trades += other.trades
         self.dedup.duplicates += other.dedup.duplicates
+        self.dedup.absorb_repeated(other.dedup)
 
     def symbols(self) -> list[tuple[str, str]]:
         return sorted(self._bases)
@@ -231,6 +248,23 @@ class CandleBook:
             for interval in self.intervals.intervals:
                 out.extend(self.candles(interval, symbol))
         return out
+
+
+def conflicting_copies(trades: Iterable[Trade], repeated: dict[tuple[str, str], set[int]]) -> int:
+    """How many later copies of the ``repeated`` ids differ from their first copy (in
+    ``trades``' order) in time, price, quantity or side: SPEC §2's conflicting duplicates, as
+    ``shared.trade_store`` counts them in SQL (numbers compared by value)."""
+    firsts: dict[tuple[str, str, int], tuple] = {}
+    conflicting = 0
+    for t in trades:
+        ids = repeated.get((t.exchange, t.symbol))
+        if ids is None or t.trade_id not in ids:
+            continue
+        values = (t.ts_us, t.price, t.quantity, t.is_buyer_maker)
+        first = firsts.setdefault(t.key, values)
+        if first is not values and first != values:
+            conflicting += 1
+    return conflicting
 
 
 def aggregate(trades: Iterable[Trade], intervals: IntervalSet) -> list[Candle]:

@@ -95,8 +95,10 @@ LEFT JOIN stream_candles s USING (exchange, symbol, interval, window_start)
 """
 
 # The windows recomputed from their trades without the late ones, set-based: one pass over the
-# run's trades (anti-joined with late_trades) into base windows, then merged into the larger
-# intervals the same way as the batch recomputation; kept only for the keys that differ.
+# run's trades (anti-joined with late_trades: a late row explains the stored trade only if it is
+# that copy, same id and ts; the stream never folds nor sets aside a later copy) into base
+# windows, then merged into the larger intervals the same way as the batch recomputation; kept
+# only for the keys that differ.
 _WITHOUT_LATE = """
 CREATE TEMP TABLE reconcile_without_late ON COMMIT DROP AS
 WITH differing AS (SELECT DISTINCT exchange, symbol FROM reconcile_pairs WHERE NOT equal),
@@ -122,6 +124,7 @@ base AS (
     JOIN differing d ON d.exchange = t.exchange AND d.symbol = t.symbol
     LEFT JOIN late_trades l
         ON l.exchange = t.exchange AND l.symbol = t.symbol AND l.trade_id = t.trade_id
+       AND l.ts = t.ts
     WHERE t.ts >= %(scan_start)s AND t.ts < %(scan_end)s
     GROUP BY 1, 2, 3
 ),

@@ -4,10 +4,12 @@ The tables are created and upgraded by the Alembic migrations in ``shared/migrat
 by ``candlekeep db upgrade``); a test checks that the migrated database matches these
 definitions. Money and sizes are ``NUMERIC`` (exact), times ``timestamptz``.
 
-``trades`` is range-partitioned by day on ``ts`` (see docs/storage.md): an hour's recomputation
-reads one partition, old days are dropped whole, and the partition key is part of the primary key
-``(exchange, symbol, ts, trade_id)``, as PostgreSQL requires; in that order, the key also finds a
-window's first and last trade (its open and close) with one probe each.
+``trades`` is keyed by a trade's identity, ``(exchange, symbol, trade_id)`` (SPEC §2: a copy with
+another timestamp or price is the same trade), so PostgreSQL itself keeps one row per trade
+whichever path writes it. A unique key of a partitioned table must contain the partition key, so
+the table is not partitioned (migration 0003; the choice, measured, is in docs/storage.md). The
+key also finds a window's first and last trade (its open and close), with one probe each where
+ids grow with time (``shared.recompute``); BRIN on ``ts`` serves the hour-range scans.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ STREAM_PROGRESS = "stream_progress"
 CANDLE_MISMATCHES = "candle_mismatches"
 DQ_REPORTS = "dq_reports"
 OFFSET_RESETS = "offset_resets"
+TRADE_CONFLICTS = "trade_conflicts"
 
 MISMATCH_KINDS = ("late", "missing_in_stream", "missing_in_batch", "unexplained")
 
@@ -69,9 +72,47 @@ trades = Table(
     # Exchange trades this row stands for: 1, or last_id - first_id + 1 for a Binance aggTrade.
     Column("raw_trades", Integer, nullable=False, server_default=text("1")),
     _ts("ingested_at", server_default=func.now()),
-    PrimaryKeyConstraint("exchange", "symbol", "ts", "trade_id", name="trades_pkey"),
+    PrimaryKeyConstraint("exchange", "symbol", "trade_id", name="trades_pkey"),
     Index("trades_ts_brin", "ts", postgresql_using="brin"),
-    postgresql_partition_by="RANGE (ts)",
+)
+
+#: Later copies of a stored trade that differ from it (SPEC §2: still duplicates, counted as
+#: conflicting and kept with what differs). One row per distinct conflicting copy: a copy
+#: delivered again (a replayed offset, a file loaded twice) adds nothing.
+trade_conflicts = Table(
+    TRADE_CONFLICTS,
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("exchange", Text, nullable=False),
+    Column("symbol", Text, nullable=False),
+    Column("trade_id", BigInteger, nullable=False),
+    # The stored first copy's values, when the copy was seen.
+    _ts("first_ts"),
+    Column("first_price", Numeric, nullable=False),
+    Column("first_quantity", Numeric, nullable=False),
+    Column("first_is_buyer_maker", Boolean),
+    # The conflicting copy's values.
+    _ts("ts"),
+    Column("price", Numeric, nullable=False),
+    Column("quantity", Numeric, nullable=False),
+    Column("is_buyer_maker", Boolean),
+    # Where the copy came from, where known: "kafka:<topic>" with partition and offset.
+    Column("source", Text),
+    Column("source_partition", Integer),
+    Column("source_offset", BigInteger),
+    _ts("seen_at", server_default=func.now()),
+    UniqueConstraint(
+        "exchange",
+        "symbol",
+        "trade_id",
+        "ts",
+        "price",
+        "quantity",
+        "is_buyer_maker",
+        name="trade_conflicts_copy_key",
+        postgresql_nulls_not_distinct=True,
+    ),
+    Index("trade_conflicts_seen_at_idx", "seen_at"),
 )
 
 
@@ -188,6 +229,8 @@ stream_progress = Table(
     Column("consumed", BigInteger, nullable=False, server_default=text("0")),
     Column("stored", BigInteger, nullable=False, server_default=text("0")),
     Column("duplicates", BigInteger, nullable=False, server_default=text("0")),
+    # Of the duplicates, those that differ from the stored first copy (SPEC §2).
+    Column("conflicting", BigInteger, nullable=False, server_default=text("0")),
     Column("invalid", BigInteger, nullable=False, server_default=text("0")),
     Column("late", BigInteger, nullable=False, server_default=text("0")),
     _ts("updated_at", server_default=func.now()),
@@ -273,9 +316,9 @@ _PARTITION = re.compile(r"trades_\d{8}(_.*)?")
 
 
 def include_in_migrations(name: str | None, type_: str, parent_names: dict) -> bool:
-    """Alembic's ``include_name`` filter: daily ``trades_YYYYMMDD`` partitions (and their
-    indexes) are created at run time by ``candlekeep_ensure_trade_partition``, not by
-    migrations."""
+    """Alembic's ``include_name`` filter: the daily ``trades_YYYYMMDD`` partitions that
+    ``trades`` had before migration 0003 (created at run time, not by migrations) are not part
+    of the declared schema; 0003 merges them into one table."""
     if type_ == "table" and name and _PARTITION.fullmatch(name):
         return False
     table = parent_names.get("table_name") or ""

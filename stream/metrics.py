@@ -9,6 +9,11 @@ MESSAGES_CONSUMED = Counter(
 )
 TRADES_STORED = Counter("candlekeep_trades_stored_total", "New trades stored in PostgreSQL")
 DUPLICATES = Counter("candlekeep_trades_duplicate_total", "Messages repeating a stored trade")
+CONFLICTING = Counter(
+    "candlekeep_trades_conflicting_total",
+    "Duplicates that differ from the stored first copy (time, price, quantity or side);"
+    " each distinct one is kept in trade_conflicts",
+)
 LATE = Counter("candlekeep_trades_late_total", "Trades that arrived after their window closed")
 INVALID = Counter("candlekeep_messages_invalid_total", "Invalid messages", ["reason"])
 CANDLES = Counter("candlekeep_candles_written_total", "Candle rows written", ["interval"])

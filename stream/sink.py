@@ -23,8 +23,10 @@ from psycopg.types.json import Jsonb
 from shared.candles import Candle
 from shared.trade_store import (
     COPY_TRADES,
-    US_PER_DAY,
     InvalidMessage,
+    NewTrades,
+    Source,
+    count_conflicts,
     store_invalid,
     store_new_trades,
 )
@@ -74,14 +76,21 @@ class PartitionBatch:
         those messages: found by identity (a map built on first use, in C; the batch keeps its
         trades alive, so an id in it is that trade's), else by key.
         """
+        return self.offsets_of([trade])[0]
+
+    def offsets_of(self, trades: Sequence[Trade]) -> list[int | None]:
+        """:meth:`offset_of` for each of ``trades`` (objects of this batch: by identity)."""
         if self._offset_by_id is None:
             self._offset_by_id = dict(zip(map(id, self.trades), self.offsets, strict=True))
-        offset = self._offset_by_id.get(id(trade))
-        if offset is not None:
-            return offset
-        key = trade.key
-        pairs = zip(self.trades, self.offsets, strict=True)
-        return next((o for t, o in pairs if t.key == key), None)
+        out: list[int | None] = []
+        for trade in trades:
+            offset = self._offset_by_id.get(id(trade))
+            if offset is None:
+                key = trade.key
+                pairs = zip(self.trades, self.offsets, strict=True)
+                offset = next((o for t, o in pairs if t.key == key), None)
+            out.append(offset)
+        return out
 
 
 @dataclass
@@ -89,6 +98,7 @@ class BatchResult:
     emission: Emission
     stored: int
     duplicates: int
+    conflicting: int = 0  # of the duplicates, those that differ from the stored first copy
     snapshot: dict | None = None  # the window state written with the batch (by record_batch)
 
 
@@ -239,13 +249,48 @@ def apply_batch(
     """
     prepared = batch.prepared if batch.prepared is not None else prepare_trades(batch.trades)
     _fence(conn, group, topic, batch, _FRESH_SAVEPOINT if prepared.fresh else None)
-    new, emission = _store_and_fold(conn, prepared, windows, now_us)
-    return BatchResult(emission, len(new), len(batch.trades) - len(new))
+    source = _BatchSource(f"kafka:{topic}", batch)
+    new, emission, conflicting = _store_and_fold(conn, prepared, windows, now_us, source)
+    conflicting += _repeats_conflicting(conn, prepared, new, source.of(prepared.repeats))
+    return BatchResult(emission, len(new), len(batch.trades) - len(new), conflicting)
+
+
+def _repeats_conflicting(
+    conn: psycopg.Connection, prepared: PreparedTrades, new: list[Trade], source: Source | None
+) -> int:
+    """Count (and keep) the conflicting ones among the batch's repeats. Their first copies are
+    stored by now: where that is the batch's own (new) first copy, the comparison is made here
+    and an exact copy costs nothing; else the stored one is read."""
+    repeats = prepared.repeats
+    if not repeats:
+        return 0
+    stored_here = set(map(id, new))
+    first_of = {t.key: t for t in prepared.unique}
+    firsts = [first_of[r.key] for r in repeats]
+    known = [f if id(f) in stored_here else None for f in firsts]
+    return count_conflicts(conn, repeats, source, known)
+
+
+class _BatchSource:
+    """The ``Source`` of some of a batch's trades (their offsets looked up only when needed: on
+    the staging path, which is the only one that can meet a conflicting copy)."""
+
+    def __init__(self, name: str, batch: PartitionBatch) -> None:
+        self.name, self.batch = name, batch
+
+    def of(self, trades: Sequence[Trade]) -> Source | None:
+        if not trades:
+            return None
+        return Source(self.name, self.batch.partition, self.batch.offsets_of(trades))
 
 
 def _store_and_fold(
-    conn: psycopg.Connection, prepared: PreparedTrades, windows: PartitionWindows, now_us: int
-) -> tuple[list[Trade], Emission]:
+    conn: psycopg.Connection,
+    prepared: PreparedTrades,
+    windows: PartitionWindows,
+    now_us: int,
+    source: _BatchSource | None = None,
+) -> tuple[list[Trade], Emission, int]:
     """:func:`store_prepared`, then ``windows.process`` of the new trades, with the folding done
     while the server inserts the fresh trades' COPY (the client has sent it all by then).
 
@@ -256,10 +301,15 @@ def _store_and_fold(
     path, as in :func:`store_prepared`.
     """
     unique, fresh, others = prepared.unique, prepared.fresh, prepared.others
+    of = source.of if source is not None else lambda trades: None
     if not fresh:
-        new = store_new_trades(conn, others)
-        return new, windows.process(new, now_us)
-    new = _merge_new(unique, others, store_new_trades(conn, others)) if others else unique
+        stored = store_new_trades(conn, others, of(others))
+        return stored.new, windows.process(stored.new, now_us), stored.conflicting
+    conflicting = 0
+    new = unique
+    if others:
+        stored = store_new_trades(conn, others, of(others))
+        new, conflicting = _merge_new(unique, others, stored.new), stored.conflicting
     before = windows.snapshot()
     try:
         with conn.cursor().copy(COPY_TRADES) as copy:
@@ -268,9 +318,9 @@ def _store_and_fold(
     except psycopg.errors.UniqueViolation:
         conn.execute(f"ROLLBACK TO SAVEPOINT {_FRESH_SAVEPOINT}")
         windows.reset(before)
-        new = store_new_trades(conn, unique)
-        return new, windows.process(new, now_us)
-    return new, emission
+        stored = store_new_trades(conn, unique, of(unique))
+        return stored.new, windows.process(stored.new, now_us), stored.conflicting
+    return new, emission, conflicting
 
 
 def _merge_new(unique: list[Trade], others: list[Trade], new_others: list[Trade]) -> list[Trade]:
@@ -317,6 +367,7 @@ def record_batch(
             consumed=batch.consumed,
             stored=result.stored,
             duplicates=result.duplicates,
+            conflicting=result.conflicting,
             invalid=len(batch.invalid),
             late=len(emission.late),
             snapshot=result.snapshot,
@@ -334,26 +385,33 @@ _tried_max_id: dict[tuple[str, str], int] = {}
 class PreparedTrades:
     """A batch's trades sorted for storing (see :func:`prepare_trades`)."""
 
-    unique: list[Trade]  # first copies, in arrival order
+    unique: list[Trade]  # first copies (by exchange, symbol, trade_id), in arrival order
     fresh: list[Trade]  # above every id tried before for their symbol
     others: list[Trade]
     fresh_rows: bytes  # ``fresh`` as rows of ``COPY trades`` (text format)
-    by_day: list[Trade]  # one trade of each UTC day the batch touches (for TradePartitions)
+    #: Later copies of ids in ``unique`` (whatever their ts or price): duplicates, never folded;
+    #: compared with the stored first copy once that is stored, to count conflicting ones.
+    repeats: list[Trade] = field(default_factory=list)
 
 
 def prepare_trades(trades: Sequence[Trade]) -> PreparedTrades:
-    """Drop copies inside the batch (the first one wins) and split the rest for
-    :func:`store_prepared`; the fresh ones are already formatted for their COPY.
+    """Drop copies inside the batch (the first one in arrival order wins, whatever the copies'
+    timestamps say: SPEC §2) and split the rest for :func:`store_prepared`; the fresh ones are
+    already formatted for their COPY.
 
     A trade whose id is above every id this process has tried to store for its symbol cannot be
     stored yet, unless the store was written by another process (a restart, a batch load): those
     are *fresh*. Marks the batch's ids as tried (a hint for the next batches only).
     """
-    firsts: dict[tuple[str, str, int, int], Trade] = {}
+    firsts: dict[tuple[str, str, int], Trade] = {}
     keep = firsts.setdefault
     for t in trades:
-        keep((t.exchange, t.symbol, t.trade_id, t.ts_us), t)
+        keep((t.exchange, t.symbol, t.trade_id), t)
     unique = list(firsts.values())
+    repeats: list[Trade] = []
+    if len(unique) != len(trades):
+        first_ids = set(map(id, unique))
+        repeats = [t for t in trades if id(t) not in first_ids]
     fresh: list[Trade] = []
     others: list[Trade] = []
     tried = _tried_max_id
@@ -367,11 +425,7 @@ def prepare_trades(trades: Sequence[Trade]) -> PreparedTrades:
                 tried[symbol] = trade_id
         else:
             others.append(t)
-    days: dict[int, Trade] = {}
-    rows = copy_rows(fresh, days)
-    for t in others:
-        days.setdefault(t.ts_us // US_PER_DAY, t)
-    return PreparedTrades(unique, fresh, others, rows, list(days.values()))
+    return PreparedTrades(unique, fresh, others, copy_rows(fresh), repeats)
 
 
 def store_batch_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> list[Trade]:
@@ -379,13 +433,14 @@ def store_batch_trades(conn: psycopg.Connection, trades: Sequence[Trade]) -> lis
     result of ``store_new_trades``, faster in the common case (see :func:`store_prepared`)."""
     if not trades:
         return []
-    return store_prepared(conn, prepare_trades(trades))
+    return store_prepared(conn, prepare_trades(trades)).new
 
 
 def store_prepared(
     conn: psycopg.Connection, prepared: PreparedTrades, *, savepoint_taken: bool = False
-) -> list[Trade]:
-    """Store prepared trades and return the new ones, in arrival order.
+) -> NewTrades:
+    """Store prepared trades and return the new ones, in arrival order, with the number of
+    conflicting copies among the rest (the batch's repeats included).
 
     The fresh trades go in with one COPY straight into ``trades`` after a savepoint (the
     caller's when ``savepoint_taken``, named ``_FRESH_SAVEPOINT``), which the server does in a
@@ -400,12 +455,10 @@ def store_prepared(
             conn.execute(f"SAVEPOINT {_FRESH_SAVEPOINT}")
         if not _copy_rows_if_all_new(conn, prepared.fresh_rows):
             fresh, others = [], unique
-    if not others:
-        return unique
-    new_others = store_new_trades(conn, others)
-    if not fresh:
-        return new_others
-    return _merge_new(unique, others, new_others)  # back into arrival order
+    stored = store_new_trades(conn, others)
+    new = stored.new if not fresh else _merge_new(unique, others, stored.new)  # arrival order
+    # Repeats inside the batch last: their first copies are stored by now.
+    return NewTrades(new, stored.conflicting + _repeats_conflicting(conn, prepared, new, None))
 
 
 _FRESH_SAVEPOINT = "fresh_trades"
@@ -413,13 +466,10 @@ _COPY_BOOL = {True: "t", False: "f", None: "\\N"}
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def copy_rows(trades: Sequence[Trade], days: dict[int, Trade] | None = None) -> bytes:
+def copy_rows(trades: Sequence[Trade]) -> bytes:
     """Trades as rows of ``COPY trades (…) FROM STDIN`` in text format, as psycopg would write
     them: decimals as ``str()`` (exact), times as ISO text in UTC built from the microseconds
-    (exact), the minute's prefix and each symbol's leading columns made once. ``days``, if
-    given, gets a trade of each UTC day (number since the epoch) met."""
-    if days is None:
-        days = {}
+    (exact), the minute's prefix and each symbol's leading columns made once."""
     heads: dict[tuple[str, str], str] = {}
     rows = []
     add = rows.append
@@ -431,7 +481,6 @@ def copy_rows(trades: Sequence[Trade], days: dict[int, Trade] | None = None) -> 
             minute_start = ts - ts % 60_000_000
             minute_end = minute_start + 60_000_000
             prefix = ts_to_datetime(minute_start).strftime("%Y-%m-%d %H:%M:")
-            days.setdefault(ts // US_PER_DAY, t)
         key = (t.exchange, t.symbol)
         head = heads.get(key)
         if head is None:
@@ -684,6 +733,7 @@ def write_progress(
     consumed: int = 0,
     stored: int = 0,
     duplicates: int = 0,
+    conflicting: int = 0,
     invalid: int = 0,
     late: int = 0,
     snapshot: dict | None = None,
@@ -696,14 +746,16 @@ def write_progress(
     max_ts = None if clock.max_ts_us is None else ts_to_datetime(clock.max_ts_us)
     conn.execute(
         "INSERT INTO stream_progress (consumer_group, topic, partition, next_offset, watermark,"
-        " max_trade_ts, window_state, consumed, stored, duplicates, invalid, late, last_digest)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " max_trade_ts, window_state, consumed, stored, duplicates, conflicting, invalid, late,"
+        " last_digest)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET"
         " next_offset = EXCLUDED.next_offset, watermark = EXCLUDED.watermark,"
         " max_trade_ts = EXCLUDED.max_trade_ts, window_state = EXCLUDED.window_state,"
         " consumed = stream_progress.consumed + EXCLUDED.consumed,"
         " stored = stream_progress.stored + EXCLUDED.stored,"
         " duplicates = stream_progress.duplicates + EXCLUDED.duplicates,"
+        " conflicting = stream_progress.conflicting + EXCLUDED.conflicting,"
         " invalid = stream_progress.invalid + EXCLUDED.invalid,"
         " late = stream_progress.late + EXCLUDED.late,"
         " last_digest = coalesce(EXCLUDED.last_digest, stream_progress.last_digest),"
@@ -719,6 +771,7 @@ def write_progress(
             consumed,
             stored,
             duplicates,
+            conflicting,
             invalid,
             late,
             last_digest,

@@ -45,7 +45,7 @@ from shared import db
 from shared.candles import Candle
 from shared.config import Settings
 from shared.errors import CandlekeepError
-from shared.trade_store import InvalidMessage, TradePartitions
+from shared.trade_store import InvalidMessage
 from shared.trades import (
     Rejection,
     check_key,
@@ -166,6 +166,7 @@ class RunSummary:
     consumed: int = 0
     stored: int = 0
     duplicates: int = 0
+    conflicting: int = 0  # of the duplicates, those that differ from the stored first copy
     invalid: int = 0
     late: int = 0
     candles: int = 0
@@ -205,7 +206,6 @@ class StreamWorker:
         #: For what the loop writes between batches (idle advances) and reads (progress).
         self._conn: psycopg.Connection | None = None
         self._writers = [_Writer() for _ in range(settings.stream_writers)]
-        self._trade_partitions = TradePartitions()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._last_message_at = wall_clock()
@@ -558,6 +558,7 @@ class StreamWorker:
                 result.emission,
                 result.stored,
                 result.duplicates,
+                result.conflicting,
                 self.wall_clock() - fetched_at,
             )
         await self._commit_kafka_offsets(batches)
@@ -572,17 +573,13 @@ class StreamWorker:
     ) -> list[tuple[PartitionBatch, BatchResult]]:
         """The batch's transaction, in a thread, up to and including the commit.
 
-        Partitions first (their own short transaction), then per partition the fence, trades
+        Per partition the fence, trades
         and windows; once every fence has passed, the late and invalid outputs are produced (on
         the event loop) while the candles' parts, late and invalid rows and progress are
         written. Then the merged candles of the keys those parts belong to (a symbol may be on
         several partitions, SPEC §4) are written and produced, with their revision; the commit
         waits for the broker's acknowledgement of everything.
         """
-        self._trade_partitions.ensure(
-            conn,
-            [t for b in batches for t in (b.prepared.by_day if b.prepared else b.trades)],
-        )
         results = [
             (batch, apply_batch(conn, self.group, self.topic, batch, w, now_us))
             for batch, w in zip(batches, windows, strict=True)
@@ -711,12 +708,14 @@ class StreamWorker:
         emission: Emission,
         stored: int,
         duplicates: int,
+        conflicting: int,
         close_delay_s: float,
     ) -> None:
         s = self.summary
         s.consumed += batch.consumed
         s.stored += stored
         s.duplicates += duplicates
+        s.conflicting += conflicting
         s.invalid += len(batch.invalid)
         s.late += len(emission.late)
         s.candles += len(emission.candles)
@@ -724,6 +723,7 @@ class StreamWorker:
         metrics.MESSAGES_CONSUMED.labels(str(batch.partition)).inc(batch.consumed)
         metrics.TRADES_STORED.inc(stored)
         metrics.DUPLICATES.inc(duplicates)
+        metrics.CONFLICTING.inc(conflicting)
         metrics.LATE.inc(len(emission.late))
         for invalid in batch.invalid:
             metrics.INVALID.labels(invalid.code).inc()

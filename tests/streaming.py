@@ -27,6 +27,7 @@ STREAM_TABLES = (
     "late_trades",
     "invalid_trades",
     "stream_progress",
+    "trade_conflicts",
     "batch_candles",
     "candle_mismatches",
     "dq_reports",
@@ -96,8 +97,10 @@ def produce_all(bootstrap: str, topic: str, messages, partitions: int = 4) -> li
 class Expected:
     """What the worker must end up with, from a model written independently of it."""
 
-    stored: set = field(default_factory=set)
+    stored: set = field(default_factory=set)  # (exchange, symbol, trade_id, ts_us) of firsts
     duplicates: int = 0
+    conflicting: int = 0  # duplicates whose ts, price, quantity or side differ from the first
+    firsts: dict = field(default_factory=dict)  # (exchange, symbol, trade_id) -> first copy
     invalid: dict = field(default_factory=dict)  # (partition, offset) -> code
     late: set = field(default_factory=set)  # (exchange, symbol, trade_id)
     on_time: list = field(default_factory=list)
@@ -105,7 +108,9 @@ class Expected:
 
 
 def reference_model(deliveries: list[Delivery], settings: Settings) -> Expected:
-    """Per partition in offset order: parse, dedupe (first copy wins), and call a trade late
+    """Per partition in offset order: parse, dedupe by (exchange, symbol, trade_id) (the first
+    copy wins, whatever the copies' timestamps: SPEC §2; partitions are taken in order, so
+    copies of an id on two partitions must be consumed in that order), and call a trade late
     when its base window's end + allowed lateness <= greatest timestamp so far - max_delay."""
     out = Expected()
     ws = settings.window_settings()
@@ -122,11 +127,15 @@ def reference_model(deliveries: list[Delivery], settings: Settings) -> Expected:
             if isinstance(trade, Rejection):
                 out.invalid[(partition, d.offset)] = trade.code
                 continue
-            identity = (trade.exchange, trade.symbol, trade.trade_id, trade.ts_us)
-            if identity in out.stored:
+            first = out.firsts.get(trade.key)
+            if first is not None:
                 out.duplicates += 1
+                mine = (trade.ts_us, trade.price, trade.quantity, trade.is_buyer_maker)
+                if mine != (first.ts_us, first.price, first.quantity, first.is_buyer_maker):
+                    out.conflicting += 1
                 continue
-            out.stored.add(identity)
+            out.firsts[trade.key] = trade
+            out.stored.add((trade.exchange, trade.symbol, trade.trade_id, trade.ts_us))
             watermark = None if greatest is None else greatest - ws.max_delay_us
             end = trade.ts_us - trade.ts_us % base + base
             if watermark is not None and end + ws.allowed_lateness_us <= watermark:

@@ -139,7 +139,7 @@ def test_jsonl_input_with_malformed_lines(tmp_path):
     result = run("aggregate", path, "--interval", "1m")
     assert ":2: invalid: message is not valid JSON" in result.stderr
     assert ":3: invalid: price: must be greater than 0" in result.stderr
-    assert "1 duplicates, 2 invalid lines" in result.stderr
+    assert "1 duplicates, 0 conflicting, 2 invalid lines" in result.stderr
     candle = json.loads(result.stdout)
     assert (candle["trade_count"], candle["volume"], candle["close"]) == (2, "3", "101")
 

@@ -83,7 +83,9 @@ def test_bundled_sample_in_many_parts_is_byte_identical(tmp_path, args):
     units = units_of(AGG, chunk_bytes=60_000)
     assert len(units) > 10 and units[0].start == 0 and units[-1].end == AGG.stat().st_size
     serial, _, _ = serial_and_parallel(tmp_path, AGG, *args, chunk_bytes=60_000)
-    assert "aggregated 12,477 trades (0 duplicates, 0 invalid lines)" in serial.stderr
+    assert (
+        "aggregated 12,477 trades (0 duplicates, 0 conflicting, 0 invalid lines)" in serial.stderr
+    )
 
 
 def test_duplicates_across_parts_first_copy_in_file_order_wins(tmp_path, monkeypatch):
@@ -114,7 +116,10 @@ def test_duplicates_across_parts_first_copy_in_file_order_wins(tmp_path, monkeyp
     # Several later parts were folded again without the ids of earlier ones.
     assert len(found[0]) > 3
     assert sum(len(ids) for parts in found[0].values() for ids in parts.values()) >= 50
-    assert "aggregated 6,000 trades (70 duplicates, 0 invalid lines)" in parallel.stderr
+    assert (
+        "aggregated 6,000 trades (70 duplicates, 70 conflicting, 0 invalid lines)"
+        in parallel.stderr
+    )
     assert b'"low":"1.5' not in out  # no copy was folded
     # Same with the later copies alone (no duplicate): the folded data does change.
     reference = tmp_path / "reference.jsonl"
@@ -206,7 +211,9 @@ def test_several_symbols_in_jsonl(tmp_path):
     _, parallel, out = serial_and_parallel(
         tmp_path, path, "--interval", "1m,5m", chunk_bytes=25_000
     )
-    assert "aggregated 4,000 trades (40 duplicates, 3 invalid lines)" in parallel.stderr
+    assert (
+        "aggregated 4,000 trades (40 duplicates, 0 conflicting, 3 invalid lines)" in parallel.stderr
+    )
     symbols = {(c["exchange"], c["symbol"]) for c in map(json.loads, out.splitlines())}
     assert len(symbols) == 6
 
@@ -232,7 +239,7 @@ def test_compressed_and_plain_files_together_keep_the_first_files_time_unit(tmp_
         tmp_path, gz, archive, plain, "--output-format", "binance-klines", "--interval", "1m"
     )
     assert len(out.split(b",")[0]) == 16  # µs open times: the first file's unit
-    assert "(800 duplicates, 0 invalid lines) from 3 file(s)" in parallel.stderr
+    assert "(800 duplicates, 0 conflicting, 0 invalid lines) from 3 file(s)" in parallel.stderr
 
 
 def test_workers_1_and_small_inputs_run_serially(tmp_path):

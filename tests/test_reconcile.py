@@ -16,7 +16,7 @@ from shared import db
 from shared.intervals import IntervalSet
 from shared.recompute import recompute_batch_candles
 from shared.reconcile import classify
-from shared.trade_store import TradePartitions, store_trades
+from shared.trade_store import store_trades
 from shared.trades import Trade, datetime_to_ts, ts_to_datetime
 from shared.windows import PartitionWindows, WindowSettings
 from stream.sink import PartitionBatch, write_candles, write_late
@@ -71,7 +71,6 @@ def simulate_stream(conn, seed=1, count=1500):
     latest = {}
     for candle in emitted:
         latest[candle.key] = candle
-    TradePartitions().ensure(conn, trades)
     store_trades(conn, trades)
     write_candles(conn, list(latest.values()), "t", 0)
     write_late(conn, late, PartitionBatch(0, None, 0))
@@ -213,7 +212,6 @@ def test_a_stream_that_lags_is_a_warning_not_a_broken_rollup(conn, database_url,
     arrived = [t for t in trades if t.ts_us < START_US + 37 * 60 * S]  # the stream stopped here
     emitted = windows.process(arrived, now_us=0).candles  # no flush: the worker is still running
     assert {c.interval for c in emitted} == {"1m", "5m", "15m"}  # 35-37 min: 1m ahead of 5m
-    TradePartitions().ensure(conn, trades)
     store_trades(conn, trades)  # every trade is stored (e.g. by `load`), the stream lags
     write_candles(conn, emitted, "trades", 0)
     settings = Settings(report_dir=str(tmp_path / "reports"))

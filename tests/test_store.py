@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 
 import psycopg
@@ -21,7 +21,7 @@ from shared.aggregation import aggregate
 from shared.intervals import IntervalSet
 from shared.recompute import recompute_batch_candles
 from shared.schema import include_in_migrations, metadata
-from shared.trade_store import TradePartitions, store_new_trades, store_trades
+from shared.trade_store import store_new_trades, store_trades
 from shared.trades import datetime_to_ts, ts_to_datetime
 
 from .services import _admin, with_database
@@ -42,7 +42,7 @@ def store_url(database_url):
 @pytest.fixture
 def conn(store_url):
     with db.connect(store_url) as connection:
-        connection.execute("TRUNCATE trades, batch_candles, invalid_trades")
+        connection.execute("TRUNCATE trades, batch_candles, invalid_trades, trade_conflicts")
         connection.commit()
         yield connection
 
@@ -72,41 +72,126 @@ def test_upgrade_is_idempotent(store_url):
     assert db.upgrade(store_url) == db.head_revision()
 
 
-def test_upgrading_a_store_with_trades_keeps_them_and_orders_the_key_by_time(database_url):
-    """0001 -> head on a database that holds trades: nothing lost, copies still rejected, and
-    the key in the order the recomputation probes it."""
-    from shared.trades import Trade
-
+@pytest.fixture
+def old_store(database_url):
+    """A database of its own, for upgrading from an older revision."""
     name = f"candlekeep_upgrade_{uuid.uuid4().hex[:12]}"
     server = with_database(database_url, "postgres")
     _admin(server, "DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
     _admin(server, "CREATE DATABASE {}", name)
-    url = with_database(database_url, name)
     try:
-        db.upgrade(url, "0001")
-        trades = [
-            Trade("binance", "BTCUSDT", i, T0_US + (i // 2) * 1000, Decimal(100 + i), Decimal(1))
-            for i in range(50)
-        ]
-        with db.connect(url) as conn:
-            TradePartitions().ensure(conn, trades)
-            store_trades(conn, trades)
-            conn.commit()
-        assert db.upgrade(url) == db.head_revision()
-        with db.connect(url) as conn:
-            key = conn.execute(
-                "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'trades_pkey'"
-                " AND conrelid = 'trades'::regclass"
-            ).fetchone()[0]
-            assert key == "PRIMARY KEY (exchange, symbol, ts, trade_id)"
-            assert store_new_trades(conn, trades[:10]) == []
-            conn.commit()
-            assert conn.execute("SELECT count(*), sum(price) FROM trades").fetchone() == (
-                50,
-                sum(Decimal(100 + i) for i in range(50)),
-            )
+        yield with_database(database_url, name)
     finally:
         _admin(server, "DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
+
+
+def _day_partitions(conn, trades):
+    """The daily partitions revisions 0001 and 0002 needed before storing."""
+    for day in {t.ts_us // 86_400_000_000 for t in trades}:
+        conn.execute(
+            "SELECT candlekeep_ensure_trade_partition(date '1970-01-01' + %s::int)", (day,)
+        )
+
+
+def test_upgrading_a_store_with_trades_keeps_them_and_keys_them_by_identity(old_store):
+    """0001 -> head on a database that holds trades: nothing lost, copies still rejected, the
+    key is the trade's identity."""
+    from shared.trades import Trade
+
+    url = old_store
+    db.upgrade(url, "0001")
+    trades = [
+        Trade("binance", "BTCUSDT", i, T0_US + (i // 2) * 1000, Decimal(100 + i), Decimal(1))
+        for i in range(50)
+    ]
+    with db.connect(url) as conn:
+        _day_partitions(conn, trades)
+        store_trades(conn, trades)
+        conn.commit()
+    assert db.upgrade(url) == db.head_revision()
+    with db.connect(url) as conn:
+        key = conn.execute(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'trades_pkey'"
+            " AND conrelid = 'trades'::regclass"
+        ).fetchone()[0]
+        assert key == "PRIMARY KEY (exchange, symbol, trade_id)"
+        assert store_new_trades(conn, trades[:10]).new == []
+        conn.commit()
+        assert conn.execute("SELECT count(*), sum(price) FROM trades").fetchone() == (
+            50,
+            sum(Decimal(100 + i) for i in range(50)),
+        )
+
+
+def test_upgrading_from_0002_keeps_the_first_copy_of_ids_stored_twice(old_store):
+    """Revision 0002 stored a re-stamped copy as a second row (also on another day): the
+    upgrade keeps the first copy ingested (then the earliest ts), keeps the others in
+    trade_conflicts, and drops the late_trades row of a copy that is no longer stored."""
+    url = old_store
+    db.upgrade(url, "0002")
+    day = 86_400_000_000
+    rows = [  # trade_id, ts, price, ingested (seconds after T0)
+        (1, T0_US, "10", 5),
+        (1, T0_US + 3_000_000, "11", 9),  # a later copy, re-stamped and re-priced
+        (2, T0_US + day, "20", 7),  # next day's partition ...
+        (2, T0_US + 1_000_000, "21", 6),  # ... but this copy was ingested first
+        (3, T0_US + 5_000_000, "30", 8),  # two copies ingested together: the earlier ts wins
+        (3, T0_US + 4_000_000, "31", 8),
+        (4, T0_US + 6_000_000, "40", 8),  # a trade stored once
+    ]
+    with db.connect(url) as conn:
+        for ts in {r[1] for r in rows}:
+            conn.execute(
+                "SELECT candlekeep_ensure_trade_partition(date '1970-01-01' + %s::int)",
+                (ts // day,),
+            )
+        for trade_id, ts, price, ingested in rows:
+            conn.execute(
+                "INSERT INTO trades (exchange, symbol, trade_id, ts, price, quantity,"
+                " ingested_at) VALUES ('binance', 'ABC', %s, %s, %s, 1, %s)",
+                (
+                    trade_id,
+                    ts_to_datetime(ts),
+                    Decimal(price),
+                    ts_to_datetime(T0_US + ingested * 1_000_000),
+                ),
+            )
+        # The old stream set the re-stamped copy of 1 aside as late (and folded the first).
+        conn.execute(
+            "INSERT INTO late_trades (exchange, symbol, trade_id, ts, price, quantity,"
+            " window_start, watermark, lateness) VALUES ('binance', 'ABC', 1, %s, 11, 1, %s,"
+            " %s, interval '1 minute')",
+            (ts_to_datetime(T0_US + 3_000_000), ts_to_datetime(T0_US), ts_to_datetime(T0_US)),
+        )
+        conn.commit()
+    assert db.upgrade(url) == db.head_revision()
+    with db.connect(url) as conn:
+        kept = conn.execute("SELECT trade_id, ts, price FROM trades ORDER BY trade_id").fetchall()
+        assert [(i, datetime_to_ts(ts), str(p)) for i, ts, p in kept] == [
+            (1, T0_US, "10"),
+            (2, T0_US + 1_000_000, "21"),
+            (3, T0_US + 4_000_000, "31"),
+            (4, T0_US + 6_000_000, "40"),
+        ]
+        conflicts = conn.execute(
+            "SELECT trade_id, first_ts, first_price, ts, price FROM trade_conflicts"
+            " ORDER BY trade_id"
+        ).fetchall()
+        assert [
+            (i, datetime_to_ts(a), str(ap), datetime_to_ts(b), str(bp))
+            for i, a, ap, b, bp in conflicts
+        ] == [
+            (1, T0_US, "10", T0_US + 3_000_000, "11"),
+            (2, T0_US + 1_000_000, "21", T0_US + day, "20"),
+            (3, T0_US + 4_000_000, "31", T0_US + 5_000_000, "30"),
+        ]
+        assert conn.execute("SELECT count(*) FROM late_trades").fetchone()[0] == 0
+        # And from now on PostgreSQL itself refuses a second row for an id.
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(
+                "INSERT INTO trades (exchange, symbol, trade_id, ts, price, quantity)"
+                " VALUES ('binance', 'ABC', 4, now(), 1, 1)"
+            )
 
 
 @settings(max_examples=40)
@@ -117,7 +202,6 @@ def test_sql_candles_equal_the_core_candles(store_url, trades, rnd, with_duplica
         conn.commit()
         # Without duplicates the batch takes the direct COPY path, with them the staging path.
         dupes = [rnd.choice(trades) for _ in range(3)] if trades and with_duplicates else []
-        TradePartitions().ensure(conn, trades)
         store_trades(conn, trades + dupes)
         start = ts_to_datetime(T0_US - T0_US % HOUR)
         recompute_batch_candles(conn, start, start + timedelta(hours=2), INTERVALS)
@@ -133,7 +217,6 @@ def test_a_run_owns_the_windows_that_end_in_its_interval(conn):
         Trade("binance", "BTCUSDT", i, day + i * 7 * 60_000_000, Decimal(100 + i), Decimal(1))
         for i in range(400)  # ~47 hours
     ]
-    TradePartitions().ensure(conn, trades)
     store_trades(conn, trades)
     conn.commit()
     intervals = IntervalSet.parse("1m,15m,1h,1d")
@@ -168,34 +251,46 @@ def test_store_keeps_the_first_copy_and_reports_new_trades(conn):
     a = Trade("binance", "ETHUSDT", 1, T0_US, Decimal("10"), Decimal("1"), True)
     a_copy = Trade("binance", "ETHUSDT", 1, T0_US, Decimal("99"), Decimal("5"), False)
     b = Trade("binance", "ETHUSDT", 2, T0_US + 1, Decimal("11"), Decimal("1"))
-    TradePartitions().ensure(conn, [a])
-    assert store_new_trades(conn, [a, a_copy, b]) == [a, b]
-    assert store_new_trades(conn, [b, a_copy]) == []
+    assert store_new_trades(conn, [a, a_copy, b]).new == [a, b]
+    assert store_new_trades(conn, [b, a_copy]).new == []
     conn.commit()
     price = conn.execute("SELECT price FROM trades WHERE trade_id = 1").fetchone()[0]
     assert price == Decimal("10")
 
 
-def test_trades_are_partitioned_by_day(conn):
+def test_copies_of_an_id_at_other_times_are_one_trade_and_conflicting(conn):
+    """SPEC §2: whatever ts (another day too), price or quantity a later copy carries, the id is
+    stored once with the first copy's values, by either path of store_trades; each differing
+    copy is counted as conflicting and kept once in trade_conflicts."""
     from shared.trades import Trade
 
     day = 86_400_000_000
-    trades = [Trade("binance", "X", i, T0_US + i * day, Decimal(1), Decimal(1)) for i in range(3)]
-    TradePartitions().ensure(conn, trades)
-    TradePartitions().ensure(conn, trades)  # idempotent, also from another process
-    store_trades(conn, trades)
+    first = [Trade("binance", "X", i, T0_US + i, Decimal(1), Decimal(1), True) for i in range(3)]
+    assert store_trades(conn, first).stored == 3  # the direct COPY
+    copies = [
+        Trade("binance", "X", 0, T0_US + day, Decimal(1), Decimal(1), True),  # next day
+        Trade("binance", "X", 1, T0_US + 1, Decimal(2), Decimal(1), True),  # re-priced
+        Trade("binance", "X", 2, T0_US + 2, Decimal(1), Decimal(1), True),  # an exact copy
+        Trade("binance", "X", 3, T0_US + 3, Decimal(3), Decimal(1), None),  # new ...
+        Trade("binance", "X", 3, T0_US - day, Decimal(3), Decimal(9), None),  # ... re-stamped
+    ]
+    result = store_trades(conn, copies)
+    assert (result.stored, result.duplicates, result.conflicting) == (1, 4, 3)
+    again = store_trades(conn, copies)  # delivered again: same counts, nothing more kept
+    assert (again.stored, again.duplicates, again.conflicting) == (0, 5, 3)
     conn.commit()
-    names = {
-        r[0]
-        for r in conn.execute(
-            "SELECT tableoid::regclass::text FROM trades WHERE symbol = 'X'"
-        ).fetchall()
-    }
-    assert names == {
-        "trades_"
-        + (datetime.fromtimestamp(T0_US // 10**6, UTC) + timedelta(days=i)).strftime("%Y%m%d")
-        for i in range(3)
-    }
+    stored = conn.execute("SELECT trade_id, ts, price, quantity FROM trades ORDER BY 1").fetchall()
+    assert [(i, datetime_to_ts(ts), p, q) for i, ts, p, q in stored] == [
+        (0, T0_US, 1, 1),
+        (1, T0_US + 1, 1, 1),
+        (2, T0_US + 2, 1, 1),
+        (3, T0_US + 3, 3, 1),
+    ]
+    kept = conn.execute(
+        "SELECT trade_id, (extract(epoch FROM ts) * 1000000)::bigint, price, quantity"
+        " FROM trade_conflicts ORDER BY 1"
+    ).fetchall()
+    assert kept == [(0, T0_US + day, 1, 1), (1, T0_US + 1, 2, 1), (3, T0_US - day, 3, 9)]
 
 
 def test_unreachable_database_is_one_line_naming_the_url_without_password(tmp_path):
@@ -280,8 +375,15 @@ def test_upgrading_a_store_with_stream_candles_makes_them_parts_that_merge_exact
             ],
         }
         with db.connect(url) as conn:
-            TradePartitions().ensure(conn, final + held)
-            store_trades(conn, final + held)
+            _day_partitions(conn, final + held)  # revision 0002's layout
+            conn.cursor().executemany(
+                "INSERT INTO trades (exchange, symbol, trade_id, ts, price, quantity)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                [
+                    (t.exchange, t.symbol, t.trade_id, ts_to_datetime(t.ts_us), t.price, t.quantity)
+                    for t in final + held
+                ],
+            )
             for c in candles:
                 conn.execute(
                     "INSERT INTO stream_candles (exchange, symbol, interval, window_start,"

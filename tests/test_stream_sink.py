@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from shared import db
-from shared.trade_store import TradePartitions, store_trades
+from shared.trade_store import store_trades
 from shared.trades import Trade
 from stream import sink
 
@@ -38,7 +38,6 @@ def _stored(conn):
 
 def test_first_copies_in_arrival_order_whatever_path_the_batch_takes(conn):
     first = [_trade(5), _trade(3), _trade(7, maker=True), _trade(3, price="9")]
-    TradePartitions().ensure(conn, first)
     conn.commit()
     assert sink.store_batch_trades(conn, first) == first[:3]  # one COPY (all fresh)
     conn.commit()
@@ -64,7 +63,6 @@ def test_copy_rows_store_what_the_loader_stores(conn, database_url):
         _trade(4, ts_us=0, symbol="X.Y_Z-1"),  # the epoch itself
         Trade("kraken", "ETHUSDT", 9, T0_US + 123, Decimal("3"), Decimal("4"), None, 17),
     ]
-    TradePartitions().ensure(conn, odd)
     conn.commit()
     assert sink.store_batch_trades(conn, odd) == odd
     conn.commit()
@@ -100,17 +98,17 @@ def test_a_batch_folds_exactly_its_new_trades_whichever_path_it_takes(conn):
         assert windows.snapshot() == reference.snapshot()
 
     first = [_trade(i, ts_us=T0_US + i * minute // 4) for i in range(1, 12)]
-    TradePartitions().ensure(conn, first)
     conn.commit()
     run(batch(first[:6], None, 6), first[:6], 1)  # all fresh: one COPY
-    # Fresh ones, a disordered new one (3.5 is below the ids tried) and a repeat of 2.
-    late_id = _trade(35, ts_us=first[3].ts_us + 1)
-    late_id.trade_id = 4  # (an id already tried, at another time: a new trade)
-    second = [first[6], first[7], late_id, first[1]]
-    run(batch(second, 6, 10), [first[6], first[7], late_id], 2)
+    # Fresh ones, a disordered new one (0 is below the ids tried), a copy of 4 at another time
+    # and price (a conflicting duplicate: never folded) and a repeat of 2.
+    disordered = _trade(0, ts_us=first[3].ts_us + 1)
+    restamped = _trade(4, ts_us=first[3].ts_us + 2, price="99")
+    second = [first[6], first[7], disordered, restamped, first[1]]
+    run(batch(second, 6, 11), [first[6], first[7], disordered], 2)
     # A restarted process (nothing tried) repeats a stored trade: the COPY fails, the windows
     # go back to where they were, and the staging path decides.
     sink._tried_max_id.clear()
     third = [first[8], first[7], first[9]]
-    run(batch(third, 10, 13), [first[8], first[9]], 3)
-    assert [r[2] for r in _stored(conn)] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10]
+    run(batch(third, 11, 14), [first[8], first[9]], 3)
+    assert [r[2] for r in _stored(conn)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]

@@ -21,7 +21,7 @@ Create Date: 2026-11-30
 from alembic import op
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
