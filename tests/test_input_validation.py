@@ -107,7 +107,13 @@ def test_load_keeps_the_good_lines_and_names_each_bad_one_by_its_line_in_the_fil
     source = TradeInput([str(path)], keep_invalid=True)
     totals = load_trades(url, source, chunk=4)  # many chunks, the bad lines in later ones
     good = 40 - len(bad_at)
-    assert totals == {"read": good, "stored": good, "duplicates": 0, "invalid": len(bad_at)}
+    assert totals == {
+        "read": good,
+        "stored": good,
+        "duplicates": 0,
+        "conflicting": 0,
+        "invalid": len(bad_at),
+    }
     with db.connect(url) as conn:
         stored = {r[0] for r in conn.execute("SELECT trade_id FROM trades")}
         invalid = conn.execute(
