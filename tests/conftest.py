@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Session fixtures for integration tests: a fresh PostgreSQL database and a Kafka broker.
@@ -20,3 +21,16 @@ settings.register_profile(
     "thorough", deadline=None, max_examples=1500, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(autouse=True)
+def _forget_passwords_remembered_by_the_test():
+    """Passwords a test's settings remember are masked for the rest of the process (that is the
+    point); between tests that would leak: a compose file's password ``candlekeep`` masks every
+    later ``candlekeep_test_…`` database name. Each test starts with what the session had."""
+    from shared import redaction
+
+    saved = set(redaction._secrets)
+    yield
+    redaction._secrets.clear()
+    redaction._secrets.update(saved)
