@@ -35,7 +35,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.operators.windowing import EventClock, TumblingWindower, fold_window
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from shared.candles import CANDLE_FIELDS
+from shared.core.candles import CANDLE_FIELDS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_trades import DEFAULT_TRADES, MAX_DISORDER_MS, SYMBOL, cached_trades

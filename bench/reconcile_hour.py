@@ -27,11 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared import db  # noqa: E402
-from shared.batch_run import checks_step, publish_step  # noqa: E402
+from shared.batch.batch_run import checks_step, publish_step  # noqa: E402
+from shared.batch.recompute import recompute_batch_candles  # noqa: E402
+from shared.batch.reconcile import classify  # noqa: E402
 from shared.config import Settings  # noqa: E402
-from shared.recompute import recompute_batch_candles  # noqa: E402
-from shared.reconcile import classify  # noqa: E402
+from shared.store import db  # noqa: E402
 
 START = datetime(2026, 3, 2, 14, tzinfo=UTC)
 END = START + timedelta(hours=1)

@@ -40,10 +40,10 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 
 from candlekeep.embedded import EmbeddedPostgres  # noqa: E402
-from shared import db  # noqa: E402
-from shared import recompute as recompute_sql  # noqa: E402
-from shared.intervals import IntervalSet  # noqa: E402
-from shared.recompute import WORK_MEM, recompute_batch_candles  # noqa: E402
+from shared.batch import recompute as recompute_sql  # noqa: E402
+from shared.batch.recompute import WORK_MEM, recompute_batch_candles  # noqa: E402
+from shared.core.intervals import IntervalSet  # noqa: E402
+from shared.store import db  # noqa: E402
 
 OUT_DIR = BENCH_DIR / "out"
 PG_DIR = OUT_DIR / "pg"

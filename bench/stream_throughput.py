@@ -60,7 +60,7 @@ from aiokafka.partitioner import murmur2  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from candlekeep.embedded import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
-from shared import db  # noqa: E402
+from shared.store import db  # noqa: E402
 from stream.feeds.produce import ensure_topic  # noqa: E402
 from stream.feeds.synthetic import MarketDials, synthetic_messages  # noqa: E402
 from stream.worker import CONSUMER_FETCH  # noqa: E402

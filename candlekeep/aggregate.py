@@ -15,11 +15,11 @@ from rich.console import Console
 from candlekeep.errors import UserError
 from candlekeep.parallel_aggregate import add_trades, default_workers
 from candlekeep.trade_input import TradeInput, exchange_option, symbol_option
-from shared.aggregation import CandleBook, conflicting_copies, fill_gaps
-from shared.candle_formats import OUTPUT_FORMATS, candle_json_line, kline_row
-from shared.intervals import SUPPORTED, IntervalError, IntervalSet
-from shared.outputs import check_output_file
-from shared.trade_files import FORMATS
+from shared.batch.outputs import check_output_file
+from shared.core.aggregation import CandleBook, conflicting_copies, fill_gaps
+from shared.core.candle_formats import OUTPUT_FORMATS, candle_json_line, kline_row
+from shared.core.intervals import SUPPORTED, IntervalError, IntervalSet
+from shared.core.trade_files import FORMATS
 
 
 def _interval_names(values: tuple[str, ...]) -> list[str]:

@@ -19,7 +19,7 @@ from candlekeep.reconcile_cmd import reconcile, report
 from candlekeep.stream_cmd import stream
 from shared.config import Settings
 from shared.errors import CandlekeepError
-from shared.redaction import redact
+from shared.store.redaction import redact
 
 
 def load_settings() -> Settings:

@@ -15,7 +15,7 @@ def db_group() -> None:
 def upgrade(ctx) -> None:
     """Create or migrate the schema to the latest revision."""
     from candlekeep.services import database_url
-    from shared import db
+    from shared.store import db
 
     url = database_url(ctx)
     before = db.current_revision(url)

@@ -21,7 +21,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from shared.trades import ts_to_datetime
+from shared.core.trades import ts_to_datetime
 
 DEMO_DATABASE = "candlekeep_demo"
 AIRFLOW_DATABASE = "candlekeep_airflow"
@@ -87,7 +87,7 @@ def demo(ctx, hours, rate, keep_running, airflow_port):
                 "dq_wait_timeout": timedelta(seconds=30),
             }
         )
-        from shared import db
+        from shared.store import db
 
         db.upgrade(url)
         _step(console, started, "schema migrated (candlekeep db upgrade)")
@@ -115,7 +115,7 @@ def _step(console: Console, started: float, text: str) -> None:
 
 
 def _database(server, name: str) -> str:
-    from shared import db
+    from shared.store import db
 
     with db.connect(server.url_for("postgres"), autocommit=True) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
@@ -124,7 +124,7 @@ def _database(server, name: str) -> str:
 
 
 def _fresh_database(server, name: str) -> str:
-    from shared import db
+    from shared.store import db
 
     with db.connect(server.url_for("postgres"), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -201,8 +201,8 @@ def _reconcile(console, started, settings, airflow_url, start_us, hours):
 
 def _print_reports(settings) -> None:
     """The summary of every report, and where its HTML page is (on standard output)."""
-    from shared import db
-    from shared.report import report_path
+    from shared.batch.report import report_path
+    from shared.store import db
 
     table = Table(title="data-quality reports")
     for column in (

@@ -32,8 +32,8 @@ from typing import Self
 from urllib.parse import quote
 
 from shared.config import Settings
-from shared.db import redact  # noqa: F401  (re-exported for callers)
 from shared.errors import CandlekeepError
+from shared.store.db import redact  # noqa: F401  (re-exported for callers)
 
 DEFAULT_DATABASE = "candlekeep"
 POSTGRES_USER = "postgres"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from pydantic import ValidationError
 
-from shared.redaction import redact
+from shared.store.redaction import redact
 
 
 class UserError(click.ClickException):

@@ -9,8 +9,8 @@ import click
 
 from candlekeep.errors import UserError
 from candlekeep.trade_input import exchange_option, symbol_option
-from shared.trade_files import FORMATS
-from shared.trades import SYMBOL_RULE, normalise_symbol
+from shared.core.trade_files import FORMATS
+from shared.core.trades import SYMBOL_RULE, normalise_symbol
 
 #: Binance's public WebSocket endpoint (imported lazily elsewhere: websockets is in `stream`).
 BINANCE_URL = "wss://stream.binance.com:9443"
@@ -115,7 +115,7 @@ def synthetic(
     if start == "now":
         start_us = int(time.time() * 1_000_000)
     else:
-        from shared.batch_run import IntervalError, parse_instant
+        from shared.batch.batch_run import IntervalError, parse_instant
 
         try:
             start_us = parse_instant("--start", start)

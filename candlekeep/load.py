@@ -10,7 +10,7 @@ from itertools import islice
 import click
 
 from candlekeep.trade_input import TradeInput, exchange_option, symbol_option
-from shared.trade_files import FORMATS
+from shared.core.trade_files import FORMATS
 
 #: Trades per COPY and transaction; one chunk is in memory at a time.
 CHUNK = 100_000
@@ -18,8 +18,8 @@ CHUNK = 100_000
 
 def load_trades(url: str, source: TradeInput, chunk: int = CHUNK) -> dict[str, int]:
     """Load every trade of ``source`` in chunks, one transaction each; memory stays flat."""
-    from shared import db
-    from shared.trade_store import InvalidMessage, store_invalid, store_trades
+    from shared.store import db
+    from shared.store.trade_store import InvalidMessage, store_invalid, store_trades
 
     totals = {"read": 0, "stored": 0, "duplicates": 0, "conflicting": 0, "invalid": 0}
     trades = source.trades()

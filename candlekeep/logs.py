@@ -4,7 +4,7 @@ Every line goes through the same processors, whoever wrote it: our structlog eve
 standard ``logging`` records of the libraries (psycopg's warnings, aiokafka, alembic), Python's
 ``warnings`` and PostgreSQL's notices. So a log collector that parses JSON never meets a plain
 ``WARNING:psycopg:…`` line, and no password reaches the log at any level (see
-:mod:`shared.redaction`).
+:mod:`shared.store.redaction`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from shared.redaction import redact
+from shared.store.redaction import redact
 
 
 def _redact_value(value: Any) -> Any:
@@ -65,7 +65,7 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(threshold, logging.WARNING))
-    logging.getLogger("candlekeep").setLevel(threshold)  # PostgreSQL's notices (shared.db)
+    logging.getLogger("candlekeep").setLevel(threshold)  # PostgreSQL's notices (shared.store.db)
     logging.captureWarnings(True)  # warnings.warn(...) too, instead of a bare stderr line
     # aiokafka logs connection trouble at ERROR on every retry; ours says it once, clearly.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

@@ -39,10 +39,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from candlekeep.files import open_trade_file
 from candlekeep.trade_input import MAX_LINES_SHOWN, TradeInput
-from shared.aggregation import CandleBook
-from shared.intervals import IntervalSet
-from shared.trade_files import TradeLineReader
-from shared.trades import Rejection
+from shared.core.aggregation import CandleBook
+from shared.core.intervals import IntervalSet
+from shared.core.trade_files import TradeLineReader
+from shared.core.trades import Rejection
 
 #: Inputs smaller than this in total are folded serially (process start-up would dominate).
 MIN_PARALLEL_BYTES = 4 << 20

@@ -34,8 +34,8 @@ def reconcile(ctx, start, end, wait_s):
     """Recompute, reconcile, check and report [START, END) (SPEC §6 steps 1-5)."""
     from candlekeep.errors import UserError
     from candlekeep.services import database_url
-    from shared.batch_run import IntervalError, run_interval
-    from shared.outputs import check_output_dir
+    from shared.batch.batch_run import IntervalError, run_interval
+    from shared.batch.outputs import check_output_dir
 
     settings = ctx.find_root().obj()
     check_output_dir(settings.report_dir, "CANDLEKEEP_REPORT_DIR")  # before any work
@@ -46,7 +46,7 @@ def reconcile(ctx, start, end, wait_s):
         )
     except IntervalError as exc:
         raise UserError(str(exc)) from None
-    from shared.report import report_path
+    from shared.batch.report import report_path
 
     _echo_summary(summary, str(report_path(settings, summary)))
     if summary["status"] == "fail":
@@ -68,10 +68,10 @@ def report(ctx, start, end, output):
     """Render the data-quality report of [START, END) to an HTML file."""
     from candlekeep.errors import UserError
     from candlekeep.services import database_url
-    from shared import db
-    from shared.batch_run import IntervalError, report_summary
-    from shared.outputs import check_output_file
-    from shared.report import render_report
+    from shared.batch.batch_run import IntervalError, report_summary
+    from shared.batch.outputs import check_output_file
+    from shared.batch.report import render_report
+    from shared.store import db
 
     settings = ctx.find_root().obj()
     check_output_file(output, "-o")  # before any work

@@ -14,13 +14,13 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from candlekeep.errors import UserError
 from candlekeep.files import check_readable, first_line, inner_name, open_trade_file
-from shared.trade_files import (
+from shared.core.trade_files import (
     FormatError,
     TradeLineReader,
     detect_format,
     symbol_from_filename,
 )
-from shared.trades import (
+from shared.core.trades import (
     EXCHANGE_RULE,
     SYMBOL_RULE,
     Rejection,

@@ -3,7 +3,7 @@
 Every hour of market data: wait until the stream's watermark has passed the hour (bounded),
 recompute the hour's candles from the stored trades in SQL, classify every difference between
 stream and batch (late trade, missing candle, unexplained), run the data-quality checks and
-publish the report. The work is in ``shared.batch_run``; this file only wires it up (SPEC §6).
+publish the report. The work is in ``shared.batch.batch_run``; this file only wires it up (SPEC §6).
 
 A manual run names its interval in params (``start``, ``end``); backfills use Airflow's own
 ``airflow backfill create``. Rerunning an interval replaces its results.
@@ -18,7 +18,7 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from shared import batch_run
+from shared.batch import batch_run
 from shared.config import Settings
 
 #: Updated by every published report; the event's extra carries the summary.

@@ -24,10 +24,10 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 
-from shared.batch_run import IntervalError, run_interval_of
+from shared.batch.batch_run import IntervalError, run_interval_of
+from shared.batch.report import stored_report_html
 from shared.config import Settings
 from shared.errors import CandlekeepError
-from shared.report import stored_report_html
 
 DAG_ID = "candle_reconciliation"
 app = FastAPI(title="candlekeep", docs_url=None, redoc_url=None, openapi_url=None)

@@ -13,9 +13,9 @@ from typing import Literal
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.intervals import DEFAULT_INTERVALS, IntervalSet
-from shared.redaction import remember
-from shared.windows import WindowSettings
+from shared.core.intervals import DEFAULT_INTERVALS, IntervalSet
+from shared.core.windows import WindowSettings
+from shared.store.redaction import remember
 
 _DURATION_RE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}

@@ -13,10 +13,10 @@ import base64
 
 import msgspec
 
-from shared.candle_formats import candle_record, iso, plain
-from shared.candles import Candle
-from shared.trade_store import InvalidMessage
-from shared.windows import LateTrade
+from shared.core.candle_formats import candle_record, iso, plain
+from shared.core.candles import Candle
+from shared.core.windows import LateTrade
+from shared.store.trade_store import InvalidMessage
 
 _json = msgspec.json.Encoder()
 

@@ -20,8 +20,10 @@ from datetime import datetime, timedelta
 import psycopg
 from psycopg.types.json import Jsonb
 
-from shared.candles import Candle
-from shared.trade_store import (
+from shared.core.candles import Candle
+from shared.core.trades import Trade, datetime_to_ts, ts_to_datetime
+from shared.core.windows import Emission, LateTrade, PartitionWindows
+from shared.store.trade_store import (
     COPY_TRADES,
     InvalidMessage,
     NewTrades,
@@ -30,8 +32,6 @@ from shared.trade_store import (
     store_invalid,
     store_new_trades,
 )
-from shared.trades import Trade, datetime_to_ts, ts_to_datetime
-from shared.windows import Emission, LateTrade, PartitionWindows
 
 
 class Fenced(Exception):

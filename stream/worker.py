@@ -41,19 +41,19 @@ from aiokafka.errors import (
     OffsetOutOfRangeError,
 )
 
-from shared import db
-from shared.candles import Candle
 from shared.config import Settings
-from shared.errors import CandlekeepError
-from shared.trade_store import InvalidMessage
-from shared.trades import (
+from shared.core.candles import Candle
+from shared.core.trades import (
     Rejection,
     check_key,
     parse_common_trade,
     parse_trade_message,
     ts_to_datetime,
 )
-from shared.windows import Emission, PartitionWindows, StateMismatch
+from shared.core.windows import Emission, PartitionWindows, StateMismatch
+from shared.errors import CandlekeepError
+from shared.store import db
+from shared.store.trade_store import InvalidMessage
 from stream import messages, metrics
 from stream.sink import (
     BatchResult,

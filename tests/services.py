@@ -18,7 +18,7 @@ import pytest
 
 from candlekeep.embedded import resolve_bootstrap_servers, resolve_database_url
 from shared.config import Settings
-from shared.db import redact
+from shared.store.db import redact
 
 TEST_DATA_DIR = Path(__file__).resolve().parent.parent / ".candlekeep" / "test"
 

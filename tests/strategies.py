@@ -6,7 +6,7 @@ from decimal import Decimal
 
 from hypothesis import strategies as st
 
-from shared.trades import Trade
+from shared.core.trades import Trade
 
 T0_US = 1_700_000_000_000_000  # 2023-11-14T22:13:20Z: mid-window, so spans cross boundaries
 SYMBOLS = [("binance", "BTCUSDT"), ("binance", "ETHUSDT"), ("kraken", "BTCUSDT")]

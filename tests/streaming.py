@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from shared import db
-from shared.aggregation import aggregate
-from shared.candles import Candle, merge
 from shared.config import Settings
-from shared.trades import Rejection, check_key, datetime_to_ts, parse_trade_message
+from shared.core.aggregation import aggregate
+from shared.core.candles import Candle, merge
+from shared.core.trades import Rejection, check_key, datetime_to_ts, parse_trade_message
+from shared.store import db
 from stream.feeds.produce import Delivery, ensure_topic, produce
 from stream.feeds.synthetic import FeedMessage
 
@@ -272,7 +272,7 @@ def stream_candle_messages(url: str) -> dict:
 def reconcile_counts(url: str, settings: Settings, start, end) -> dict:
     """Recompute and reconcile ``[start, end)`` (the DAG's steps 2 and 3); the counts of each
     kind."""
-    from shared.batch_run import recompute_step, reconcile_step
+    from shared.batch.batch_run import recompute_step, reconcile_step
 
     recompute_step(url, settings, start, end)
     return reconcile_step(url, settings, start, end)["counts"]

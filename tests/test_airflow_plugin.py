@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from shared import db
+from shared.store import db
 
 from .conftest import REPO
 from .services import _admin, with_database

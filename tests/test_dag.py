@@ -14,10 +14,10 @@ from datetime import UTC, datetime
 import pytest
 
 from candlekeep.airflow_runner import airflow_env
-from shared import db
-from shared.batch_run import IntervalError, run_interval_of
-from shared.intervals import IntervalSet
-from shared.trades import datetime_to_ts
+from shared.batch.batch_run import IntervalError, run_interval_of
+from shared.core.intervals import IntervalSet
+from shared.core.trades import datetime_to_ts
+from shared.store import db
 from stream.feeds.synthetic import MarketDials, synthetic_messages
 from stream.worker import StreamWorker
 

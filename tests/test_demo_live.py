@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from candlekeep.embedded import EmbeddedPostgres
-from shared import db
+from shared.store import db
 
 pytestmark = pytest.mark.integration
 

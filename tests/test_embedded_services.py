@@ -29,7 +29,7 @@ from candlekeep.embedded import (
     resolve_database_url,
 )
 from shared.config import Settings
-from shared.db import redact
+from shared.store.db import redact
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from websockets.asyncio.server import serve
 
 from candlekeep.cli import cli
 from candlekeep.feed_cmd import BINANCE_URL
-from shared.trades import Rejection, Trade, parse_trade_message
+from shared.core.trades import Rejection, Trade, parse_trade_message
 from stream.feeds.binance import (
     DEFAULT_URL,
     Skipped,

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from candlekeep.cli import cli
 from candlekeep.load import load_trades
 from candlekeep.trade_input import TradeInput
-from shared import db
-from shared.trade_files import TradeLineReader
-from shared.trades import Rejection, parse_trade_message
+from shared.core.trade_files import TradeLineReader
+from shared.core.trades import Rejection, parse_trade_message
+from shared.store import db
 
 T0 = 1570752011620  # ms
 

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from candlekeep.cli import cli
-from shared import db
-from shared.intervals import IntervalSet
-from shared.recompute import recompute_batch_candles
-from shared.trades import datetime_to_ts, ts_to_datetime
+from shared.batch.recompute import recompute_batch_candles
+from shared.core.intervals import IntervalSet
+from shared.core.trades import datetime_to_ts, ts_to_datetime
+from shared.store import db
 
 from .conftest import SAMPLE_DIR
 

@@ -22,11 +22,11 @@ from candlekeep import parallel_aggregate as pa
 from candlekeep.cli import cli
 from candlekeep.parallel_aggregate import cross_unit_duplicates
 from candlekeep.trade_input import TradeInput
-from shared.aggregation import CandleBook, Deduplicator
-from shared.candle_formats import candle_record
-from shared.candles import open_candle
-from shared.intervals import IntervalSet
-from shared.trades import Trade
+from shared.core.aggregation import CandleBook, Deduplicator
+from shared.core.candle_formats import candle_record
+from shared.core.candles import open_candle
+from shared.core.intervals import IntervalSet
+from shared.core.trades import Trade
 
 from .conftest import REPO, SAMPLE_DIR
 from .strategies import trade_lists

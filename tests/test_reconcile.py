@@ -12,13 +12,13 @@ from decimal import Decimal
 
 import pytest
 
-from shared import db
-from shared.intervals import IntervalSet
-from shared.recompute import recompute_batch_candles
-from shared.reconcile import classify
-from shared.trade_store import store_trades
-from shared.trades import Trade, datetime_to_ts, ts_to_datetime
-from shared.windows import PartitionWindows, WindowSettings
+from shared.batch.recompute import recompute_batch_candles
+from shared.batch.reconcile import classify
+from shared.core.intervals import IntervalSet
+from shared.core.trades import Trade, datetime_to_ts, ts_to_datetime
+from shared.core.windows import PartitionWindows, WindowSettings
+from shared.store import db
+from shared.store.trade_store import store_trades
 from stream.sink import PartitionBatch, write_candles, write_late
 
 pytestmark = pytest.mark.integration
@@ -191,7 +191,7 @@ def test_a_stream_that_lags_is_a_warning_not_a_broken_rollup(conn, database_url,
     """The DAG gave up waiting: the stream's watermark is mid-hour, so its 1m candles are
     written up to there and the 5m/15m/1h windows still open have no candle yet. That is a
     stream that lags (``warn``), never "not the merge of their base candles" (``fail``)."""
-    from shared.batch_run import run_interval
+    from shared.batch.batch_run import run_interval
     from shared.config import Settings
     from stream.sink import write_progress
 

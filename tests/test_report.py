@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from candlekeep.cli import cli
-from shared import db
-from shared.batch_run import run_interval
-from shared.charts import PALETTE
+from shared.batch.batch_run import run_interval
+from shared.batch.charts import PALETTE
 from shared.config import Settings
+from shared.store import db
 
 from .browser import dump_dom, screenshot
 from .conftest import REPO

@@ -14,8 +14,8 @@ from urllib.parse import quote
 
 import pytest
 
-from shared import db
-from shared.redaction import remember
+from shared.store import db
+from shared.store.redaction import remember
 from stream.feeds.synthetic import MarketDials, synthetic_messages
 from tests.streaming import produce_all, settings_env, stream_settings
 

@@ -16,13 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine
 
-from shared import db
-from shared.aggregation import aggregate
-from shared.intervals import IntervalSet
-from shared.recompute import recompute_batch_candles
-from shared.schema import include_in_migrations, metadata
-from shared.trade_store import store_new_trades, store_trades
-from shared.trades import datetime_to_ts, ts_to_datetime
+from shared.batch.recompute import recompute_batch_candles
+from shared.core.aggregation import aggregate
+from shared.core.intervals import IntervalSet
+from shared.core.trades import datetime_to_ts, ts_to_datetime
+from shared.store import db
+from shared.store.schema import include_in_migrations, metadata
+from shared.store.trade_store import store_new_trades, store_trades
 
 from .services import _admin, with_database
 from .strategies import T0_US, trade_lists
@@ -96,7 +96,7 @@ def _day_partitions(conn, trades):
 def test_upgrading_a_store_with_trades_keeps_them_and_keys_them_by_identity(old_store):
     """0001 -> head on a database that holds trades: nothing lost, copies still rejected, the
     key is the trade's identity."""
-    from shared.trades import Trade
+    from shared.core.trades import Trade
 
     url = old_store
     db.upgrade(url, "0001")
@@ -211,7 +211,7 @@ def test_sql_candles_equal_the_core_candles(store_url, trades, rnd, with_duplica
 
 def test_a_run_owns_the_windows_that_end_in_its_interval(conn):
     day = 1_700_006_400_000_000  # 2023-11-15T00:00Z
-    from shared.trades import Trade
+    from shared.core.trades import Trade
 
     trades = [
         Trade("binance", "BTCUSDT", i, day + i * 7 * 60_000_000, Decimal(100 + i), Decimal(1))
@@ -246,7 +246,7 @@ def test_a_run_owns_the_windows_that_end_in_its_interval(conn):
 
 
 def test_store_keeps_the_first_copy_and_reports_new_trades(conn):
-    from shared.trades import Trade
+    from shared.core.trades import Trade
 
     a = Trade("binance", "ETHUSDT", 1, T0_US, Decimal("10"), Decimal("1"), True)
     a_copy = Trade("binance", "ETHUSDT", 1, T0_US, Decimal("99"), Decimal("5"), False)
@@ -262,7 +262,7 @@ def test_copies_of_an_id_at_other_times_are_one_trade_and_conflicting(conn):
     """SPEC §2: whatever ts (another day too), price or quantity a later copy carries, the id is
     stored once with the first copy's values, by either path of store_trades; each differing
     copy is counted as conflicting and kept once in trade_conflicts."""
-    from shared.trades import Trade
+    from shared.core.trades import Trade
 
     day = 86_400_000_000
     first = [Trade("binance", "X", i, T0_US + i, Decimal(1), Decimal(1), True) for i in range(3)]
@@ -335,9 +335,9 @@ def test_upgrading_a_store_with_stream_candles_makes_them_parts_that_merge_exact
     what another partition writes for its window, open and close taken by trade time."""
     from psycopg.types.json import Jsonb
 
-    from shared.candles import open_candle
-    from shared.trades import Trade
-    from shared.windows import candle_to_state
+    from shared.core.candles import open_candle
+    from shared.core.trades import Trade
+    from shared.core.windows import candle_to_state
     from stream.sink import write_candles
 
     name = f"candlekeep_upgrade_{uuid.uuid4().hex[:12]}"

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from shared import db
-from shared.trades import datetime_to_ts
+from shared.core.trades import datetime_to_ts
+from shared.store import db
 from stream.feeds.synthetic import FeedMessage, MarketDials, synthetic_messages
 from stream.worker import StreamWorker
 

@@ -28,9 +28,9 @@ from datetime import UTC, datetime
 import pytest
 
 from candlekeep.embedded import EmbeddedBroker
-from shared import db
-from shared.batch_run import run_interval
-from shared.trades import Rejection, datetime_to_ts, parse_trade_message, ts_to_datetime
+from shared.batch.batch_run import run_interval
+from shared.core.trades import Rejection, datetime_to_ts, parse_trade_message, ts_to_datetime
+from shared.store import db
 from stream.feeds.produce import Delivery, ensure_topic
 from stream.feeds.synthetic import MarketDials, synthetic_messages
 

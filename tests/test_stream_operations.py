@@ -35,7 +35,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from candlekeep.embedded import EmbeddedBroker, EmbeddedPostgres
-from shared import db
+from shared.store import db
 from stream.feeds.produce import ensure_topic, produce
 from stream.feeds.synthetic import MarketDials, synthetic_messages
 

@@ -17,7 +17,7 @@ import signal
 
 import pytest
 
-from shared.trades import datetime_to_ts, ts_to_datetime
+from shared.core.trades import datetime_to_ts, ts_to_datetime
 from stream.feeds.synthetic import MarketDials, synthetic_messages
 from stream.worker import StreamWorker
 

@@ -7,9 +7,9 @@ from decimal import Decimal
 
 import pytest
 
-from shared import db
-from shared.trade_store import store_trades
-from shared.trades import Trade
+from shared.core.trades import Trade
+from shared.store import db
+from shared.store.trade_store import store_trades
 from stream import sink
 
 from .strategies import T0_US
@@ -75,7 +75,7 @@ def test_copy_rows_store_what_the_loader_stores(conn, database_url):
 
 def test_a_batch_folds_exactly_its_new_trades_whichever_path_it_takes(conn):
     from shared.config import Settings
-    from shared.windows import PartitionWindows
+    from shared.core.windows import PartitionWindows
 
     settings = Settings(consumer_group="g", topic_trades="t").window_settings()
     windows = PartitionWindows(settings)

@@ -14,11 +14,11 @@ from decimal import Decimal
 
 import pytest
 
-from shared import db
-from shared.intervals import IntervalSet
-from shared.recompute import recompute_batch_candles
-from shared.reconcile import classify
-from shared.trades import datetime_to_ts, ts_to_datetime
+from shared.batch.recompute import recompute_batch_candles
+from shared.batch.reconcile import classify
+from shared.core.intervals import IntervalSet
+from shared.core.trades import datetime_to_ts, ts_to_datetime
+from shared.store import db
 from stream.feeds.synthetic import FeedMessage
 from stream.worker import StreamWorker
 

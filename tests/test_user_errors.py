@@ -18,7 +18,7 @@ import zipfile
 import pytest
 from psycopg import sql
 
-from shared import db
+from shared.store import db
 from tests.services import with_database
 
 pytestmark = pytest.mark.integration
@@ -318,7 +318,7 @@ def test_library_warnings_in_the_worker_log_are_json(scratch_database):
             sql.SQL("ALTER DATABASE {} SET timezone = 'XYZ-3'").format(sql.Identifier(name))
         )
     script = (
-        "from candlekeep.logs import configure_logging; from shared import db;"
+        "from candlekeep.logs import configure_logging; from shared.store import db;"
         f"configure_logging('INFO'); conn = db.connect({scratch_database!r});"
         "conn.execute('SELECT now()').fetchone()"
     )

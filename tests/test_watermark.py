@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from shared.intervals import IntervalSet
-from shared.trades import Trade
-from shared.windows import PartitionWindows, WatermarkClock, WindowSettings
+from shared.core.intervals import IntervalSet
+from shared.core.trades import Trade
+from shared.core.windows import PartitionWindows, WatermarkClock, WindowSettings
 
 S = 1_000_000
 M = 60 * S

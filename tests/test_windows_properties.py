@@ -8,10 +8,10 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.aggregation import Deduplicator, aggregate
-from shared.candles import merge
-from shared.intervals import IntervalSet
-from shared.windows import PartitionWindows, WindowSettings
+from shared.core.aggregation import Deduplicator, aggregate
+from shared.core.candles import merge
+from shared.core.intervals import IntervalSet
+from shared.core.windows import PartitionWindows, WindowSettings
 
 from .strategies import trade_lists
 

@@ -32,8 +32,8 @@ import structlog
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from shared.trade_files import MICROSECOND_THRESHOLD
-from shared.trades import Rejection, normalise_symbol, parse_trade_object
+from shared.core.trade_files import MICROSECOND_THRESHOLD
+from shared.core.trades import Rejection, normalise_symbol, parse_trade_object
 from stream.feeds.produce import FeedError, ensure_topic
 from stream.feeds.replay import SendStats, canonical_timestamp, produce_live
 from stream.feeds.synthetic import FeedMessage

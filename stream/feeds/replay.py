@@ -4,7 +4,7 @@
 ``candlekeep.trade_input.TradeInput``) into canonical trade messages, each with the wall-clock
 offset to send it at: its event time after the first trade's, so that a replay keeps the
 original pace (times a speed factor). :func:`encode_trade` writes a canonical message that
-parses back to the same :class:`~shared.trades.Trade`: prices and quantities as the exact
+parses back to the same :class:`~shared.core.trades.Trade`: prices and quantities as the exact
 decimal strings, the timestamp in epoch milliseconds, or, when it is not a whole millisecond
 (Binance's microsecond files), as ISO-8601 with microseconds, so no precision is lost.
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import msgspec
 from aiokafka.errors import KafkaError
 
-from shared.candle_formats import iso
-from shared.intervals import US_PER_MS
-from shared.trades import Trade
+from shared.core.candle_formats import iso
+from shared.core.intervals import US_PER_MS
+from shared.core.trades import Trade
 from stream.feeds.produce import FeedError, start_producer
 from stream.feeds.synthetic import FeedMessage
 

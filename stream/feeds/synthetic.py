@@ -21,7 +21,7 @@ from decimal import Decimal
 
 import msgspec
 
-from shared.candle_formats import iso
+from shared.core.candle_formats import iso
 
 _json = msgspec.json.Encoder()
 

@@ -9,7 +9,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from shared.errors import CandlekeepError
-from shared.redaction import redact, remember, url_password
+from shared.store.redaction import redact, remember, url_password
 
 __all__ = ["redact"]  # re-exported: callers import it from here
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from shared.trades import Trade, ts_to_datetime
+from shared.core.trades import Trade, ts_to_datetime
 
 _EPOCH_PLUS = "timestamptz 'epoch' + {} * interval '1 microsecond'"
 

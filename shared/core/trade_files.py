@@ -17,7 +17,7 @@ from functools import partial
 from itertools import starmap
 from pathlib import PurePath
 
-from shared.trades import (
+from shared.core.trades import (
     COMMON_MAX_BYTES,
     COMMON_SMALLEST,
     COMMON_TOO_LARGE,
@@ -155,7 +155,7 @@ class TradeLineReader:
         which is only read when it is ``is_buyer_maker`` (files without ``is_best_match``).
 
         Like the JSON parser, two paths: this loop only ever accepts, for lines that are short
-        and whose values are inside the bounds every rule of :mod:`shared.trades` allows;
+        and whose values are inside the bounds every rule of :mod:`shared.core.trades` allows;
         anything else goes to :func:`_careful_csv`, which applies those rules one by one and
         gives the exact reason, or accepts the line just the same."""
         # Columns: with is_best_match, without it; where is_buyer_maker and the time are.
@@ -263,7 +263,7 @@ def is_header(line: str, aggregated: bool) -> bool:
 
 
 def _careful_csv(fields: list[str], aggregated: bool) -> tuple[Row, bool] | Rejection:
-    """One CSV line through the field rules of :mod:`shared.trades` (the JSON path's), one at a
+    """One CSV line through the field rules of :mod:`shared.core.trades` (the JSON path's), one at a
     time: the row and whether its time was in microseconds, or the exact rejection."""
     names = AGG_TRADE_COLUMNS if aggregated else TRADE_COLUMNS
     if len(fields) not in (len(names), len(names) - 1):

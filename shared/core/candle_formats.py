@@ -9,8 +9,8 @@ from decimal import Decimal
 
 import msgspec
 
-from shared.candles import Candle
-from shared.trades import ts_to_datetime
+from shared.core.candles import Candle
+from shared.core.trades import ts_to_datetime
 
 OUTPUT_FORMATS = ("binance-klines", "jsonl")
 _json = msgspec.json.Encoder()

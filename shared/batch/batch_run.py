@@ -11,11 +11,7 @@ import re
 from dataclasses import asdict
 from datetime import datetime
 
-from shared import db
-from shared.config import Settings
-from shared.intervals import IntervalSet
-from shared.progress import wait_for_watermark
-from shared.quality import (
+from shared.batch.quality import (
     Thresholds,
     gaps,
     invalid_stats,
@@ -25,9 +21,13 @@ from shared.quality import (
     rollup_violations,
     verdict,
 )
-from shared.recompute import recompute_batch_candles
-from shared.reconcile import classify
-from shared.trades import parse_timestamp, ts_to_datetime
+from shared.batch.recompute import recompute_batch_candles
+from shared.batch.reconcile import classify
+from shared.config import Settings
+from shared.core.intervals import IntervalSet
+from shared.core.trades import parse_timestamp, ts_to_datetime
+from shared.store import db
+from shared.store.progress import wait_for_watermark
 
 
 class IntervalError(ValueError):
@@ -189,7 +189,7 @@ def thresholds(settings: Settings) -> Thresholds:
 
 def publish_step(url: str, settings: Settings, summary: dict) -> dict:
     """Step 5: the ``dq_reports`` row and its self-contained HTML page."""
-    from shared.report import publish_report
+    from shared.batch.report import publish_report
 
     return publish_report(url, settings, summary)
 
@@ -228,7 +228,7 @@ def stored_counts(url: str, settings: Settings, start, end) -> dict:
             (start, end),
         ).fetchall():
             counts_by_interval.setdefault(interval, {})["match"] = n
-    from shared.reconcile import KINDS
+    from shared.batch.reconcile import KINDS
 
     by_interval = {
         i: {k: counts_by_interval[i].get(k, 0) for k in KINDS}

@@ -26,8 +26,8 @@ from datetime import datetime, timedelta
 
 import psycopg
 
-from shared.intervals import Interval, IntervalSet
-from shared.trades import datetime_to_ts, ts_to_datetime
+from shared.core.intervals import Interval, IntervalSet
+from shared.core.trades import datetime_to_ts, ts_to_datetime
 
 #: ``work_mem`` for the recomputation (hash tables get ``hash_mem_multiplier`` times this, 2 by
 #: default): room for ~75,000 base windows, e.g. an hour of 1,250 symbols, before spilling.

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from shared.intervals import US_PER_MS
+from shared.core.intervals import US_PER_MS
 
 #: Messages larger than this are rejected unread (a trade is ~200 bytes).
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -90,7 +90,7 @@ class InvalidField(ValueError):
     """A field breaks its rule (SPEC §2); ``rejection`` says which field and why.
 
     Raised by the field rules below, which every entry point shares: the JSON message parser,
-    the CSV file reader (:mod:`shared.trade_files`) and the command-line options, so that a
+    the CSV file reader (:mod:`shared.core.trade_files`) and the command-line options, so that a
     value is accepted or refused the same way whichever way it came in.
     """
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING
 
-from shared.candles import EXACT, Candle, empty_candle, merge, open_candle
-from shared.intervals import Interval, IntervalSet
-from shared.trades import Trade
+from shared.core.candles import EXACT, Candle, empty_candle, merge, open_candle
+from shared.core.intervals import Interval, IntervalSet
+from shared.core.trades import Trade
 
 if TYPE_CHECKING:
-    from shared.trade_files import Row
+    from shared.core.trade_files import Row
 
 
 @dataclass
@@ -253,7 +253,7 @@ class CandleBook:
 def conflicting_copies(trades: Iterable[Trade], repeated: dict[tuple[str, str], set[int]]) -> int:
     """How many later copies of the ``repeated`` ids differ from their first copy (in
     ``trades``' order) in time, price, quantity or side: SPEC §2's conflicting duplicates, as
-    ``shared.trade_store`` counts them in SQL (numbers compared by value)."""
+    ``shared.store.trade_store`` counts them in SQL (numbers compared by value)."""
     firsts: dict[tuple[str, str, int], tuple] = {}
     conflicting = 0
     for t in trades:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from shared.schema import include_in_migrations, metadata
+from shared.store.schema import include_in_migrations, metadata
 
 config = context.config
 

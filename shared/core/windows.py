@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from shared.candles import Candle, open_candle, widen
-from shared.intervals import IntervalSet
-from shared.trades import Trade
+from shared.core.candles import Candle, open_candle, widen
+from shared.core.intervals import IntervalSet
+from shared.core.trades import Trade
 
 SNAPSHOT_VERSION = 1
 

@@ -1,6 +1,6 @@
 """Reconciliation (SPEC §6 step 3): compare stream and batch candles and explain every difference.
 
-For every candle key a run owns (see ``shared.recompute.owned_windows``), in SQL:
+For every candle key a run owns (see ``shared.batch.recompute.owned_windows``), in SQL:
 
 - ``match``: both candles exist and every field is equal;
 - ``missing_in_batch``: a stream candle and no stored trade behind it;
@@ -20,10 +20,10 @@ from datetime import datetime, timedelta
 
 import psycopg
 
-from shared.candles import CANDLE_FIELDS
-from shared.intervals import IntervalSet
-from shared.recompute import owned_windows
-from shared.schema import MISMATCH_KINDS
+from shared.batch.recompute import owned_windows
+from shared.core.candles import CANDLE_FIELDS
+from shared.core.intervals import IntervalSet
+from shared.store.schema import MISMATCH_KINDS
 
 KINDS = ("match", *MISMATCH_KINDS)
 FIELDS = CANDLE_FIELDS

@@ -1,7 +1,7 @@
 """The PostgreSQL schema (SPEC §7): the one place that knows table and column names.
 
-The tables are created and upgraded by the Alembic migrations in ``shared/migrations`` (applied
-by ``candlekeep db upgrade``); a test checks that the migrated database matches these
+The tables are created and upgraded by the Alembic migrations in ``shared/store/migrations``
+(applied by ``candlekeep db upgrade``); a test checks that the migrated database matches these
 definitions. Money and sizes are ``NUMERIC`` (exact), times ``timestamptz``.
 
 ``trades`` is keyed by a trade's identity, ``(exchange, symbol, trade_id)`` (SPEC §2: a copy with
@@ -9,7 +9,7 @@ another timestamp or price is the same trade), so PostgreSQL itself keeps one ro
 whichever path writes it. A unique key of a partitioned table must contain the partition key, so
 the table is not partitioned (migration 0003; the choice, measured, is in docs/storage.md). The
 key also finds a window's first and last trade (its open and close), with one probe each where
-ids grow with time (``shared.recompute``); BRIN on ``ts`` serves the hour-range scans.
+ids grow with time (``shared.batch.recompute``); BRIN on ``ts`` serves the hour-range scans.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
-from shared.intervals import Interval
-from shared.trades import Trade
+from shared.core.intervals import Interval
+from shared.core.trades import Trade
 
 #: Additions and products are exact: the precision is the maximum, and rounding would raise.
 EXACT = decimal.Context(

@@ -15,8 +15,8 @@ from datetime import datetime, timedelta
 import psycopg
 from psycopg.rows import dict_row
 
-from shared.intervals import IntervalSet
-from shared.recompute import owned_windows
+from shared.batch.recompute import owned_windows
+from shared.core.intervals import IntervalSet
 
 LATENESS_BUCKETS = ((0, 1), (1, 5), (5, 30), (30, 60), (60, 300), (300, 900), (900, None))
 

@@ -13,15 +13,15 @@ import psycopg
 from jinja2 import Environment, PackageLoader, select_autoescape
 from psycopg.types.json import Jsonb
 
-from shared import db
-from shared.charts import bar_chart, line_chart
+from shared.batch.charts import bar_chart, line_chart
+from shared.batch.outputs import OutputError
 from shared.config import Settings
-from shared.outputs import OutputError
-from shared.trades import datetime_to_ts
+from shared.core.trades import datetime_to_ts
+from shared.store import db
 
 MAX_MISMATCH_ROWS = 500
 _env = Environment(
-    loader=PackageLoader("shared", "templates"), autoescape=select_autoescape(["html", "j2"])
+    loader=PackageLoader("shared.batch", "templates"), autoescape=select_autoescape(["html", "j2"])
 )
 
 
