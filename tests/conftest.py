@@ -28,7 +28,7 @@ def _forget_passwords_remembered_by_the_test():
     """Passwords a test's settings remember are masked for the rest of the process (that is the
     point); between tests that would leak: a compose file's password ``candlekeep`` masks every
     later ``candlekeep_test_…`` database name. Each test starts with what the session had."""
-    from shared import redaction
+    from shared.store import redaction
 
     saved = set(redaction._secrets)
     yield
