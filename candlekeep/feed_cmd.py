@@ -134,12 +134,12 @@ def synthetic(
         seed=seed,
     )
     kinds: Counter[str] = Counter()
+
+    def delivered(n: int, message, metadata) -> None:
+        kinds[message.kind] += 1
+
     sent, destination = _send(
-        ctx,
-        partitions,
-        synthetic_messages(dials),
-        speed=speed,
-        on_delivery=lambda n, message, metadata: kinds.update((message.kind,)),
+        ctx, partitions, synthetic_messages(dials), speed=speed, on_delivery=delivered
     )
     click.echo(
         f"produced {sent.delivered:,} messages to {destination}: "
