@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from candlekeep.errors import UserError
-from candlekeep.trade_input import exchange_option, symbol_option
-from shared.core.trade_files import FORMATS
+from candlekeep.trade_input import trade_source_options
 from shared.core.trades import SYMBOL_RULE, normalise_symbol
 
 if TYPE_CHECKING:  # (the feeds need the `stream` extra: imported when a feed runs)
@@ -18,6 +17,16 @@ if TYPE_CHECKING:  # (the feeds need the `stream` extra: imported when a feed ru
 
 #: Binance's public WebSocket endpoint (imported lazily elsewhere: websockets is in `stream`).
 BINANCE_URL = "wss://stream.binance.com:9443"
+
+
+#: ``--partitions``: of the trades topic, when a feed has to create it.
+partitions_option = click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Partitions of the topic if it has to be created.",
+)
 
 
 @click.group("feed")
@@ -91,13 +100,7 @@ def _symbols_option(ctx: click.Context, param: click.Parameter, value: str) -> t
     help="Share of malformed messages mixed in.",
 )
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option(
-    "--partitions",
-    type=int,
-    default=4,
-    show_default=True,
-    help="Partitions of the topic if it has to be created.",
-)
+@partitions_option
 @click.option(
     "--speed",
     type=float,
@@ -160,13 +163,7 @@ def synthetic(
     default=None,
     help=f"WebSocket base URL; the combined stream path is added [default: {BINANCE_URL}].",
 )
-@click.option(
-    "--partitions",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Partitions of the topic if it has to be created.",
-)
+@partitions_option
 @click.option(
     "--max-trades",
     type=click.IntRange(min=1),
@@ -198,26 +195,7 @@ def binance(ctx, symbols, url, partitions, max_trades):
 
 
 @feed_group.command()
-@click.argument("files", nargs=-1, required=True, metavar="FILE...")
-@click.option(
-    "--input-format",
-    type=click.Choice(FORMATS),
-    default="auto",
-    show_default=True,
-    help="Format of the files (auto: told from each file's name and first line).",
-)
-@click.option(
-    "--symbol",
-    callback=symbol_option,
-    help="Symbol of Binance CSV files (default: the file name's prefix).",
-)
-@click.option(
-    "--exchange",
-    default="binance",
-    show_default=True,
-    callback=exchange_option,
-    help="Exchange of CSV trades (lower-cased).",
-)
+@trade_source_options
 @click.option(
     "--speed",
     type=float,
@@ -229,13 +207,7 @@ def binance(ctx, symbols, url, partitions, max_trades):
     is_flag=True,
     help="Send without pacing (instead of --speed).",
 )
-@click.option(
-    "--partitions",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Partitions of the topic if it has to be created.",
-)
+@partitions_option
 @click.pass_context
 def replay(ctx, files, input_format, symbol, exchange, speed, as_fast_as_possible, partitions):
     """Trade files (Binance CSVs, ms or µs, or canonical JSONL) replayed as trade messages."""
