@@ -13,7 +13,7 @@ from candlekeep.trade_input import trade_source_options
 from shared.core.trades import SYMBOL_RULE, normalise_symbol
 
 if TYPE_CHECKING:  # (the feeds need the `stream` extra: imported when a feed runs)
-    from stream.feeds.produce import SendStats
+    from stream.feeds.produce import Messages, SendStats
 
 #: Binance's public WebSocket endpoint (imported lazily elsewhere: websockets is in `stream`).
 BINANCE_URL = "wss://stream.binance.com:9443"
@@ -230,7 +230,9 @@ def replay(ctx, files, input_format, symbol, exchange, speed, as_fast_as_possibl
     )
 
 
-def _send(ctx: click.Context, partitions: int, messages, **sending) -> tuple[SendStats, str]:
+def _send(
+    ctx: click.Context, partitions: int, messages: Messages, **sending
+) -> tuple[SendStats, str]:
     """Create the trades topic (with ``partitions``) unless it exists, and send ``messages``
     through the one producer (``sending``: its pacing and delivery hook) until they end, or
     until SIGTERM (``docker stop``) or SIGINT stops the feed after flushing what was sent.

@@ -19,9 +19,9 @@ from shared.core.trades import Trade
 
 
 class _CanonicalMessage(msgspec.Struct, omit_defaults=True, gc=False):
-    """The message's fields in the order docs/trades.md lists them; a side that is not known
-    is left out (``omit_defaults``), as SPEC §2 allows. A struct, not a dict: msgspec encodes
-    it in C without building a mapping, which the synthetic market does for every message."""
+    """The message's fields, in the order the feeds write them (exchange first); a side that is
+    not known is left out (``omit_defaults``), as SPEC §2 allows. A struct, not a dict: msgspec
+    encodes it in C without building a mapping, which the synthetic market does per message."""
 
     exchange: str
     symbol: str
