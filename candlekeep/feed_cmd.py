@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import click
 
 from candlekeep.errors import UserError
-from candlekeep.trade_input import exchange_option, symbol_option
-from shared.core.trade_files import FORMATS
+from candlekeep.trade_input import trade_source_options
 from shared.core.trades import SYMBOL_RULE, normalise_symbol
+
+if TYPE_CHECKING:  # (the feeds need the `stream` extra: imported when a feed runs)
+    from stream.feeds.produce import Messages, SendStats
 
 #: Binance's public WebSocket endpoint (imported lazily elsewhere: websockets is in `stream`).
 BINANCE_URL = "wss://stream.binance.com:9443"
+
+
+#: ``--partitions``: of the trades topic, when a feed has to create it.
+partitions_option = click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Partitions of the topic if it has to be created.",
+)
 
 
 @click.group("feed")
@@ -87,13 +100,7 @@ def _symbols_option(ctx: click.Context, param: click.Parameter, value: str) -> t
     help="Share of malformed messages mixed in.",
 )
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option(
-    "--partitions",
-    type=int,
-    default=4,
-    show_default=True,
-    help="Partitions of the topic if it has to be created.",
-)
+@partitions_option
 @click.option(
     "--speed",
     type=float,
@@ -107,11 +114,8 @@ def synthetic(
     """A seeded synthetic market, with disorder, late, duplicate and invalid messages."""
     import time
 
-    from candlekeep.services import bootstrap_servers
-    from stream.feeds.produce import ensure_topic, produce
     from stream.feeds.synthetic import MarketDials, synthetic_messages
 
-    settings = ctx.find_root().obj()
     if start == "now":
         start_us = int(time.time() * 1_000_000)
     else:
@@ -132,17 +136,16 @@ def synthetic(
         invalid=invalid,
         seed=seed,
     )
-    servers = bootstrap_servers(ctx)
-    topic = settings.topic_trades
+    kinds: Counter[str] = Counter()
 
-    async def run():
-        await ensure_topic(servers, topic, partitions)
-        return await produce(servers, topic, synthetic_messages(dials), speed=speed)
+    def delivered(n: int, message, metadata) -> None:
+        kinds[message.kind] += 1
 
-    deliveries = asyncio.run(run())
-    kinds = Counter(d.message.kind for d in deliveries)
+    sent, destination = _send(
+        ctx, partitions, synthetic_messages(dials), speed=speed, on_delivery=delivered
+    )
     click.echo(
-        f"produced {len(deliveries):,} messages to {topic} on {servers}: "
+        f"produced {sent.delivered:,} messages to {destination}: "
         + ", ".join(f"{n:,} {kind}" for kind, n in sorted(kinds.items())),
         err=True,
     )
@@ -160,13 +163,7 @@ def synthetic(
     default=None,
     help=f"WebSocket base URL; the combined stream path is added [default: {BINANCE_URL}].",
 )
-@click.option(
-    "--partitions",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Partitions of the topic if it has to be created.",
-)
+@partitions_option
 @click.option(
     "--max-trades",
     type=click.IntRange(min=1),
@@ -177,35 +174,20 @@ def synthetic(
 def binance(ctx, symbols, url, partitions, max_trades):
     """Binance's live trades (WebSocket), reconnecting with backoff whenever it drops."""
     from candlekeep.logs import configure_logging
-    from candlekeep.services import bootstrap_servers
-    from stream.feeds.binance import BinanceStats, parse_symbols, run_binance_feed, stream_url
-    from stream.feeds.replay import SendStats
+    from stream.feeds.binance import BinanceStats, binance_messages, parse_symbols, stream_url
 
-    settings = ctx.find_root().obj()
-    configure_logging(settings.log_level)
+    configure_logging(ctx.find_root().obj().log_level)
     try:
         wanted = parse_symbols(symbols)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--symbols") from None
-    full_url = stream_url(url or BINANCE_URL, wanted)
-    servers = bootstrap_servers(ctx)
-    topic = settings.topic_trades
-    stats, sent = BinanceStats(), SendStats()
-
-    async def run():
-        await run_binance_feed(
-            servers,
-            topic,
-            full_url,
-            partitions=partitions,
-            max_trades=max_trades,
-            binance=stats,
-            sent=sent,
-        )
-
-    _run_until_signalled(run())
+    stats = BinanceStats()
+    messages = binance_messages(
+        stream_url(url or BINANCE_URL, wanted), stats=stats, max_trades=max_trades
+    )
+    sent, destination = _send(ctx, partitions, messages)
     click.echo(
-        f"produced {sent.delivered:,} trades of {', '.join(wanted)} to {topic} on {servers}: "
+        f"produced {sent.delivered:,} trades of {', '.join(wanted)} to {destination}: "
         f"{stats.malformed:,} malformed and {stats.ignored:,} other frames skipped, "
         f"{stats.reconnects:,} reconnects",
         err=True,
@@ -213,26 +195,7 @@ def binance(ctx, symbols, url, partitions, max_trades):
 
 
 @feed_group.command()
-@click.argument("files", nargs=-1, required=True, metavar="FILE...")
-@click.option(
-    "--input-format",
-    type=click.Choice(FORMATS),
-    default="auto",
-    show_default=True,
-    help="Format of the files (auto: told from each file's name and first line).",
-)
-@click.option(
-    "--symbol",
-    callback=symbol_option,
-    help="Symbol of Binance CSV files (default: the file name's prefix).",
-)
-@click.option(
-    "--exchange",
-    default="binance",
-    show_default=True,
-    callback=exchange_option,
-    help="Exchange of CSV trades (lower-cased).",
-)
+@trade_source_options
 @click.option(
     "--speed",
     type=float,
@@ -244,50 +207,45 @@ def binance(ctx, symbols, url, partitions, max_trades):
     is_flag=True,
     help="Send without pacing (instead of --speed).",
 )
-@click.option(
-    "--partitions",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Partitions of the topic if it has to be created.",
-)
+@partitions_option
 @click.pass_context
 def replay(ctx, files, input_format, symbol, exchange, speed, as_fast_as_possible, partitions):
     """Trade files (Binance CSVs, ms or µs, or canonical JSONL) replayed as trade messages."""
-    from candlekeep.services import bootstrap_servers
     from candlekeep.trade_input import TradeInput
-    from stream.feeds.produce import ensure_topic
-    from stream.feeds.replay import SendStats, produce_live, replay_messages
+    from stream.feeds.replay import replay_messages
 
     if speed is not None and as_fast_as_possible:
         raise click.UsageError("--speed and --as-fast-as-possible exclude each other")
     if speed is not None and not speed > 0:
         raise click.BadParameter("must be greater than 0", param_hint="--speed")
     pace = None if as_fast_as_possible else (speed or 1.0)
-    settings = ctx.find_root().obj()
     source = TradeInput(list(files), input_format, symbol, exchange)
     source.check_symbols()
-    servers = bootstrap_servers(ctx)
-    topic = settings.topic_trades
-    sent = SendStats()
-
-    async def run():
-        await ensure_topic(servers, topic, partitions)
-        await produce_live(servers, topic, replay_messages(source.trades()), speed=pace, stats=sent)
-
-    _run_until_signalled(run())
+    sent, destination = _send(ctx, partitions, replay_messages(source.trades()), speed=pace)
     click.echo(
-        f"replayed {sent.delivered:,} trades from {len(files)} file(s) to {topic} on {servers} "
+        f"replayed {sent.delivered:,} trades from {len(files)} file(s) to {destination} "
         f"in {sent.elapsed_s:.1f} s"
         + (f"; {source.invalid:,} invalid lines skipped" if source.invalid else ""),
         err=True,
     )
 
 
-def _run_until_signalled(coro) -> None:
-    """Run ``coro``; SIGTERM (``docker stop``) and SIGINT stop it after flushing what was sent."""
+def _send(
+    ctx: click.Context, partitions: int, messages: Messages, **sending
+) -> tuple[SendStats, str]:
+    """Create the trades topic (with ``partitions``) unless it exists, and send ``messages``
+    through the one producer (``sending``: its pacing and delivery hook) until they end, or
+    until SIGTERM (``docker stop``) or SIGINT stops the feed after flushing what was sent.
+    Returns what was sent, and where (for the summary line)."""
     import contextlib
     import signal
+
+    from candlekeep.services import bootstrap_servers
+    from stream.feeds.produce import SendStats, ensure_topic, send_messages
+
+    servers = bootstrap_servers(ctx)
+    topic = ctx.find_root().obj().topic_trades
+    stats = SendStats()
 
     async def main():
         task = asyncio.current_task()
@@ -296,8 +254,10 @@ def _run_until_signalled(coro) -> None:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, task.cancel)
         try:
-            await coro
+            await ensure_topic(servers, topic, partitions)
+            await send_messages(servers, topic, messages, stats=stats, **sending)
         except asyncio.CancelledError:
             click.echo("stopped", err=True)
 
     asyncio.run(main())
+    return stats, f"{topic} on {servers}"

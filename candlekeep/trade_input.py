@@ -15,6 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from candlekeep.errors import UserError
 from candlekeep.files import check_readable, first_line, inner_name, open_trade_file
 from shared.core.trade_files import (
+    FORMATS,
     FormatError,
     TradeLineReader,
     detect_format,
@@ -174,6 +175,37 @@ def exchange_option(ctx: click.Context, param: click.Parameter, value: str) -> s
     if exchange is None:
         raise click.BadParameter(f"{value[:40]!r} is not {EXCHANGE_RULE}")
     return exchange
+
+
+def trade_source_options(command):
+    """``FILE...`` and how to read them (``--input-format``, ``--symbol``, ``--exchange``):
+    :class:`TradeInput`'s arguments, declared once for the commands that read trade files."""
+    for declare in reversed(
+        [
+            click.argument("files", nargs=-1, required=True, metavar="FILE..."),
+            click.option(
+                "--input-format",
+                type=click.Choice(FORMATS),
+                default="auto",
+                show_default=True,
+                help="Format of the files (auto: told from each file's name and first line).",
+            ),
+            click.option(
+                "--symbol",
+                callback=symbol_option,
+                help="Symbol of Binance CSV files (default: the file name's prefix).",
+            ),
+            click.option(
+                "--exchange",
+                default="binance",
+                show_default=True,
+                callback=exchange_option,
+                help="Exchange of Binance CSV files (lower-cased).",
+            ),
+        ]
+    ):
+        command = declare(command)
+    return command
 
 
 def _no_symbol(path: str) -> UserError:

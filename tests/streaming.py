@@ -17,8 +17,7 @@ from shared.core.aggregation import aggregate
 from shared.core.candles import Candle, merge
 from shared.core.trades import Rejection, check_key, datetime_to_ts, parse_trade_message
 from shared.store import db
-from stream.feeds.produce import Delivery, ensure_topic, produce
-from stream.feeds.synthetic import FeedMessage
+from stream.feeds.produce import Delivery, FeedMessage, ensure_topic, produce
 
 STREAM_TABLES = (
     "trades",

@@ -19,6 +19,7 @@ from websockets.asyncio.server import serve
 
 from candlekeep.cli import cli
 from candlekeep.feed_cmd import BINANCE_URL
+from shared.core.trade_message import canonical_timestamp, encode_trade
 from shared.core.trades import Rejection, Trade, parse_trade_message
 from stream.feeds.binance import (
     DEFAULT_URL,
@@ -28,7 +29,7 @@ from stream.feeds.binance import (
     parse_symbols,
     stream_url,
 )
-from stream.feeds.replay import canonical_timestamp, encode_trade, replay_messages
+from stream.feeds.replay import replay_messages
 
 RECORDED = Path(__file__).resolve().parent / "data" / "binance_trade_ws.jsonl"
 

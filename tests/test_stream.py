@@ -13,7 +13,8 @@ import pytest
 
 from shared.core.trades import datetime_to_ts
 from shared.store import db
-from stream.feeds.synthetic import FeedMessage, MarketDials, synthetic_messages
+from stream.feeds.produce import FeedMessage
+from stream.feeds.synthetic import MarketDials, synthetic_messages
 from stream.worker import StreamWorker
 
 from .services import _admin, with_database

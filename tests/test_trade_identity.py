@@ -19,7 +19,7 @@ from shared.batch.reconcile import classify
 from shared.core.intervals import IntervalSet
 from shared.core.trades import datetime_to_ts, ts_to_datetime
 from shared.store import db
-from stream.feeds.synthetic import FeedMessage
+from stream.feeds.produce import FeedMessage
 from stream.worker import StreamWorker
 
 from .streaming import (

@@ -7,12 +7,14 @@ trade::
      "data": {"e": "trade", "E": 1672515782136, "s": "BTCUSDT", "t": 12345, "p": "0.001",
               "q": "100", "T": 1672515782136, "m": true, "M": true}}
 
-:func:`normalise_frame` (pure) turns a frame into the canonical message (symbol, trade_id = t,
-price = p, quantity = q as the exact decimal strings, timestamp = T in ms, exchange
-``binance``, is_buyer_maker = m) keyed by the symbol; other events are ignored, malformed frames
-are skipped with a reason. :func:`binance_messages` keeps a connection open: on a disconnect
-(Binance also closes every connection after 24 hours) it reconnects with exponential backoff and
-jitter, logging each reconnect, and never gives up while it is wanted.
+:func:`normalise_frame` (pure) reads a frame as a trade (symbol, trade_id = t, price = p,
+quantity = q, exactly, timestamp = T in ms or µs, exchange ``binance``, is_buyer_maker = m) by
+the parser's rules and writes it as the canonical message
+(:func:`shared.core.trade_message.encode_trade`) keyed by the symbol; other events are ignored,
+malformed frames are skipped with a reason. :func:`binance_messages` keeps a connection open:
+on a disconnect (Binance also closes every connection after 24 hours) it reconnects with
+exponential backoff and jitter, logging each reconnect, and never gives up while it is wanted;
+``candlekeep feed binance`` sends its messages through :mod:`stream.feeds.produce`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -33,10 +34,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from shared.core.trade_files import MICROSECOND_THRESHOLD
+from shared.core.trade_message import canonical_timestamp, encode_trade
 from shared.core.trades import Rejection, normalise_symbol, parse_trade_object
-from stream.feeds.produce import FeedError, ensure_topic
-from stream.feeds.replay import SendStats, canonical_timestamp, produce_live
-from stream.feeds.synthetic import FeedMessage
+from stream.feeds.produce import FeedError, FeedMessage
 
 log = structlog.get_logger("candlekeep.feed.binance")
 
@@ -44,7 +44,6 @@ DEFAULT_URL = "wss://stream.binance.com:9443"
 EXCHANGE = "binance"
 _SYMBOL_RE = re.compile(r"[A-Za-z0-9]{1,32}")
 _decode = msgspec.json.Decoder(float_hook=Decimal)
-_encode = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True)
@@ -102,13 +101,13 @@ def normalise_frame(frame: str | bytes) -> FeedMessage | Skipped:
     if event != "trade":
         return Skipped("ignored", f"{str(event)[:40]!r} event, not a trade")
     try:
-        obj = _canonical(data)
+        obj = _message_fields(data)
     except _Malformed as exc:
         return Skipped("malformed", str(exc))
-    checked = parse_trade_object(obj)
-    if isinstance(checked, Rejection):
-        return Skipped("malformed", f"not a valid trade: {checked.reason}")
-    return FeedMessage(0.0, checked.symbol.encode(), _encode.encode(obj), "trade")
+    trade = parse_trade_object(obj)
+    if isinstance(trade, Rejection):
+        return Skipped("malformed", f"not a valid trade: {trade.reason}")
+    return FeedMessage(0.0, trade.symbol.encode(), encode_trade(trade), "trade")
 
 
 class _Malformed(Exception):
@@ -124,11 +123,9 @@ def _field(data: dict, name: str, types: tuple[type, ...], what: str) -> Any:
     return value
 
 
-def _decimal_text(value: str | Decimal | int) -> str:
-    return value if isinstance(value, str) else format(value, "f")
-
-
-def _canonical(data: dict) -> dict:
+def _message_fields(data: dict) -> dict:
+    """A trade event's fields under the canonical message's names, for the one parser's rules
+    (SPEC §2); Binance's own type rules are checked here, to name its fields in the reason."""
     symbol = _field(data, "s", (str,), "symbol")
     trade_id = _field(data, "t", (int,), "trade id")
     price = _field(data, "p", (str, Decimal, int), "price")
@@ -139,17 +136,15 @@ def _canonical(data: dict) -> dict:
         raise _Malformed(f"buyer-is-maker ('m') is not a boolean: {str(maker)[:40]!r}")
     # Milliseconds unless the stream was asked for microseconds (timeUnit=MICROSECOND).
     ts_us = ts if ts >= MICROSECOND_THRESHOLD else ts * 1000
-    obj = {
+    return {
         "exchange": EXCHANGE,
-        "symbol": symbol.upper(),
+        "symbol": symbol,
         "trade_id": trade_id,
-        "price": _decimal_text(price),
-        "quantity": _decimal_text(quantity),
+        "price": price,
+        "quantity": quantity,
         "timestamp": canonical_timestamp(ts_us),
+        "is_buyer_maker": maker,
     }
-    if maker is not None:
-        obj["is_buyer_maker"] = maker
-    return obj
 
 
 @dataclass
@@ -240,36 +235,3 @@ def _skipped(stats: BinanceStats, skipped: Skipped, frame: str | bytes) -> None:
 def _redacted(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else url
-
-
-@dataclass
-class FeedResult:
-    binance: BinanceStats
-    sent: SendStats
-    elapsed_s: float
-
-
-async def run_binance_feed(
-    bootstrap_servers: str,
-    topic: str,
-    url: str,
-    *,
-    partitions: int = 4,
-    max_trades: int | None = None,
-    binance: BinanceStats | None = None,
-    sent: SendStats | None = None,
-    **connection: Any,
-) -> FeedResult:
-    """Produce the trades of the stream at ``url`` to ``topic`` until ``max_trades`` (for ever
-    by default; on cancellation what was sent is flushed and the counts stay readable in the
-    ``binance``/``sent`` objects passed in)."""
-    binance = binance if binance is not None else BinanceStats()
-    sent = sent if sent is not None else SendStats()
-    started = time.monotonic()
-    await ensure_topic(bootstrap_servers, topic, partitions)
-    messages = binance_messages(url, stats=binance, max_trades=max_trades, **connection)
-    try:
-        await produce_live(bootstrap_servers, topic, messages, stats=sent)
-    finally:
-        await messages.aclose()
-    return FeedResult(binance, sent, time.monotonic() - started)

@@ -21,7 +21,9 @@ from decimal import Decimal
 
 import msgspec
 
-from shared.core.candle_formats import iso
+from shared.core.trade_message import encode_trade
+from shared.core.trades import Trade
+from stream.feeds.produce import FeedMessage
 
 _json = msgspec.json.Encoder()
 
@@ -43,14 +45,6 @@ class MarketDials:
     invalid: float = 0.005
     seed: int = 42
     exchange: str = "binance"
-
-
-@dataclass(frozen=True)
-class FeedMessage:
-    send_at_s: float  # seconds after the feed's first event, at real pace
-    key: bytes | None
-    value: bytes
-    kind: str  # trade, disordered, late, duplicate, invalid
 
 
 _START_PRICES = {"BTC": Decimal("65000.00"), "ETH": Decimal("3200.00"), "SOL": Decimal("150.000")}
@@ -76,17 +70,20 @@ def synthetic_messages(dials: MarketDials) -> Iterator[FeedMessage]:
         prices[symbol] = price
         trade_id = next_id[symbol]
         next_id[symbol] += 1
-        value = _json.encode(
-            {
-                "exchange": dials.exchange,
-                "symbol": symbol,
-                "trade_id": trade_id,
-                "price": format(price, "f"),
-                "quantity": format(Decimal(rnd.randint(1, 50_000)).scaleb(-4), "f"),
-                "timestamp": ts_us // 1000 if rnd.random() < 0.8 else iso(ts_us),
-                "is_buyer_maker": rnd.random() < 0.5,
-            }
+        quantity = Decimal(rnd.randint(1, 50_000)).scaleb(-4)
+        # Most trades are stamped in whole milliseconds (the venue truncates), the rest in
+        # ISO-8601 with their microseconds: the parser meets both spellings.
+        in_ms = rnd.random() < 0.8
+        trade = Trade(
+            dials.exchange,
+            symbol,
+            trade_id,
+            ts_us - ts_us % 1000 if in_ms else ts_us,
+            price,
+            quantity,
+            rnd.random() < 0.5,
         )
+        value = encode_trade(trade, iso_timestamp=not in_ms)
         event_s = (ts_us - dials.start_us) / 1_000_000
         draw = rnd.random()
         if draw < dials.late:
