@@ -172,19 +172,10 @@ def checks_step(
                 conn, settings.consumer_group, settings.topic_trades, start, end
             ),
         }
-    status, reasons = verdict(summary, thresholds(settings))
+    status, reasons = verdict(summary, Thresholds.of(settings))
     summary["status"] = status
     summary["reasons"] = reasons
     return summary
-
-
-def thresholds(settings: Settings) -> Thresholds:
-    return Thresholds(
-        max_late_rate=settings.dq_max_late_rate,
-        max_invalid_rate=settings.dq_max_invalid_rate,
-        max_missing_in_stream=settings.dq_max_missing_in_stream,
-        max_gap_rate=settings.dq_max_gap_rate,
-    )
 
 
 def publish_step(url: str, settings: Settings, summary: dict) -> dict:

@@ -15,7 +15,9 @@ from datetime import datetime, timedelta
 import psycopg
 from psycopg.rows import dict_row
 
+from shared.batch.candle_sql import candle_columns, candle_states, rollup, same
 from shared.batch.recompute import owned_windows
+from shared.config import Settings
 from shared.core.intervals import IntervalSet
 
 LATENESS_BUCKETS = ((0, 1), (1, 5), (5, 30), (30, 60), (60, 300), (300, 900), (900, None))
@@ -23,12 +25,22 @@ LATENESS_BUCKETS = ((0, 1), (1, 5), (5, 30), (30, 60), (60, 300), (300, 900), (9
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a report warns or fails (``CANDLEKEEP_DQ_*`` settings)."""
+    """When a report warns or fails: the ``CANDLEKEEP_DQ_*`` settings, whose defaults live in
+    ``Settings`` only."""
 
-    max_late_rate: float = 0.01
-    max_invalid_rate: float = 0.01
-    max_missing_in_stream: int = 0
-    max_gap_rate: float = 0.5
+    max_late_rate: float
+    max_invalid_rate: float
+    max_missing_in_stream: int
+    max_gap_rate: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> Thresholds:
+        return cls(
+            max_late_rate=settings.dq_max_late_rate,
+            max_invalid_rate=settings.dq_max_invalid_rate,
+            max_missing_in_stream=settings.dq_max_missing_in_stream,
+            max_gap_rate=settings.dq_max_gap_rate,
+        )
 
 
 def ohlc_violations(conn: psycopg.Connection, table: str, start: datetime, end: datetime) -> int:
@@ -64,23 +76,13 @@ def rollup_violations(
         interval = window_range.interval
         total += conn.execute(
             f"""
-            WITH merged AS (
-                SELECT exchange, symbol,
-                       date_bin(%(len)s, window_start, timestamptz 'epoch') AS window_start,
-                       (array_agg(open ORDER BY window_start))[1] AS open,
-                       max(high) AS high, min(low) AS low,
-                       (array_agg(close ORDER BY window_start DESC))[1] AS close,
-                       sum(volume) AS volume, sum(quote_volume) AS quote_volume,
-                       sum(trade_count) AS trade_count,
-                       (array_agg(first_trade_id ORDER BY window_start))[1] AS first_trade_id,
-                       (array_agg(last_trade_id ORDER BY window_start DESC))[1]
-                           AS last_trade_id,
-                       sum(taker_buy_volume) AS taker_buy_volume,
-                       sum(taker_buy_quote_volume) AS taker_buy_quote_volume
-                FROM {table}
+            WITH states AS (
+                SELECT * FROM ({candle_states(table)}) AS c
                 WHERE interval = %(base)s AND window_start >= %(first)s
                   AND window_end <= %(last_end)s
-                GROUP BY 1, 2, 3
+            ), merged AS (
+                SELECT exchange, symbol, window_start, {candle_columns()}
+                FROM ({rollup("%(len)s", "states")}) AS r
             ), larger AS (
                 SELECT * FROM {table}
                 WHERE interval = %(name)s AND window_start >= %(first)s
@@ -90,14 +92,7 @@ def rollup_violations(
             FROM larger l FULL JOIN merged m USING (exchange, symbol, window_start)
             WHERE (%(closed_before)s::timestamptz IS NULL
                    OR window_start + %(len)s <= %(closed_before)s)
-              AND (l.open IS NULL OR m.open IS NULL OR NOT (
-                  l.open = m.open AND l.high = m.high AND l.low = m.low
-                  AND l.close = m.close AND l.volume = m.volume
-                  AND l.quote_volume = m.quote_volume AND l.trade_count = m.trade_count
-                  AND l.first_trade_id = m.first_trade_id
-                  AND l.last_trade_id = m.last_trade_id
-                  AND l.taker_buy_volume IS NOT DISTINCT FROM m.taker_buy_volume
-                  AND l.taker_buy_quote_volume IS NOT DISTINCT FROM m.taker_buy_quote_volume))
+              AND (l.open IS NULL OR m.open IS NULL OR NOT ({same("l", "m")}))
             """,
             {
                 "len": timedelta(microseconds=interval.length_us),
