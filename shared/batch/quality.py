@@ -12,11 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import msgspec
 import psycopg
 from psycopg.rows import dict_row
 
 from shared.batch.candle_sql import candle_columns, candle_states, rollup, same
 from shared.batch.recompute import owned_windows
+from shared.batch.summary import (
+    InvalidMessages,
+    LatenessBucket,
+    LateTrades,
+    OffsetReset,
+    ReportSummary,
+)
 from shared.config import Settings
 from shared.core.intervals import IntervalSet
 
@@ -121,7 +129,7 @@ def gaps(
     return {name: int(span) - count for name, count, span in rows}
 
 
-def late_stats(conn: psycopg.Connection, start: datetime, end: datetime) -> dict:
+def late_stats(conn: psycopg.Connection, start: datetime, end: datetime) -> LateTrades:
     trades = conn.execute(
         "SELECT count(*) FROM trades WHERE ts >= %s AND ts < %s", (start, end)
     ).fetchone()[0]
@@ -139,17 +147,17 @@ def late_stats(conn: psycopg.Connection, start: datetime, end: datetime) -> dict
             (start, end, low, *([high] if high is not None else [])),
         ).fetchone()[0]
         label = f"{low}-{high}s" if high is not None else f"≥{low}s"
-        buckets.append({"bucket": label, "count": count})
-    return {
-        "trades": trades,
-        "late": late[0],
-        "rate": late[0] / trades if trades else 0.0,
-        "max_lateness_s": float(late[1]),
-        "lateness": buckets,
-    }
+        buckets.append(LatenessBucket(label, count))
+    return LateTrades(
+        trades=trades,
+        late=late[0],
+        rate=late[0] / trades if trades else 0.0,
+        max_lateness_s=float(late[1]),
+        lateness=buckets,
+    )
 
 
-def invalid_stats(conn: psycopg.Connection) -> dict:
+def invalid_stats(conn: psycopg.Connection) -> InvalidMessages:
     """The stream's invalid-message rate so far (invalid messages carry no trade time)."""
     consumed, invalid = conn.execute(
         "SELECT coalesce(sum(consumed), 0), coalesce(sum(invalid), 0) FROM stream_progress"
@@ -160,17 +168,17 @@ def invalid_stats(conn: psycopg.Connection) -> dict:
             " GROUP BY 1 ORDER BY 2 DESC, 1"
         ).fetchall()
     )
-    return {
-        "consumed": int(consumed),
-        "invalid": int(invalid),
-        "rate": int(invalid) / int(consumed) if consumed else 0.0,
-        "reasons": reasons,
-    }
+    return InvalidMessages(
+        consumed=int(consumed),
+        invalid=int(invalid),
+        rate=int(invalid) / int(consumed) if consumed else 0.0,
+        reasons=reasons,
+    )
 
 
 def offset_resets(
     conn: psycopg.Connection, group: str, topic: str, start: datetime, end: datetime
-) -> list[dict]:
+) -> list[OffsetReset]:
     """The offset resets (SPEC §4) of the stream (consumer ``group`` on ``topic``) that may have
     touched ``[start, end)``.
 
@@ -193,66 +201,68 @@ def offset_resets(
     if not conn.autocommit:
         conn.rollback()
     return [
-        {name: v.isoformat() if isinstance(v, datetime) else v for name, v in row.items()}
+        OffsetReset(
+            **{name: v.isoformat() if isinstance(v, datetime) else v for name, v in row.items()}
+        )
         for row in rows
     ]
 
 
-def describe_reset(reset: dict) -> str:
+def describe_reset(reset: OffsetReset) -> str:
     """One line for a report's reasons."""
-    where = f"offset reset on {reset['topic']} partition {reset['partition']}"
+    where = f"offset reset on {reset.topic} partition {reset.partition}"
     what = {
-        "beyond_end": f"stored offset {reset['stored_offset']} beyond the log's end "
-        f"{reset['log_end_offset']} (broker lost its log or topic recreated)",
-        "replaced": f"the log before stored offset {reset['stored_offset']} was replaced "
+        "beyond_end": f"stored offset {reset.stored_offset} beyond the log's end "
+        f"{reset.log_end_offset} (broker lost its log or topic recreated)",
+        "replaced": f"the log before stored offset {reset.stored_offset} was replaced "
         "(broker lost its log or topic recreated)",
-        "before_start": f"stored offset {reset['stored_offset']} before the log's start "
-        f"{reset['log_start_offset']} (deleted by retention)",
-    }[reset["kind"]]
+        "before_start": f"stored offset {reset.stored_offset} before the log's start "
+        f"{reset.log_start_offset} (deleted by retention)",
+    }[reset.kind]
     return (
-        f"{where} at {reset['detected_at']}: {what}; {reset['skipped']} message(s) known "
-        f"skipped, policy {reset['policy']}"
+        f"{where} at {reset.detected_at}: {what}; {reset.skipped} message(s) known "
+        f"skipped, policy {reset.policy}"
     )
 
 
-def verdict(summary: dict, thresholds: Thresholds) -> tuple[str, list[str]]:
+def verdict(summary: ReportSummary, thresholds: Thresholds) -> tuple[str, list[str]]:
     """``fail`` for anything that means a bug or lost data, ``warn`` past a threshold."""
-    counts = summary["counts"]
+    counts = summary.counts
     fail, warn = [], []
     if counts["unexplained"]:
         fail.append(f"{counts['unexplained']} unexplained difference(s)")
     if counts["missing_in_batch"]:
         fail.append(f"{counts['missing_in_batch']} stream candle(s) with no stored trade")
-    for table, n in summary["ohlc_violations"].items():
+    for table, n in msgspec.structs.asdict(summary.ohlc_violations).items():
         if n:
             fail.append(f"{n} {table} candle(s) with low/high not bounding open/close")
-    for table, n in summary["rollup_violations"].items():
+    for table, n in msgspec.structs.asdict(summary.rollup_violations).items():
         if n:
             fail.append(f"{n} {table} candle(s) that are not the merge of their base candles")
     # An offset reset that skipped messages lost them (for the stream and for batch alike, so
     # the two still agree): fail. One that skipped none known (the broker lost a log whose
     # unread end, if any, is not known) may have lost trades: warn.
-    for reset in summary.get("offset_resets", []):
-        (fail if reset["skipped"] else warn).append(describe_reset(reset))
+    for reset in summary.offset_resets:
+        (fail if reset.skipped else warn).append(describe_reset(reset))
     if counts["missing_in_stream"] > thresholds.max_missing_in_stream:
         warn.append(f"{counts['missing_in_stream']} candle(s) missing in the stream")
-    late = summary["late_trades"]
-    if late["rate"] > thresholds.max_late_rate:
-        warn.append(f"late-trade rate {late['rate']:.2%} above {thresholds.max_late_rate:.2%}")
-    invalid = summary["invalid_messages"]
-    if invalid["rate"] > thresholds.max_invalid_rate:
+    late = summary.late_trades
+    if late.rate > thresholds.max_late_rate:
+        warn.append(f"late-trade rate {late.rate:.2%} above {thresholds.max_late_rate:.2%}")
+    invalid = summary.invalid_messages
+    if invalid.rate > thresholds.max_invalid_rate:
         warn.append(
-            f"invalid-message rate {invalid['rate']:.2%} above {thresholds.max_invalid_rate:.2%}"
+            f"invalid-message rate {invalid.rate:.2%} above {thresholds.max_invalid_rate:.2%}"
         )
-    stream = summary["stream"]
-    if not stream["passed"]:
+    stream = summary.stream
+    if not stream.passed:
         warn.append(
-            "the stream's watermark had not passed the interval's end"
-            + (f" (lag {stream['lag_s']:.0f}s)" if stream["lag_s"] is not None else "")
+            "the stream's watermark had not passed the period's end"
+            + (f" (lag {stream.lag_s:.0f}s)" if stream.lag_s is not None else "")
         )
-    windows = summary["base_windows"]
-    if windows and summary["gaps_total"] / windows > thresholds.max_gap_rate:
-        warn.append(f"{summary['gaps_total']} of {windows} base windows have no trade")
+    windows = summary.base_windows
+    if windows and summary.gaps_total / windows > thresholds.max_gap_rate:
+        warn.append(f"{summary.gaps_total} of {windows} base windows have no trade")
     if fail:
         return "fail", fail + warn
     return ("warn" if warn else "pass"), warn

@@ -174,7 +174,12 @@ def classify(
             params,
         )
         windows, scan = _windows_sql(start, end, intervals)
+        # The planner cannot count a fold's windows (it takes every trade for a window), so
+        # the key probes look costly and JIT compiles the statement: 5.5 s of compiling for
+        # 0.9 s of work on an hour of 500k trades. The setting is put back afterwards.
+        jit = conn.execute("SELECT current_setting('jit'), set_config('jit', 'off', true)")
         conn.execute(_WITHOUT_LATE.format(windows=windows), scan)
+        conn.execute("SELECT set_config('jit', %s, true)", (jit.fetchone()[0],))
         same_ws = " AND ".join(f"w.{f} IS NOT DISTINCT FROM p.s_{f}" for f in FIELDS)
         conn.execute(_CLASSIFY.format(same_ws=same_ws))
         conn.execute(
