@@ -202,6 +202,7 @@ def _reconcile(console, started, settings, airflow_url, start_us, hours):
 def _print_reports(settings) -> None:
     """The summary of every report, and where its HTML page is (on standard output)."""
     from shared.batch.report import report_path
+    from shared.batch.summary import ReportSummary
     from shared.store import db
 
     table = Table(title="data-quality reports")
@@ -220,10 +221,11 @@ def _print_reports(settings) -> None:
         stored = conn.execute(
             "SELECT interval_start, status, summary FROM dq_reports ORDER BY interval_start"
         ).fetchall()
-    for interval_start, status, summary in stored:
-        counts = summary["counts"]
+    for period_start, status, stored_summary in stored:
+        summary = ReportSummary.from_json(stored_summary)
+        counts = summary.counts
         table.add_row(
-            interval_start.strftime("%Y-%m-%d %H:%M"),
+            period_start.strftime("%Y-%m-%d %H:%M"),
             status,
             *(
                 str(counts[k])
@@ -231,7 +233,7 @@ def _print_reports(settings) -> None:
             ),
         )
         paths.append(report_path(settings, summary))
-        for reason in summary["reasons"]:
+        for reason in summary.reasons:
             table.add_row("", f"  {reason}", *[""] * 5)
     out = Console(soft_wrap=True, width=max(Console().width, 110))
     out.print(table)

@@ -119,11 +119,11 @@ def synthetic(
     if start == "now":
         start_us = int(time.time() * 1_000_000)
     else:
-        from shared.batch.batch_run import IntervalError, parse_instant
+        from shared.batch.batch_run import PeriodError, parse_instant
 
         try:
             start_us = parse_instant("--start", start)
-        except IntervalError as exc:
+        except PeriodError as exc:
             raise UserError(str(exc)) from None
     dials = MarketDials(
         symbols=symbols,

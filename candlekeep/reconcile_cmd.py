@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
+if TYPE_CHECKING:
+    from shared.batch.summary import ReportSummary
 
-def _echo_summary(summary: dict, path: str | None) -> None:
-    counts = summary["counts"]
+
+def _echo_summary(summary: ReportSummary, path: str | None) -> None:
     click.echo(
-        f"{summary['interval']['start']} – {summary['interval']['end']}: "
-        f"status {summary['status'].upper()}; "
-        + ", ".join(f"{kind} {n}" for kind, n in counts.items())
+        f"{summary.period.start} – {summary.period.end}: status {summary.status.upper()}; "
+        + ", ".join(f"{kind} {n}" for kind, n in summary.counts.items())
     )
-    for reason in summary["reasons"]:
+    for reason in summary.reasons:
         click.echo(f"  - {reason}")
     if path:
         click.echo(f"report: {path}")
 
 
 @click.command()
-@click.option("--start", required=True, help="Interval start, ISO-8601 (e.g. 2026-01-01T00:00Z).")
-@click.option("--end", required=True, help="Interval end (exclusive), ISO-8601.")
+@click.option("--start", required=True, help="Period start, ISO-8601 (e.g. 2026-01-01T00:00Z).")
+@click.option("--end", required=True, help="Period end (exclusive), ISO-8601.")
 @click.option(
     "--wait",
     "wait_s",
@@ -34,22 +37,22 @@ def reconcile(ctx, start, end, wait_s):
     """Recompute, reconcile, check and report [START, END) (SPEC §6 steps 1-5)."""
     from candlekeep.errors import UserError
     from candlekeep.services import database_url
-    from shared.batch.batch_run import IntervalError, run_interval
+    from shared.batch.batch_run import PeriodError, run_period
     from shared.batch.outputs import check_output_dir
 
     settings = ctx.find_root().obj()
     check_output_dir(settings.report_dir, "CANDLEKEEP_REPORT_DIR")  # before any work
     url = database_url(ctx)
     try:
-        summary = run_interval(
+        summary = run_period(
             url, settings, start, end, wait_timeout_s=wait_s, poll_s=min(5.0, max(wait_s / 10, 0.2))
         )
-    except IntervalError as exc:
+    except PeriodError as exc:
         raise UserError(str(exc)) from None
     from shared.batch.report import report_path
 
     _echo_summary(summary, str(report_path(settings, summary)))
-    if summary["status"] == "fail":
+    if summary.status == "fail":
         ctx.exit(3)
 
 
@@ -68,7 +71,7 @@ def report(ctx, start, end, output):
     """Render the data-quality report of [START, END) to an HTML file."""
     from candlekeep.errors import UserError
     from candlekeep.services import database_url
-    from shared.batch.batch_run import IntervalError, report_summary
+    from shared.batch.batch_run import PeriodError, report_summary
     from shared.batch.outputs import check_output_file
     from shared.batch.report import render_report
     from shared.store import db
@@ -78,7 +81,7 @@ def report(ctx, start, end, output):
     url = database_url(ctx)
     try:
         summary = report_summary(url, settings, start, end)
-    except IntervalError as exc:
+    except PeriodError as exc:
         raise UserError(str(exc)) from None
     with db.connect(url) as conn:
         html = render_report(conn, summary)

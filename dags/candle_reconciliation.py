@@ -5,8 +5,8 @@ recompute the hour's candles from the stored trades in SQL, classify every diffe
 stream and batch (late trade, missing candle, unexplained), run the data-quality checks and
 publish the report. The work is in ``shared.batch.batch_run``; this file only wires it up (SPEC §6).
 
-A manual run names its interval in params (``start``, ``end``); backfills use Airflow's own
-``airflow backfill create``. Rerunning an interval replaces its results.
+A manual run names its period in params (``start``, ``end``); backfills use Airflow's own
+``airflow backfill create``. Rerunning a period replaces its results.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from shared.batch import batch_run
+from shared.batch.summary import ReportSummary
 from shared.config import Settings
 
-#: Updated by every published report; the event's extra carries the summary.
+#: Updated by every published report; the event's extra carries the summary's headline.
 DQ_REPORTS = Asset(name="candlekeep_dq_reports", uri="candlekeep://dq_reports")
 
 
@@ -43,79 +44,81 @@ def _settings() -> tuple[Settings, str]:
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
     params={
-        "start": Param(None, type=["null", "string"], description="Manual run: interval start"),
-        "end": Param(None, type=["null", "string"], description="Manual run: interval end"),
+        "start": Param(None, type=["null", "string"], description="Manual run: period start"),
+        "end": Param(None, type=["null", "string"], description="Manual run: period end"),
     },
     tags=["candlekeep", "data-quality"],
     doc_md=__doc__,
 )
 def candle_reconciliation():
     @task(retries=0)
-    def interval() -> dict:
-        """The run's interval: params, else the data interval; none is an error."""
+    def period() -> dict:
+        """The run's period: params, else the data interval; none is an error."""
         ctx = get_current_context()
         try:
-            start, end = batch_run.run_interval_of(
+            start, end = batch_run.run_period_of(
                 ctx["params"], ctx.get("data_interval_start"), ctx.get("data_interval_end")
             )
-        except batch_run.IntervalError as exc:
+        except batch_run.PeriodError as exc:
             raise AirflowFailException(str(exc)) from None
         return {"start": start.isoformat(), "end": end.isoformat()}
 
     @task
-    def wait_for_stream(iv: dict) -> dict:
-        """Step 1: bounded wait for the stream's watermark to pass the interval's end."""
+    def wait_for_stream(run: dict) -> dict:
+        """Step 1: bounded wait for the stream's watermark to pass the period's end."""
         settings, url = _settings()
         return batch_run.wait_step(
-            url, settings, iv["start"], iv["end"], settings.dq_wait_timeout.total_seconds()
+            url, settings, run["start"], run["end"], settings.dq_wait_timeout.total_seconds()
         )
 
     @task
-    def recompute(iv: dict, stream: dict) -> dict:
-        """Step 2: the interval's candles from `trades`, in SQL, into `batch_candles`."""
+    def recompute(run: dict) -> dict:
+        """Step 2: the period's candles from `trades`, in SQL, into `batch_candles`."""
         settings, url = _settings()
-        return batch_run.recompute_step(url, settings, iv["start"], iv["end"])
+        return batch_run.recompute_step(url, settings, run["start"], run["end"])
 
     @task
-    def reconcile(iv: dict, counts: dict) -> dict:
+    def reconcile(run: dict) -> dict:
         """Step 3: classify every candle key; mismatches into `candle_mismatches`."""
         settings, url = _settings()
-        return batch_run.reconcile_step(url, settings, iv["start"], iv["end"])
+        return batch_run.reconcile_step(url, settings, run["start"], run["end"])
 
     @task
-    def checks(iv: dict, reconciliation: dict, stream: dict) -> dict:
-        """Step 4: data-quality checks and the verdict."""
+    def checks(run: dict, reconciliation: dict, stream: dict) -> dict:
+        """Step 4: data-quality checks and the verdict (the report's summary, as JSON)."""
         settings, url = _settings()
-        return batch_run.checks_step(url, settings, iv["start"], iv["end"], reconciliation, stream)
+        summary = batch_run.checks_step(
+            url, settings, run["start"], run["end"], reconciliation, stream
+        )
+        return summary.to_json()
 
     @task(outlets=[DQ_REPORTS])
     def publish(summary: dict) -> dict:
-        """Step 5: the `dq_reports` row and HTML page; an asset event carries the summary."""
+        """Step 5: the `dq_reports` row and HTML page; an asset event carries the headline."""
         settings, url = _settings()
-        published = batch_run.publish_step(url, settings, summary)
-        get_current_context()["outlet_events"][DQ_REPORTS].extra = {
-            "interval": summary["interval"],
-            "status": summary["status"],
-            "counts": summary["counts"],
-            "reasons": summary["reasons"],
-        }
+        report = ReportSummary.from_json(summary)
+        published = batch_run.publish_step(url, settings, report)
+        get_current_context()["outlet_events"][DQ_REPORTS].extra = report.headline()
         return published
 
     @task(retries=0)
     def verdict(summary: dict, published: dict) -> str:
         """Fail the run when the report fails (e.g. any unexplained difference)."""
-        if summary["status"] == "fail":
+        report = ReportSummary.from_json(summary)
+        if report.status == "fail":
             raise AirflowFailException(
                 "data quality FAILED: "
-                + "; ".join(summary["reasons"])
+                + "; ".join(report.reasons)
                 + f" (report: {published['path']})"
             )
-        return summary["status"]
+        return report.status
 
-    iv = interval()
-    stream = wait_for_stream(iv)
-    reconciliation = reconcile(iv, recompute(iv, stream))
-    summary = checks(iv, reconciliation, stream)
+    run = period()
+    stream = wait_for_stream(run)
+    recomputed = recompute(run)
+    reconciliation = reconcile(run)
+    stream >> recomputed >> reconciliation  # the order of the steps: no data flows here
+    summary = checks(run, reconciliation, stream)
     verdict(summary, publish(summary))
 
 

@@ -1,8 +1,8 @@
 """Airflow plugin: a "Data quality" tab on each DAG run, showing that run's stored report.
 
 A FastAPI app mounted at ``/candlekeep`` inside Airflow's API server, with one route,
-``GET /candlekeep/report/{dag_id}/{run_id}``: the run's interval (its ``start``/``end`` conf,
-else its data interval, as the DAG itself decides) and that interval's ``dq_reports`` HTML.
+``GET /candlekeep/report/{dag_id}/{run_id}``: the run's period (its ``start``/``end`` conf,
+else its data interval, as the DAG itself decides) and that period's ``dq_reports`` HTML.
 The route is behind Airflow's own authentication and authorization (``requires_access_dag``:
 a JWT as ``Authorization: Bearer`` or the UI's ``_token`` cookie, and read access to the
 DAG's runs). Load it with ``AIRFLOW__CORE__PLUGINS_FOLDER`` set to this directory (or copy
@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 
-from shared.batch.batch_run import IntervalError, run_interval_of
+from shared.batch.batch_run import PeriodError, run_period_of
 from shared.batch.report import stored_report_html
 from shared.config import Settings
 from shared.errors import CandlekeepError
@@ -55,10 +55,10 @@ def report(dag_id: str, run_id: str, session: SessionDep) -> HTMLResponse:
     if run is None:
         return _page("No such DAG run", f"{dag_id} has no run {run_id!r}.", 404)
     try:
-        start, end = run_interval_of(run.conf, run.data_interval_start, run.data_interval_end)
-    except IntervalError as exc:
-        return _page("No interval", f"Run {run_id}: {exc}.")
-    interval = f"[{start.isoformat()}, {end.isoformat()})"
+        start, end = run_period_of(run.conf, run.data_interval_start, run.data_interval_end)
+    except PeriodError as exc:
+        return _page("No period", f"Run {run_id}: {exc}.")
+    period = f"[{start.isoformat()}, {end.isoformat()})"
     url = Settings().database_url
     if not url:
         return _page("Not configured", "DATABASE_URL is not set for Airflow's API server.", 503)
@@ -69,7 +69,7 @@ def report(dag_id: str, run_id: str, session: SessionDep) -> HTMLResponse:
     if html is None:
         return _page(
             "No report yet",
-            f"No data-quality report exists yet for the interval {interval}: the run's"
+            f"No data-quality report exists yet for the period {period}: the run's"
             " publish task writes it.",
         )
     return HTMLResponse(html)

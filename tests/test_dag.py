@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import pytest
 
 from candlekeep.airflow_runner import airflow_env
-from shared.batch.batch_run import IntervalError, run_interval_of
+from shared.batch.batch_run import PeriodError, run_period_of
 from shared.core.intervals import IntervalSet
 from shared.core.trades import datetime_to_ts
 from shared.store import db
@@ -197,11 +197,11 @@ def test_stream_then_dag_explains_every_difference(
 
 
 def test_a_run_with_no_interval_fails_with_a_clear_message():
-    with pytest.raises(IntervalError, match="trigger it with params start and end"):
-        run_interval_of({}, None, None)
-    start, end = run_interval_of({"start": START, "end": END}, None, None)
+    with pytest.raises(PeriodError, match="trigger it with params start and end"):
+        run_period_of({}, None, None)
+    start, end = run_period_of({"start": START, "end": END}, None, None)
     assert (start, end) == (datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 1, tzinfo=UTC))
-    scheduled = run_interval_of({"start": None, "end": None}, start, end)
+    scheduled = run_period_of({"start": None, "end": None}, start, end)
     assert scheduled == (start, end)
 
 
@@ -246,4 +246,4 @@ def test_airflow_backfill_creates_one_run_per_hour(airflow_db, tmp_path):
         (2, 3600.0),
     ]
     for start, end, conf in runs:  # each backfill run reconciles its own data interval
-        assert run_interval_of(conf, start, end) == (start, end)
+        assert run_period_of(conf, start, end) == (start, end)

@@ -14,6 +14,7 @@ import pytest
 
 from shared.batch.recompute import recompute_batch_candles
 from shared.batch.reconcile import classify
+from shared.batch.summary import ByTable
 from shared.core.intervals import IntervalSet
 from shared.core.trades import Trade, datetime_to_ts, ts_to_datetime
 from shared.core.windows import PartitionWindows, WindowSettings
@@ -191,7 +192,7 @@ def test_a_stream_that_lags_is_a_warning_not_a_broken_rollup(conn, database_url,
     """The DAG gave up waiting: the stream's watermark is mid-hour, so its 1m candles are
     written up to there and the 5m/15m/1h windows still open have no candle yet. That is a
     stream that lags (``warn``), never "not the merge of their base candles" (``fail``)."""
-    from shared.batch.batch_run import run_interval
+    from shared.batch.batch_run import run_period
     from shared.config import Settings
     from stream.sink import write_progress
 
@@ -218,14 +219,14 @@ def test_a_stream_that_lags_is_a_warning_not_a_broken_rollup(conn, database_url,
     write_progress(conn, settings.consumer_group, settings.topic_trades, 0, len(arrived), windows)
     conn.commit()
 
-    summary = run_interval(database_url, settings, "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z")
+    summary = run_period(database_url, settings, "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z")
 
-    assert summary["rollup_violations"] == {"batch": 0, "stream": 0}
-    assert summary["counts"]["unexplained"] == 0
-    assert summary["counts"]["missing_in_stream"] > 0  # what the stream has not written yet
-    assert summary["status"] == "warn"
-    assert summary["stream"]["watermark"].startswith("2026-01-01T00:36")
-    assert any("watermark had not passed" in r for r in summary["reasons"])
+    assert summary.rollup_violations == ByTable(batch=0, stream=0)
+    assert summary.counts["unexplained"] == 0
+    assert summary.counts["missing_in_stream"] > 0  # what the stream has not written yet
+    assert summary.status == "warn"
+    assert summary.stream.watermark.startswith("2026-01-01T00:36")
+    assert any("watermark had not passed" in r for r in summary.reasons)
     # A larger candle that *is* written and is wrong still fails, lag or not.
     conn.execute(
         "UPDATE stream_candles SET high = high + 1 WHERE interval = '5m'"
@@ -233,6 +234,6 @@ def test_a_stream_that_lags_is_a_warning_not_a_broken_rollup(conn, database_url,
         (ts_to_datetime(START_US),),
     )
     conn.commit()
-    summary = run_interval(database_url, settings, "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z")
-    assert summary["rollup_violations"]["stream"] == 1
-    assert summary["status"] == "fail"
+    summary = run_period(database_url, settings, "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z")
+    assert summary.rollup_violations.stream == 1
+    assert summary.status == "fail"

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from candlekeep.cli import cli
-from shared.batch.batch_run import run_interval
+from shared.batch.batch_run import run_period
 from shared.batch.charts import PALETTE
 from shared.config import Settings
 from shared.store import db
@@ -40,7 +40,7 @@ def reported(database_url, tmp_path):
         )
         conn.commit()
     settings = Settings(report_dir=str(tmp_path / "reports"))
-    summary = run_interval(database_url, settings, START, END)
+    summary = run_period(database_url, settings, START, END)
     return database_url, settings, summary, tmp_path
 
 
@@ -50,10 +50,10 @@ def _rgb(hex_color: str) -> tuple[int, int, int]:
 
 def test_report_row_and_page_open_in_a_browser_with_charts_and_no_console_errors(reported):
     url, _, summary, tmp_path = reported
-    assert summary["status"] == "fail" and summary["counts"]["unexplained"] == 1
+    assert summary.status == "fail" and summary.counts["unexplained"] == 1
     with db.connect(url) as conn:
         status, stored = conn.execute("SELECT status, summary FROM dq_reports").fetchone()
-    assert status == "fail" and stored["counts"] == summary["counts"]
+    assert status == "fail" and stored["counts"] == summary.counts
     page = next((tmp_path / "reports").glob("dq_*.html"))
     html = page.read_text()
     assert "<script" not in html and "http://" not in html and "https://" not in html

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 import pytest
 
 from candlekeep.embedded import EmbeddedBroker
-from shared.batch.batch_run import run_interval
+from shared.batch.batch_run import run_period
 from shared.core.trades import Rejection, datetime_to_ts, parse_trade_message, ts_to_datetime
 from shared.store import db
 from stream.feeds.produce import Delivery, ensure_topic
@@ -184,15 +184,15 @@ def assert_reports_name_the_resets(url, settings, topic, partitions, hours) -> N
     """``candlekeep reconcile``'s report of each touched hour is not pass and names each
     reset; an hour after the resets' range is not touched."""
     for n in hours:
-        summary = run_interval(url, settings, *hour(n))
-        assert summary["status"] != "pass", (n, summary["reasons"])
-        named = {r["partition"] for r in summary["offset_resets"]}
+        summary = run_period(url, settings, *hour(n))
+        assert summary.status != "pass", (n, summary.reasons)
+        named = {r.partition for r in summary.offset_resets}
         assert named == set(partitions), n
         for partition in partitions:
             line = f"offset reset on {topic} partition {partition} at "
-            assert any(r.startswith(line) for r in summary["reasons"]), summary["reasons"]
-    untouched = run_interval(url, settings, *hour(max(hours) + 2))
-    assert untouched["offset_resets"] == []
+            assert any(r.startswith(line) for r in summary.reasons), summary.reasons
+    untouched = run_period(url, settings, *hour(max(hours) + 2))
+    assert untouched.offset_resets == []
 
 
 # -- 1. the broker lost its log between two runs ------------------------------------------------
@@ -366,7 +366,7 @@ def test_fail_policy_stops_with_one_line_records_the_reset_and_commits_nothing(
     for name in ("trades", "candles", "progress", "invalid", "late"):
         assert after[name] == before[name], name
     # The reports of the hours it may have touched say so (open-ended: nothing read since).
-    assert run_interval(database_url, settings, *hour(1))["status"] != "pass"
+    assert run_period(database_url, settings, *hour(1)).status != "pass"
 
     going_on = workers(env, "--exit-when-idle", "3").finish()
     assert going_on["consumed"] == len(new_log)
@@ -452,6 +452,6 @@ def test_retention_before_the_stored_offset_is_a_reset_that_counts_what_it_skipp
     assert summary.consumed == len(more) - skipped
     sums = assert_conservation(database_url, len(first_log) + len(more) - skipped)
     assert sums["skipped"] == skipped
-    report = run_interval(database_url, settings, *hour(0))
-    assert report["status"] == "fail"
-    assert sum("deleted by retention" in r for r in report["reasons"]) == len(before)
+    report = run_period(database_url, settings, *hour(0))
+    assert report.status == "fail"
+    assert sum("deleted by retention" in r for r in report.reasons) == len(before)

@@ -1,8 +1,9 @@
 """The steps of one batch run over ``[start, end)`` (SPEC §6), each a plain function.
 
 The Airflow tasks and ``candlekeep reconcile`` call these same functions, in this order; each
-takes the database URL and the interval and returns JSON-able data, so that Airflow can pass it
-between tasks. Every step is idempotent: rerunning an interval replaces its results.
+takes the database URL and the run's *period* ``[start, end)`` (``interval`` is kept for candle
+lengths, ``1m``) and returns JSON-able data, so that Airflow can pass it between tasks. Every
+step is idempotent: rerunning a period replaces its results.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict
 from datetime import datetime
+
+import msgspec
 
 from shared.batch.quality import (
     Thresholds,
@@ -23,6 +26,7 @@ from shared.batch.quality import (
 )
 from shared.batch.recompute import recompute_batch_candles
 from shared.batch.reconcile import classify
+from shared.batch.summary import ByTable, Period, ReportSummary, StreamProgress
 from shared.config import Settings
 from shared.core.intervals import IntervalSet
 from shared.core.trades import parse_timestamp, ts_to_datetime
@@ -30,8 +34,8 @@ from shared.store import db
 from shared.store.progress import wait_for_watermark
 
 
-class IntervalError(ValueError):
-    pass
+class PeriodError(ValueError):
+    """A run's period ``[start, end)`` that is missing, reversed, or not made of times."""
 
 
 TIME_EXAMPLES = "e.g. 2026-01-01T00:00Z, 2026-01-01T00:00:00+00:00 or 2026-01-01T02:00+02:00"
@@ -56,7 +60,7 @@ def parse_instant(name: str, text: str) -> int:
             why = "a time whose UTC offset is not between -23:59 and +23:59"
         else:
             why = "not a valid ISO-8601 time"
-        raise IntervalError(
+        raise PeriodError(
             f"{name} {text!r} is {why}: write ISO-8601 with an offset, {TIME_EXAMPLES}"
         ) from None
 
@@ -66,25 +70,23 @@ def _offset_ok(value: str) -> bool:
     return int(hours) < 24 and int(minutes) < 60
 
 
-def parse_interval(start: str | datetime | None, end: str | datetime | None) -> tuple:
+def parse_period(start: str | datetime | None, end: str | datetime | None) -> tuple:
     """``(start, end)`` as aware datetimes; a clear error when missing or reversed."""
     if start is None or end is None or start == "" or end == "":
-        raise IntervalError(
-            "no interval to reconcile: give both start and end (ISO-8601, e.g. "
+        raise PeriodError(
+            "no period to reconcile: give both start and end (ISO-8601, e.g. "
             "start=2026-01-01T00:00:00Z end=2026-01-01T01:00:00Z)"
         )
     values = []
     for name, value in (("start", start), ("end", end)):
         if isinstance(value, datetime):
             if value.tzinfo is None:
-                raise IntervalError(f"{name} {value.isoformat()} has no UTC offset")
+                raise PeriodError(f"{name} {value.isoformat()} has no UTC offset")
             values.append(value)
             continue
         values.append(ts_to_datetime(parse_instant(name, str(value))))
     if values[1] <= values[0]:
-        raise IntervalError(
-            f"end {values[1].isoformat()} is not after start {values[0].isoformat()}"
-        )
+        raise PeriodError(f"end {values[1].isoformat()} is not after start {values[0].isoformat()}")
     return values[0], values[1]
 
 
@@ -92,7 +94,7 @@ def wait_step(
     url: str, settings: Settings, start, end, timeout_s: float, poll_s: float = 5.0
 ) -> dict:
     """Step 1: wait (bounded) until the stream's watermark has passed ``end``."""
-    _, end = parse_interval(start, end)
+    _, end = parse_period(start, end)
     with db.connect(url) as conn:
         db.require_schema(conn, url)  # the first step: a missing schema is said here, clearly
         position = wait_for_watermark(
@@ -105,8 +107,8 @@ def wait_step(
 
 
 def recompute_step(url: str, settings: Settings, start, end) -> dict:
-    """Step 2: recompute every candle of the interval from ``trades``, in SQL."""
-    start, end = parse_interval(start, end)
+    """Step 2: recompute every candle of the period from ``trades``, in SQL."""
+    start, end = parse_period(start, end)
     with db.connect(url) as conn:
         db.require_schema(conn, url)
         counts = recompute_batch_candles(conn, start, end, settings.interval_set)
@@ -116,7 +118,7 @@ def recompute_step(url: str, settings: Settings, start, end) -> dict:
 
 def reconcile_step(url: str, settings: Settings, start, end) -> dict:
     """Step 3: classify every candle key; mismatches into ``candle_mismatches``."""
-    start, end = parse_interval(start, end)
+    start, end = parse_period(start, end)
     with db.connect(url) as conn:
         result = classify(conn, start, end, settings.interval_set)
         conn.commit()
@@ -127,9 +129,9 @@ def reconcile_step(url: str, settings: Settings, start, end) -> dict:
 
 def checks_step(
     url: str, settings: Settings, start, end, reconciliation: dict, stream: dict
-) -> dict:
+) -> ReportSummary:
     """Step 4: data-quality checks; returns the report's summary with its verdict."""
-    start, end = parse_interval(start, end)
+    start, end = parse_period(start, end)
     intervals: IntervalSet = settings.interval_set
     # Windows the stream has closed: before its watermark (none yet without one).
     stream_closed_before = (
@@ -142,18 +144,18 @@ def checks_step(
             " AND window_start >= %s AND window_end <= %s",
             (intervals.base.name, start, end),
         ).fetchone()[0] * int((end - start).total_seconds() * 1e6 // intervals.base.length_us)
-        summary = {
-            "interval": {"start": start.isoformat(), "end": end.isoformat()},
-            "intervals": intervals.names,
-            "counts": reconciliation["counts"],
-            "by_interval": reconciliation["by_interval"],
-            "ohlc_violations": {
-                "batch": ohlc_violations(conn, "batch_candles", start, end),
-                "stream": ohlc_violations(conn, "stream_candles", start, end),
-            },
-            "rollup_violations": {
-                "batch": rollup_violations(conn, "batch_candles", start, end, intervals),
-                "stream": rollup_violations(
+        summary = ReportSummary(
+            period=Period(start.isoformat(), end.isoformat()),
+            intervals=intervals.names,
+            counts=reconciliation["counts"],
+            by_interval=reconciliation["by_interval"],
+            ohlc_violations=ByTable(
+                batch=ohlc_violations(conn, "batch_candles", start, end),
+                stream=ohlc_violations(conn, "stream_candles", start, end),
+            ),
+            rollup_violations=ByTable(
+                batch=rollup_violations(conn, "batch_candles", start, end, intervals),
+                stream=rollup_violations(
                     conn,
                     "stream_candles",
                     start,
@@ -161,42 +163,31 @@ def checks_step(
                     intervals,
                     closed_before=stream_closed_before,
                 ),
-            },
-            "gaps": gap_counts,
-            "gaps_total": sum(gap_counts.values()),
-            "base_windows": base_windows,
-            "late_trades": late_stats(conn, start, end),
-            "invalid_messages": invalid_stats(conn),
-            "stream": stream,
-            "offset_resets": offset_resets(
+            ),
+            gaps=gap_counts,
+            gaps_total=sum(gap_counts.values()),
+            base_windows=base_windows,
+            late_trades=late_stats(conn, start, end),
+            invalid_messages=invalid_stats(conn),
+            stream=msgspec.convert(stream, StreamProgress),
+            offset_resets=offset_resets(
                 conn, settings.consumer_group, settings.topic_trades, start, end
             ),
-        }
-    status, reasons = verdict(summary, thresholds(settings))
-    summary["status"] = status
-    summary["reasons"] = reasons
+        )
+    summary.status, summary.reasons = verdict(summary, Thresholds.of(settings))
     return summary
 
 
-def thresholds(settings: Settings) -> Thresholds:
-    return Thresholds(
-        max_late_rate=settings.dq_max_late_rate,
-        max_invalid_rate=settings.dq_max_invalid_rate,
-        max_missing_in_stream=settings.dq_max_missing_in_stream,
-        max_gap_rate=settings.dq_max_gap_rate,
-    )
-
-
-def publish_step(url: str, settings: Settings, summary: dict) -> dict:
+def publish_step(url: str, settings: Settings, summary: ReportSummary) -> dict:
     """Step 5: the ``dq_reports`` row and its self-contained HTML page."""
     from shared.batch.report import publish_report
 
     return publish_report(url, settings, summary)
 
 
-def run_interval(
+def run_period(
     url: str, settings: Settings, start, end, *, wait_timeout_s: float = 0.0, poll_s: float = 5.0
-) -> dict:
+) -> ReportSummary:
     """Every step, in order: what ``candlekeep reconcile`` does without Airflow."""
     stream = wait_step(url, settings, start, end, wait_timeout_s, poll_s)
     recompute_step(url, settings, start, end)
@@ -209,7 +200,7 @@ def run_interval(
 def stored_counts(url: str, settings: Settings, start, end) -> dict:
     """Reconciliation counts of any range from the tables as they are (no reclassification):
     kinds from ``candle_mismatches``, matches = keys in both candle tables and not there."""
-    start, end = parse_interval(start, end)
+    start, end = parse_period(start, end)
     counts_by_interval: dict[str, dict[str, int]] = {}
     with db.connect(url) as conn:
         for interval, kind, n in conn.execute(
@@ -239,10 +230,10 @@ def stored_counts(url: str, settings: Settings, start, end) -> dict:
     return {"counts": counts, "by_interval": by_interval}
 
 
-def report_summary(url: str, settings: Settings, start, end) -> dict:
-    """The summary of any range: the stored report if that exact interval has one, otherwise
+def report_summary(url: str, settings: Settings, start, end) -> ReportSummary:
+    """The summary of any range: the stored report if that exact period has one, otherwise
     one built from the tables as they are."""
-    start, end = parse_interval(start, end)
+    start, end = parse_period(start, end)
     with db.connect(url) as conn:
         db.require_schema(conn, url)
         row = conn.execute(
@@ -250,22 +241,22 @@ def report_summary(url: str, settings: Settings, start, end) -> dict:
             (start, end),
         ).fetchone()
     if row:
-        return row[0]
+        return ReportSummary.from_json(row[0])
     stream = wait_step(url, settings, start, end, timeout_s=0)
     return checks_step(url, settings, start, end, stored_counts(url, settings, start, end), stream)
 
 
-def run_interval_of(params: dict | None, data_interval_start=None, data_interval_end=None):
-    """The interval a DAG run reconciles: ``start``/``end`` params when a manual run names
+def run_period_of(params: dict | None, data_interval_start=None, data_interval_end=None):
+    """The period a DAG run reconciles: ``start``/``end`` params when a manual run names
     them, else the run's data interval. Neither (a manual run with no logical date and no
     params) is an error, never a guess."""
     params = params or {}
     if params.get("start") or params.get("end"):
-        return parse_interval(params.get("start"), params.get("end"))
+        return parse_period(params.get("start"), params.get("end"))
     if data_interval_start is None or data_interval_end is None:
-        raise IntervalError(
+        raise PeriodError(
             "this run has no interval: trigger it with params start and end (ISO-8601), e.g. "
             '{"start": "2026-01-01T00:00:00Z", "end": "2026-01-01T01:00:00Z"}, '
             "or let the schedule run it"
         )
-    return parse_interval(data_interval_start, data_interval_end)
+    return parse_period(data_interval_start, data_interval_end)

@@ -12,10 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import msgspec
 import psycopg
 from psycopg.rows import dict_row
 
+from shared.batch.candle_sql import candle_columns, candle_states, rollup, same
 from shared.batch.recompute import owned_windows
+from shared.batch.summary import (
+    InvalidMessages,
+    LatenessBucket,
+    LateTrades,
+    OffsetReset,
+    ReportSummary,
+)
+from shared.config import Settings
 from shared.core.intervals import IntervalSet
 
 LATENESS_BUCKETS = ((0, 1), (1, 5), (5, 30), (30, 60), (60, 300), (300, 900), (900, None))
@@ -23,12 +33,22 @@ LATENESS_BUCKETS = ((0, 1), (1, 5), (5, 30), (30, 60), (60, 300), (300, 900), (9
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a report warns or fails (``CANDLEKEEP_DQ_*`` settings)."""
+    """When a report warns or fails: the ``CANDLEKEEP_DQ_*`` settings, whose defaults live in
+    ``Settings`` only."""
 
-    max_late_rate: float = 0.01
-    max_invalid_rate: float = 0.01
-    max_missing_in_stream: int = 0
-    max_gap_rate: float = 0.5
+    max_late_rate: float
+    max_invalid_rate: float
+    max_missing_in_stream: int
+    max_gap_rate: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> Thresholds:
+        return cls(
+            max_late_rate=settings.dq_max_late_rate,
+            max_invalid_rate=settings.dq_max_invalid_rate,
+            max_missing_in_stream=settings.dq_max_missing_in_stream,
+            max_gap_rate=settings.dq_max_gap_rate,
+        )
 
 
 def ohlc_violations(conn: psycopg.Connection, table: str, start: datetime, end: datetime) -> int:
@@ -64,23 +84,13 @@ def rollup_violations(
         interval = window_range.interval
         total += conn.execute(
             f"""
-            WITH merged AS (
-                SELECT exchange, symbol,
-                       date_bin(%(len)s, window_start, timestamptz 'epoch') AS window_start,
-                       (array_agg(open ORDER BY window_start))[1] AS open,
-                       max(high) AS high, min(low) AS low,
-                       (array_agg(close ORDER BY window_start DESC))[1] AS close,
-                       sum(volume) AS volume, sum(quote_volume) AS quote_volume,
-                       sum(trade_count) AS trade_count,
-                       (array_agg(first_trade_id ORDER BY window_start))[1] AS first_trade_id,
-                       (array_agg(last_trade_id ORDER BY window_start DESC))[1]
-                           AS last_trade_id,
-                       sum(taker_buy_volume) AS taker_buy_volume,
-                       sum(taker_buy_quote_volume) AS taker_buy_quote_volume
-                FROM {table}
+            WITH states AS (
+                SELECT * FROM ({candle_states(table)}) AS c
                 WHERE interval = %(base)s AND window_start >= %(first)s
                   AND window_end <= %(last_end)s
-                GROUP BY 1, 2, 3
+            ), merged AS (
+                SELECT exchange, symbol, window_start, {candle_columns()}
+                FROM ({rollup("%(len)s", "states")}) AS r
             ), larger AS (
                 SELECT * FROM {table}
                 WHERE interval = %(name)s AND window_start >= %(first)s
@@ -90,14 +100,7 @@ def rollup_violations(
             FROM larger l FULL JOIN merged m USING (exchange, symbol, window_start)
             WHERE (%(closed_before)s::timestamptz IS NULL
                    OR window_start + %(len)s <= %(closed_before)s)
-              AND (l.open IS NULL OR m.open IS NULL OR NOT (
-                  l.open = m.open AND l.high = m.high AND l.low = m.low
-                  AND l.close = m.close AND l.volume = m.volume
-                  AND l.quote_volume = m.quote_volume AND l.trade_count = m.trade_count
-                  AND l.first_trade_id = m.first_trade_id
-                  AND l.last_trade_id = m.last_trade_id
-                  AND l.taker_buy_volume IS NOT DISTINCT FROM m.taker_buy_volume
-                  AND l.taker_buy_quote_volume IS NOT DISTINCT FROM m.taker_buy_quote_volume))
+              AND (l.open IS NULL OR m.open IS NULL OR NOT ({same("l", "m")}))
             """,
             {
                 "len": timedelta(microseconds=interval.length_us),
@@ -126,7 +129,7 @@ def gaps(
     return {name: int(span) - count for name, count, span in rows}
 
 
-def late_stats(conn: psycopg.Connection, start: datetime, end: datetime) -> dict:
+def late_stats(conn: psycopg.Connection, start: datetime, end: datetime) -> LateTrades:
     trades = conn.execute(
         "SELECT count(*) FROM trades WHERE ts >= %s AND ts < %s", (start, end)
     ).fetchone()[0]
@@ -144,17 +147,17 @@ def late_stats(conn: psycopg.Connection, start: datetime, end: datetime) -> dict
             (start, end, low, *([high] if high is not None else [])),
         ).fetchone()[0]
         label = f"{low}-{high}s" if high is not None else f"≥{low}s"
-        buckets.append({"bucket": label, "count": count})
-    return {
-        "trades": trades,
-        "late": late[0],
-        "rate": late[0] / trades if trades else 0.0,
-        "max_lateness_s": float(late[1]),
-        "lateness": buckets,
-    }
+        buckets.append(LatenessBucket(label, count))
+    return LateTrades(
+        trades=trades,
+        late=late[0],
+        rate=late[0] / trades if trades else 0.0,
+        max_lateness_s=float(late[1]),
+        lateness=buckets,
+    )
 
 
-def invalid_stats(conn: psycopg.Connection) -> dict:
+def invalid_stats(conn: psycopg.Connection) -> InvalidMessages:
     """The stream's invalid-message rate so far (invalid messages carry no trade time)."""
     consumed, invalid = conn.execute(
         "SELECT coalesce(sum(consumed), 0), coalesce(sum(invalid), 0) FROM stream_progress"
@@ -165,17 +168,17 @@ def invalid_stats(conn: psycopg.Connection) -> dict:
             " GROUP BY 1 ORDER BY 2 DESC, 1"
         ).fetchall()
     )
-    return {
-        "consumed": int(consumed),
-        "invalid": int(invalid),
-        "rate": int(invalid) / int(consumed) if consumed else 0.0,
-        "reasons": reasons,
-    }
+    return InvalidMessages(
+        consumed=int(consumed),
+        invalid=int(invalid),
+        rate=int(invalid) / int(consumed) if consumed else 0.0,
+        reasons=reasons,
+    )
 
 
 def offset_resets(
     conn: psycopg.Connection, group: str, topic: str, start: datetime, end: datetime
-) -> list[dict]:
+) -> list[OffsetReset]:
     """The offset resets (SPEC §4) of the stream (consumer ``group`` on ``topic``) that may have
     touched ``[start, end)``.
 
@@ -198,66 +201,68 @@ def offset_resets(
     if not conn.autocommit:
         conn.rollback()
     return [
-        {name: v.isoformat() if isinstance(v, datetime) else v for name, v in row.items()}
+        OffsetReset(
+            **{name: v.isoformat() if isinstance(v, datetime) else v for name, v in row.items()}
+        )
         for row in rows
     ]
 
 
-def describe_reset(reset: dict) -> str:
+def describe_reset(reset: OffsetReset) -> str:
     """One line for a report's reasons."""
-    where = f"offset reset on {reset['topic']} partition {reset['partition']}"
+    where = f"offset reset on {reset.topic} partition {reset.partition}"
     what = {
-        "beyond_end": f"stored offset {reset['stored_offset']} beyond the log's end "
-        f"{reset['log_end_offset']} (broker lost its log or topic recreated)",
-        "replaced": f"the log before stored offset {reset['stored_offset']} was replaced "
+        "beyond_end": f"stored offset {reset.stored_offset} beyond the log's end "
+        f"{reset.log_end_offset} (broker lost its log or topic recreated)",
+        "replaced": f"the log before stored offset {reset.stored_offset} was replaced "
         "(broker lost its log or topic recreated)",
-        "before_start": f"stored offset {reset['stored_offset']} before the log's start "
-        f"{reset['log_start_offset']} (deleted by retention)",
-    }[reset["kind"]]
+        "before_start": f"stored offset {reset.stored_offset} before the log's start "
+        f"{reset.log_start_offset} (deleted by retention)",
+    }[reset.kind]
     return (
-        f"{where} at {reset['detected_at']}: {what}; {reset['skipped']} message(s) known "
-        f"skipped, policy {reset['policy']}"
+        f"{where} at {reset.detected_at}: {what}; {reset.skipped} message(s) known "
+        f"skipped, policy {reset.policy}"
     )
 
 
-def verdict(summary: dict, thresholds: Thresholds) -> tuple[str, list[str]]:
+def verdict(summary: ReportSummary, thresholds: Thresholds) -> tuple[str, list[str]]:
     """``fail`` for anything that means a bug or lost data, ``warn`` past a threshold."""
-    counts = summary["counts"]
+    counts = summary.counts
     fail, warn = [], []
     if counts["unexplained"]:
         fail.append(f"{counts['unexplained']} unexplained difference(s)")
     if counts["missing_in_batch"]:
         fail.append(f"{counts['missing_in_batch']} stream candle(s) with no stored trade")
-    for table, n in summary["ohlc_violations"].items():
+    for table, n in msgspec.structs.asdict(summary.ohlc_violations).items():
         if n:
             fail.append(f"{n} {table} candle(s) with low/high not bounding open/close")
-    for table, n in summary["rollup_violations"].items():
+    for table, n in msgspec.structs.asdict(summary.rollup_violations).items():
         if n:
             fail.append(f"{n} {table} candle(s) that are not the merge of their base candles")
     # An offset reset that skipped messages lost them (for the stream and for batch alike, so
     # the two still agree): fail. One that skipped none known (the broker lost a log whose
     # unread end, if any, is not known) may have lost trades: warn.
-    for reset in summary.get("offset_resets", []):
-        (fail if reset["skipped"] else warn).append(describe_reset(reset))
+    for reset in summary.offset_resets:
+        (fail if reset.skipped else warn).append(describe_reset(reset))
     if counts["missing_in_stream"] > thresholds.max_missing_in_stream:
         warn.append(f"{counts['missing_in_stream']} candle(s) missing in the stream")
-    late = summary["late_trades"]
-    if late["rate"] > thresholds.max_late_rate:
-        warn.append(f"late-trade rate {late['rate']:.2%} above {thresholds.max_late_rate:.2%}")
-    invalid = summary["invalid_messages"]
-    if invalid["rate"] > thresholds.max_invalid_rate:
+    late = summary.late_trades
+    if late.rate > thresholds.max_late_rate:
+        warn.append(f"late-trade rate {late.rate:.2%} above {thresholds.max_late_rate:.2%}")
+    invalid = summary.invalid_messages
+    if invalid.rate > thresholds.max_invalid_rate:
         warn.append(
-            f"invalid-message rate {invalid['rate']:.2%} above {thresholds.max_invalid_rate:.2%}"
+            f"invalid-message rate {invalid.rate:.2%} above {thresholds.max_invalid_rate:.2%}"
         )
-    stream = summary["stream"]
-    if not stream["passed"]:
+    stream = summary.stream
+    if not stream.passed:
         warn.append(
-            "the stream's watermark had not passed the interval's end"
-            + (f" (lag {stream['lag_s']:.0f}s)" if stream["lag_s"] is not None else "")
+            "the stream's watermark had not passed the period's end"
+            + (f" (lag {stream.lag_s:.0f}s)" if stream.lag_s is not None else "")
         )
-    windows = summary["base_windows"]
-    if windows and summary["gaps_total"] / windows > thresholds.max_gap_rate:
-        warn.append(f"{summary['gaps_total']} of {windows} base windows have no trade")
+    windows = summary.base_windows
+    if windows and summary.gaps_total / windows > thresholds.max_gap_rate:
+        warn.append(f"{summary.gaps_total} of {windows} base windows have no trade")
     if fail:
         return "fail", fail + warn
     return ("warn" if warn else "pass"), warn

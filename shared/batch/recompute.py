@@ -1,12 +1,9 @@
 """Batch recomputation (SPEC §6 step 2): every candle of an interval, from ``trades``, in SQL.
 
 The trades never travel into Python: one set-based statement folds them into base candles and
-merges those into the larger intervals, in the same way as the core. A hash-aggregate pass over
-the interval's trades computes every field but open and close, and each window's least and
-greatest ``ts`` and ``trade_id``; open and close, the first and last trade by ``(ts, trade_id)``,
-then come from one probe each of the primary key ``(exchange, symbol, trade_id)`` (see
-``_PROBE``) instead of a comparison on every row (the first version took ``min``/``max`` of an
-``ARRAY[epoch, id, price]`` built per trade: twice the time for a day of 10M trades).
+merges those into the larger intervals, with the fold and rollup of ``shared.batch.candle_sql``
+(open and close come from one probe each of the primary key ``(exchange, symbol, trade_id)``:
+see ``candle_sql.base_fold``).
 
 The run for ``[start, end)`` owns every window that *ends* in ``(start, end]``: with the default
 intervals and hourly runs, exactly the windows inside the hour; a ``1d`` window is computed by the
@@ -26,6 +23,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 
+from shared.batch.candle_sql import CANDLE_COLUMNS, base_fold, candle_columns, rollup
 from shared.core.intervals import Interval, IntervalSet
 from shared.core.trades import datetime_to_ts, ts_to_datetime
 
@@ -60,74 +58,8 @@ def _pg_interval(interval: Interval) -> timedelta:
     return timedelta(microseconds=interval.length_us)
 
 
-#: The base candles without open and close: one hash-aggregate pass over the trades.
-AGGREGATE = """
-aggregate AS (
-    SELECT exchange, symbol,
-           date_bin(%(base_len)s, ts, timestamptz 'epoch') AS window_start,
-           max(price) AS high,
-           min(price) AS low,
-           sum(quantity) AS volume,
-           sum(price * quantity) AS quote_volume,
-           sum(raw_trades) AS trade_count,
-           bool_or(is_buyer_maker IS NOT NULL) AS sided,
-           sum(quantity) FILTER (WHERE NOT is_buyer_maker) AS taker_volume,
-           sum(price * quantity) FILTER (WHERE NOT is_buyer_maker) AS taker_quote,
-           min(ts) AS first_ts, max(ts) AS last_ts,
-           min(trade_id) AS min_id, max(trade_id) AS max_id
-    FROM trades
-    WHERE ts >= %(scan_start)s AND ts < %(scan_end)s
-    GROUP BY 1, 2, 3
-)"""
-
-#: A window's first (last) trade by ``(ts, trade_id)`` is, of its trades at its least (greatest)
-#: ``ts``, the one with the least (greatest) id. Every trade of the window has an id in
-#: ``[min_id, max_id]``, and no trade outside it has that ``ts``, so walking the primary key
-#: ``(exchange, symbol, trade_id)`` through that range from the low (high) end and stopping at
-#: the first trade with that ``ts`` finds it, exactly. Where ids grow with time (Binance, Kraken:
-#: the venues' ids are consecutive) that is the first entry: one probe per window, as with a
-#: time-ordered index, but without a second B-tree for every writer to maintain
-#: (docs/storage.md); a window whose first trade came out of id order reads on to it.
-#: ``(t.ts = …) IS TRUE`` (the same, ``ts`` is never NULL) keeps the planner from adding the
-#: BRIN index on ``ts`` to the key in a bitmap scan that reads and sorts the whole window: five
-#: times the time per probe (a day of 1M trades: 5.2-5.9 s of probes instead of 2.3 s).
-_PROBE = """
-CROSS JOIN LATERAL (
-    SELECT t.ts, t.trade_id, t.price FROM trades AS t
-    WHERE t.exchange = a.exchange AND t.symbol = a.symbol
-      AND t.trade_id BETWEEN a.min_id AND a.max_id AND (t.ts = a.{ts}) IS TRUE
-    ORDER BY t.trade_id {order}
-    LIMIT 1
-) AS {name}"""
-
-#: Base candles, with first and last as ``ARRAY[epoch, id, price]`` so that the rollups take
-#: ``min``/``max`` of them over a few base candles each.
-BASE = f"""
-base AS MATERIALIZED (
-    SELECT a.*,
-           ARRAY[extract(epoch FROM f.ts), f.trade_id, f.price] AS first,
-           ARRAY[extract(epoch FROM l.ts), l.trade_id, l.price] AS last
-    FROM aggregate AS a
-    {_PROBE.format(order="ASC", ts="first_ts", name="f")}
-    {_PROBE.format(order="DESC", ts="last_ts", name="l")}
-)"""
-
-_ROLLUP = """
-SELECT exchange, symbol, date_bin({length}, window_start, timestamptz 'epoch') AS window_start,
-       min(first) AS first, max(last) AS last, max(high) AS high, min(low) AS low,
-       sum(volume) AS volume, sum(quote_volume) AS quote_volume,
-       sum(trade_count) AS trade_count, bool_or(sided) AS sided,
-       sum(taker_volume) AS taker_volume, sum(taker_quote) AS taker_quote
-FROM base
-GROUP BY 1, 2, 3
-"""
-
 _SELECT = """
-SELECT exchange, symbol, {name}, window_start, window_start + {length},
-       first[3], high, low, last[3], volume, quote_volume, trade_count,
-       first[2]::bigint, last[2]::bigint,
-       CASE WHEN sided THEN coalesce(taker_volume, 0) END,
-       CASE WHEN sided THEN coalesce(taker_quote, 0) END
+SELECT exchange, symbol, {name}, window_start, window_start + {length}, {columns}
 FROM ({source}) AS c
 WHERE window_start >= {first} AND window_start + {length} <= {last_end}
 """
@@ -152,11 +84,12 @@ def recompute_batch_candles(
         params[f"len{n}"] = _pg_interval(interval)
         params[f"first{n}"] = window_range.first_start
         params[f"end{n}"] = window_range.last_end
-        source = "SELECT * FROM base" if interval == base else _ROLLUP.format(length=f"%(len{n})s")
+        source = "SELECT * FROM base" if interval == base else rollup(f"%(len{n})s")
         selects.append(
             _SELECT.format(
                 name=f"%(name{n})s::text",
                 length=f"%(len{n})s",
+                columns=candle_columns(),
                 source=source,
                 first=f"%(first{n})s",
                 last_end=f"%(end{n})s",
@@ -179,10 +112,8 @@ def recompute_batch_candles(
             {"wm": WORK_MEM},
         ).fetchone()
         conn.execute(
-            "INSERT INTO batch_candles (exchange, symbol, interval, window_start, window_end,"
-            " open, high, low, close, volume, quote_volume, trade_count, first_trade_id,"
-            " last_trade_id, taker_buy_volume, taker_buy_quote_volume)"
-            f" WITH {AGGREGATE}, {BASE} " + " UNION ALL ".join(selects),
+            f"INSERT INTO batch_candles ({', '.join(CANDLE_COLUMNS)})"
+            f" WITH {base_fold()} " + " UNION ALL ".join(selects),
             params,
         )
         if previous is not None:

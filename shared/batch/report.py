@@ -15,6 +15,7 @@ from psycopg.types.json import Jsonb
 
 from shared.batch.charts import bar_chart, line_chart
 from shared.batch.outputs import OutputError
+from shared.batch.summary import ReportSummary
 from shared.config import Settings
 from shared.core.trades import datetime_to_ts
 from shared.store import db
@@ -86,14 +87,14 @@ def _symbol_charts(
     ]
 
 
-def render_report(conn: psycopg.Connection, summary: dict) -> str:
+def render_report(conn: psycopg.Connection, summary: ReportSummary) -> str:
     """The HTML page of a summary (as ``checks_step`` builds it)."""
-    start = datetime.fromisoformat(summary["interval"]["start"])
-    end = datetime.fromisoformat(summary["interval"]["end"])
+    start = datetime.fromisoformat(summary.period.start)
+    end = datetime.fromisoformat(summary.period.end)
     mismatches, total = _mismatches(conn, start, end)
-    base = summary["intervals"][0]
-    lateness = [(b["bucket"], b["count"]) for b in summary["late_trades"]["lateness"]]
-    reasons = list(summary["invalid_messages"]["reasons"].items())
+    base = summary.intervals[0]
+    lateness = [(b.bucket, b.count) for b in summary.late_trades.lateness]
+    reasons = list(summary.invalid_messages.reasons.items())
     return _env.get_template("report.html.j2").render(
         s=summary,
         mismatches=mismatches,
@@ -105,13 +106,13 @@ def render_report(conn: psycopg.Connection, summary: dict) -> str:
     )
 
 
-def report_path(settings: Settings, summary: dict) -> Path:
-    start = summary["interval"]["start"].replace(":", "").replace("+0000", "Z")
-    end = summary["interval"]["end"].replace(":", "").replace("+0000", "Z")
+def report_path(settings: Settings, summary: ReportSummary) -> Path:
+    start = summary.period.start.replace(":", "").replace("+0000", "Z")
+    end = summary.period.end.replace(":", "").replace("+0000", "Z")
     return Path(settings.report_dir).resolve() / f"dq_{start}_{end}.html"
 
 
-def publish_report(url: str, settings: Settings, summary: dict) -> dict:
+def publish_report(url: str, settings: Settings, summary: ReportSummary) -> dict:
     """Write the HTML file, then upsert the ``dq_reports`` row (summary, status, HTML): a report
     directory that cannot be written leaves no row behind."""
     path = report_path(settings, summary)
@@ -131,20 +132,20 @@ def publish_report(url: str, settings: Settings, summary: dict) -> dict:
             " SET status = EXCLUDED.status, summary = EXCLUDED.summary, html = EXCLUDED.html,"
             " created_at = now()",
             (
-                summary["interval"]["start"],
-                summary["interval"]["end"],
-                summary["status"],
-                Jsonb(summary),
+                summary.period.start,
+                summary.period.end,
+                summary.status,
+                Jsonb(summary.to_json()),
                 html,
             ),
         )
         conn.commit()
-    return {"status": summary["status"], "path": str(path)}
+    return {"status": summary.status, "path": str(path)}
 
 
 def stored_report_html(url: str, start: datetime, end: datetime) -> str | None:
     """The HTML of the ``dq_reports`` row of exactly ``[start, end)``; ``None`` when that
-    interval has no report (yet). What the Airflow "Data quality" view shows."""
+    period has no report (yet). What the Airflow "Data quality" view shows."""
     with db.connect(url) as conn:
         row = conn.execute(
             "SELECT html FROM dq_reports WHERE interval_start = %s AND interval_end = %s",

@@ -1,15 +1,20 @@
-"""The PostgreSQL schema (SPEC §7): the one place that knows table and column names.
+"""The PostgreSQL schema (SPEC §7): the tables' definitions (columns, types, keys, indexes).
+
+The SQL modules name tables and columns in their SQL text: those names are the contract of
+SPEC §7 and change only with a migration, so the SQL reads as it runs. What must agree is
+checked by tests instead: the migrated database against these definitions (tests/test_store.py)
+and the candle tables' columns against ``CANDLE_FIELDS`` (tests/test_candle_sql.py).
 
 The tables are created and upgraded by the Alembic migrations in ``shared/store/migrations``
-(applied by ``candlekeep db upgrade``); a test checks that the migrated database matches these
-definitions. Money and sizes are ``NUMERIC`` (exact), times ``timestamptz``.
+(applied by ``candlekeep db upgrade``). Money and sizes are ``NUMERIC`` (exact), times
+``timestamptz``.
 
 ``trades`` is keyed by a trade's identity, ``(exchange, symbol, trade_id)`` (SPEC §2: a copy with
 another timestamp or price is the same trade), so PostgreSQL itself keeps one row per trade
 whichever path writes it. A unique key of a partitioned table must contain the partition key, so
 the table is not partitioned (migration 0003; the choice, measured, is in docs/storage.md). The
 key also finds a window's first and last trade (its open and close), with one probe each where
-ids grow with time (``shared.batch.recompute``); BRIN on ``ts`` serves the hour-range scans.
+ids grow with time (``shared.batch.candle_sql``); BRIN on ``ts`` serves the hour-range scans.
 """
 
 from __future__ import annotations
@@ -40,17 +45,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = MetaData()
 
-TRADES = "trades"
-STREAM_CANDLES = "stream_candles"
-STREAM_CANDLE_PARTS = "stream_candle_parts"
-BATCH_CANDLES = "batch_candles"
-LATE_TRADES = "late_trades"
-INVALID_TRADES = "invalid_trades"
-STREAM_PROGRESS = "stream_progress"
-CANDLE_MISMATCHES = "candle_mismatches"
-DQ_REPORTS = "dq_reports"
-OFFSET_RESETS = "offset_resets"
-TRADE_CONFLICTS = "trade_conflicts"
 
 MISMATCH_KINDS = ("late", "missing_in_stream", "missing_in_batch", "unexplained")
 
@@ -60,7 +54,7 @@ def _ts(name: str, nullable: bool = False, **kw) -> Column:
 
 
 trades = Table(
-    TRADES,
+    "trades",
     metadata,
     Column("exchange", Text, nullable=False),
     Column("symbol", Text, nullable=False),
@@ -80,7 +74,7 @@ trades = Table(
 #: conflicting and kept with what differs). One row per distinct conflicting copy: a copy
 #: delivered again (a replayed offset, a file loaded twice) adds nothing.
 trade_conflicts = Table(
-    TRADE_CONFLICTS,
+    "trade_conflicts",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
     Column("exchange", Text, nullable=False),
@@ -148,7 +142,7 @@ def _candle_table(
 
 
 stream_candles = _candle_table(
-    STREAM_CANDLES,
+    "stream_candles",
     Column("revision", Integer, nullable=False, server_default=text("0")),
     _ts("updated_at", server_default=func.now()),
 )
@@ -159,7 +153,7 @@ stream_candles = _candle_table(
 #: windows count their emissions). Partition -1 (empty topic): a candle written before migration
 #: 0004, partition unknown.
 stream_candle_parts = _candle_table(
-    STREAM_CANDLE_PARTS,
+    "stream_candle_parts",
     Column("topic", Text, nullable=False),
     Column("partition", Integer, nullable=False),
     _ts("open_ts"),
@@ -171,12 +165,12 @@ stream_candle_parts = _candle_table(
 )
 
 batch_candles = _candle_table(
-    BATCH_CANDLES,
+    "batch_candles",
     _ts("computed_at", server_default=func.now()),
 )
 
 late_trades = Table(
-    LATE_TRADES,
+    "late_trades",
     metadata,
     Column("exchange", Text, nullable=False),
     Column("symbol", Text, nullable=False),
@@ -196,7 +190,7 @@ late_trades = Table(
 )
 
 invalid_trades = Table(
-    INVALID_TRADES,
+    "invalid_trades",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
     # Where the message came from: "kafka:<topic>" or a file path; partition -1 for files,
@@ -216,7 +210,7 @@ invalid_trades = Table(
 )
 
 stream_progress = Table(
-    STREAM_PROGRESS,
+    "stream_progress",
     metadata,
     Column("consumer_group", Text, nullable=False),
     Column("topic", Text, nullable=False),
@@ -244,7 +238,7 @@ stream_progress = Table(
 )
 
 offset_resets = Table(
-    OFFSET_RESETS,
+    "offset_resets",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
     Column("consumer_group", Text, nullable=False),
@@ -278,7 +272,7 @@ offset_resets = Table(
 )
 
 candle_mismatches = Table(
-    CANDLE_MISMATCHES,
+    "candle_mismatches",
     metadata,
     Column("exchange", Text, nullable=False),
     Column("symbol", Text, nullable=False),
@@ -299,7 +293,7 @@ candle_mismatches = Table(
 )
 
 dq_reports = Table(
-    DQ_REPORTS,
+    "dq_reports",
     metadata,
     _ts("interval_start"),
     _ts("interval_end"),

@@ -1,0 +1,113 @@
+"""The report's summary (SPEC §6 steps 4-5), typed: what the checks find and the verdict says.
+
+``checks_step`` builds it; the verdict, the HTML template, the CLI and the DAG's asset event read
+its fields by name, so a misspelt field is an error where it is read, not an empty cell. It is
+stored as JSON in ``dq_reports.summary`` and passed between Airflow tasks as JSON: ``to_json``
+and ``from_json`` keep the JSON names reports were stored with, so older reports still read.
+The one name that differs from the JSON is ``period`` (JSON ``interval``): a run's
+``[start, end)`` is a period, an interval is a candle length, but stored reports and the asset
+events' consumers know the key ``interval``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class Period(msgspec.Struct):
+    """A run's ``[start, end)``, ISO-8601 with offset."""
+
+    start: str
+    end: str
+
+
+class ByTable(msgspec.Struct):
+    """A count for each candle table."""
+
+    batch: int
+    stream: int
+
+
+class LatenessBucket(msgspec.Struct):
+    bucket: str
+    count: int
+
+
+class LateTrades(msgspec.Struct):
+    """Trades of the period, how many arrived late, and how late."""
+
+    trades: int
+    late: int
+    rate: float
+    max_lateness_s: float
+    lateness: list[LatenessBucket]
+
+
+class InvalidMessages(msgspec.Struct):
+    """The stream's invalid messages so far (they carry no trade time: not per period)."""
+
+    consumed: int
+    invalid: int
+    rate: float
+    reasons: dict[str, int]
+
+
+class StreamProgress(msgspec.Struct):
+    """The stream's watermark when the run looked, and whether it had passed the period."""
+
+    watermark: str | None
+    passed: bool
+    lag_s: float | None
+
+
+class OffsetReset(msgspec.Struct):
+    """An ``offset_resets`` row (SPEC §4) that may have touched the period."""
+
+    id: int
+    consumer_group: str
+    topic: str
+    partition: int
+    kind: str
+    stored_offset: int | None
+    log_start_offset: int | None
+    log_end_offset: int | None
+    skipped: int
+    policy: str
+    watermark: str | None
+    resumed_at: str | None
+    detected_at: str
+
+
+class ReportSummary(msgspec.Struct):
+    """Everything a report says, and its verdict (``status``, ``reasons``)."""
+
+    period: Period = msgspec.field(name="interval")
+    intervals: list[str]
+    counts: dict[str, int]
+    by_interval: dict[str, dict[str, int]]
+    ohlc_violations: ByTable
+    rollup_violations: ByTable
+    gaps: dict[str, int]
+    gaps_total: int
+    base_windows: int
+    late_trades: LateTrades
+    invalid_messages: InvalidMessages
+    stream: StreamProgress
+    offset_resets: list[OffsetReset] = []  # reports stored before offset resets were checked
+    status: str = ""  # the verdict: pass, warn or fail ("" until ``verdict`` has been asked)
+    reasons: list[str] = []
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object stored in ``dq_reports.summary`` and passed between tasks."""
+        return msgspec.to_builtins(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ReportSummary:
+        return msgspec.convert(data, cls)
+
+    def headline(self) -> dict[str, Any]:
+        """What the DAG's asset event carries: the period, the verdict and the counts."""
+        data = self.to_json()
+        return {key: data[key] for key in ("interval", "status", "counts", "reasons")}
