@@ -340,11 +340,11 @@ def test_books_of_consecutive_parts_merge_into_the_whole_books_candles(trades, r
     by_rows = CandleBook(INTERVALS)
     for key in dict.fromkeys((t.exchange, t.symbol) for t in trades):
         rows = [
-            (t.trade_id, t.ts_us, t.price, t.quantity, t.is_buyer_maker, t.raw_trades)
+            (*key, t.trade_id, t.ts_us, t.price, t.quantity, t.is_buyer_maker, t.raw_trades)
             for t in trades
             if (t.exchange, t.symbol) == key
         ]
-        by_rows.add_rows(*key, rows)
+        by_rows.add_rows(rows)
     assert records(by_rows) == expected
     assert (by_rows.trades, by_rows.dedup.duplicates) == (whole.trades, duplicates)
     cuts = sorted(rnd.randrange(len(trades) + 1) for _ in range(parts - 1))

@@ -71,6 +71,12 @@ class Trade(msgspec.Struct, gc=False):
         return (self.ts_us, self.trade_id)
 
 
+#: A trade as a plain tuple: the fields of :class:`Trade`, in order (``Trade(*row)`` makes the
+#: trade, ``msgspec.structs.astuple(trade)`` the row). Files are read and folded as rows: no
+#: object per line.
+Row = tuple[str, str, int, int, Decimal, Decimal, bool | None, int]
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """Why a message is not a trade.
