@@ -10,7 +10,7 @@ import click
 from candlekeep.errors import UserError
 from candlekeep.trade_input import exchange_option, symbol_option
 from shared.core.trade_files import FORMATS
-from shared.core.trades import SYMBOL_RULE, normalise_symbol
+from shared.core.trade_rules import SYMBOL_RULE, normalise_symbol
 
 #: Binance's public WebSocket endpoint (imported lazily elsewhere: websockets is in `stream`).
 BINANCE_URL = "wss://stream.binance.com:9443"

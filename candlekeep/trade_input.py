@@ -20,15 +20,8 @@ from shared.core.trade_files import (
     detect_format,
     symbol_from_filename,
 )
-from shared.core.trades import (
-    EXCHANGE_RULE,
-    SYMBOL_RULE,
-    Rejection,
-    Row,
-    Trade,
-    normalise_exchange,
-    normalise_symbol,
-)
+from shared.core.trade_rules import EXCHANGE_RULE, SYMBOL_RULE, normalise_exchange, normalise_symbol
+from shared.core.trades import Rejection, Row, Trade
 
 #: How many invalid lines are printed one by one before only their count is kept.
 MAX_LINES_SHOWN = 1000

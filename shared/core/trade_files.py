@@ -18,7 +18,8 @@ from pathlib import PurePath
 
 from msgspec.structs import astuple
 
-from shared.core.trades import (
+from shared.core.trade_messages import parse_trade_message
+from shared.core.trade_rules import (
     COMMON_MAX_BYTES,
     COMMON_SMALLEST,
     COMMON_TOO_LARGE,
@@ -29,17 +30,14 @@ from shared.core.trades import (
     MAX_TS_US,
     SYMBOL_RULE,
     InvalidField,
-    Rejection,
-    Row,
-    Trade,
     check_positive_decimal,
     check_raw_trades,
     check_trade_id,
     check_ts_us,
     normalise_exchange,
     normalise_symbol,
-    parse_trade_message,
 )
+from shared.core.trades import Rejection, Row, Trade
 
 FORMATS = ("auto", "jsonl", "binance-trades", "binance-aggtrades")
 #: Integer timestamps at or above this are microseconds (1e14 ms would be the year 5138).
@@ -157,7 +155,7 @@ class TradeLineReader:
         which is only read when it is ``is_buyer_maker`` (files without ``is_best_match``).
 
         Like the JSON parser, two paths: this loop only ever accepts, for lines that are short
-        and whose values are inside the bounds every rule of :mod:`shared.core.trades` allows;
+        and whose values are inside the bounds every rule of :mod:`shared.core.trade_rules` allows;
         anything else goes to :func:`_careful_csv`, which applies those rules one by one and
         gives the exact reason, or accepts the line just the same."""
         # Columns: with is_best_match, without it; where is_buyer_maker and the time are.
@@ -266,7 +264,7 @@ def is_header(line: str, aggregated: bool) -> bool:
 
 
 def _careful_csv(fields: list[str], aggregated: bool) -> tuple[_Fields, bool] | Rejection:
-    """One CSV line through the field rules of :mod:`shared.core.trades` (the JSON path's), one
+    """One CSV line through the field rules of :mod:`shared.core.trade_rules` (the JSON path's), one
     at a time: the trade's fields after exchange and symbol and whether its time was in
     microseconds, or the exact rejection."""
     names = AGG_TRADE_COLUMNS if aggregated else TRADE_COLUMNS

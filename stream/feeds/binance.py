@@ -33,7 +33,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from shared.core.trade_files import MICROSECOND_THRESHOLD
-from shared.core.trades import Rejection, normalise_symbol, parse_trade_object
+from shared.core.trade_messages import parse_trade_object
+from shared.core.trade_rules import normalise_symbol
+from shared.core.trades import Rejection
 from stream.feeds.produce import FeedError, ensure_topic
 from stream.feeds.replay import SendStats, canonical_timestamp, produce_live
 from stream.feeds.synthetic import FeedMessage
