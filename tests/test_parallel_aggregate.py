@@ -1,6 +1,6 @@
 """``candlekeep aggregate --workers N``: byte for byte the serial result, with the input cut into
 tiny parts (the hidden ``--chunk-bytes``), duplicates and invalid lines across parts, several
-symbols, compressed files; and the core pieces it relies on (merging books, the inlined fold)."""
+symbols, compressed files; and the core pieces it relies on (merging books, folding rows)."""
 
 from __future__ import annotations
 
@@ -306,7 +306,7 @@ def test_cross_unit_duplicates_compares_overlapping_id_ranges_only():
 
 
 def reference_fold(trades, intervals):
-    """Fold with ``Candle.add`` one trade at a time: what ``add_all`` inlines."""
+    """Fold with ``Candle.add`` one trade at a time: what the book's loop does for many."""
     dedup = Deduplicator()
     bases = {}
     for trade in dedup.unique(trades):

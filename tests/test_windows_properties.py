@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from shared.core.aggregation import Deduplicator, aggregate
 from shared.core.candles import merge
-from shared.core.intervals import IntervalSet
-from shared.core.windows import PartitionWindows, WindowSettings
+from shared.core.intervals import SUPPORTED, IntervalSet, window_start
+from shared.core.windows import PartitionWindows, WatermarkClock, WindowSettings
 
 from .strategies import trade_lists
 
@@ -200,3 +200,33 @@ def test_snapshot_restore_continue_equals_an_uninterrupted_run(trades, rnd, cuts
         return out
 
     assert run(set(cuts)) == run(set())
+
+
+@given(st.integers(-(10**15), 10**16), st.sampled_from(sorted(SUPPORTED.values())))
+def test_window_start_is_the_epoch_aligned_half_open_window(ts_us, length_us):
+    """The one window-start function (every fold and window loop calls it)."""
+    start = window_start(ts_us, length_us)
+    assert start % length_us == 0 and start <= ts_us < start + length_us
+
+
+@given(trade_lists(), st.randoms(use_true_random=False), st.integers(1, 5))
+def test_process_moves_its_clock_as_observing_each_trade_does(trades, rnd, batches):
+    """``process`` drives the :class:`WatermarkClock` it owns: its state after any batches is
+    that of a clock that observed the same trades at the same wall times."""
+    settings = WindowSettings(INTERVALS, max_delay_us=rnd.choice([0, 5, 60]) * SECOND)
+    windows = PartitionWindows(settings)
+    clock = WatermarkClock(settings.max_delay_us, settings.idle_timeout_us)
+    trades = in_disorder_within(trades, 30 * SECOND, rnd)
+    size = max(1, len(trades) // batches)
+    for now_us, i in enumerate(range(0, len(trades), size)):
+        out = windows.process(trades[i : i + size], now_us)
+        late = set()
+        for trade in trades[i : i + size]:
+            if clock.watermark_us is not None and (
+                window_start(trade.ts_us, INTERVALS.base.length_us) + INTERVALS.base.length_us
+                <= clock.watermark_us
+            ):
+                late.add(trade.key)
+            clock.observe(trade.ts_us, now_us)
+        assert {lt.trade.key for lt in out.late} == late
+        assert windows.clock.snapshot() == clock.snapshot()
