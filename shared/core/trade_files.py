@@ -215,10 +215,10 @@ class TradeLineReader:
                 if isinstance(careful, Rejection):
                     self._reject(number, line, careful)
                     continue
-                fields, micro = careful
+                parsed, micro = careful
                 if not unit_known:
                     self.microseconds, unit_known = micro, True
-                yield (exchange, symbol, *fields)
+                yield (exchange, symbol, *parsed)
                 continue
             if not unit_known:
                 self.microseconds, unit_known = micro, True
