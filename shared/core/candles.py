@@ -11,6 +11,7 @@ import decimal
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, localcontext
+from typing import get_args, get_type_hints
 
 from shared.core.intervals import Interval
 from shared.core.trades import Trade
@@ -125,6 +126,13 @@ class Candle:
 
     def copy(self, **changes) -> Candle:
         return replace(self, **changes)
+
+
+#: The candle's fields that hold a ``Decimal`` (or ``None``), from its annotations: snapshots
+#: write them as exact strings.
+DECIMAL_FIELDS = frozenset(
+    name for name, kind in get_type_hints(Candle).items() if Decimal in (kind, *get_args(kind))
+)
 
 
 def fold(

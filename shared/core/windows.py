@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from typing import Any
 
-from shared.core.candles import EXACT, Candle, fold, open_candle, widen
+from shared.core.candles import DECIMAL_FIELDS, EXACT, Candle, fold, open_candle, widen
 from shared.core.intervals import IntervalSet, window_start
 from shared.core.trades import Trade
 
@@ -355,20 +355,6 @@ class PartitionWindows:
         return windows
 
 
-_DECIMAL_FIELDS = frozenset(
-    {
-        "open",
-        "high",
-        "low",
-        "close",
-        "volume",
-        "quote_volume",
-        "taker_buy_volume",
-        "taker_buy_quote_volume",
-    }
-)
-
-
 def candle_to_state(candle: Candle) -> dict[str, Any]:
     """A candle as JSON-able data, decimals as exact strings."""
     out: dict[str, Any] = {}
@@ -380,7 +366,7 @@ def candle_to_state(candle: Candle) -> dict[str, Any]:
 
 def candle_from_state(data: dict[str, Any]) -> Candle:
     values = {
-        name: (Decimal(v) if name in _DECIMAL_FIELDS and v is not None else v)
+        name: (Decimal(v) if name in DECIMAL_FIELDS and v is not None else v)
         for name, v in data.items()
     }
     return Candle(**values)
