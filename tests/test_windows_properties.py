@@ -4,13 +4,15 @@ clock, late trades and snapshot/restore."""
 from __future__ import annotations
 
 import json
+from decimal import Decimal, localcontext
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.core.aggregation import Deduplicator, aggregate
-from shared.core.candles import merge
+from shared.core.candles import EXACT, merge, open_candle
 from shared.core.intervals import SUPPORTED, IntervalSet, window_start
+from shared.core.trades import Trade
 from shared.core.windows import PartitionWindows, WatermarkClock, WindowSettings
 
 from .strategies import trade_lists
@@ -230,3 +232,34 @@ def test_process_moves_its_clock_as_observing_each_trade_does(trades, rnd, batch
             clock.observe(trade.ts_us, now_us)
         assert {lt.trade.key for lt in out.late} == late
         assert windows.clock.snapshot() == clock.snapshot()
+
+
+def test_every_fold_is_exact_beyond_the_default_28_digits():
+    """The fold's sums and products are exact only in the exact context: every caller (the
+    book, the stream's windows, ``Candle.add``) must hold it, or these would round."""
+    t0 = 1_700_000_040 * SECOND  # a 15m boundary
+    prices = [Decimal("1.000000000000000000000000000000000000001"), Decimal("3.5")]
+    quantity = Decimal("0.00000000000000000000000000000007")
+    trades = [
+        Trade("binance", "BTCUSDT", i, t0 + i, prices[i % 2], quantity, False) for i in range(4)
+    ]
+    with localcontext(EXACT):
+        volume = sum(t.quantity for t in trades)
+        quote = sum(t.price * t.quantity for t in trades)
+    expected = (volume, quote, volume, quote)
+
+    def sums(candle):
+        return (
+            candle.volume,
+            candle.quote_volume,
+            candle.taker_buy_volume,
+            candle.taker_buy_quote_volume,
+        )
+
+    streamed, _, _ = stream(trades, WindowSettings(INTERVALS))
+    added = open_candle(trades[0], INTERVALS.base)
+    for trade in trades[1:]:
+        added.add(trade)
+    folded = [*aggregate(trades, INTERVALS), *streamed, added]
+    assert len(folded) == 2 * len(INTERVALS.intervals) + 1
+    assert all(sums(candle) == expected for candle in folded)

@@ -31,8 +31,9 @@ class IntervalError(ValueError):
 
 def window_start(ts_us: int, length_us: int) -> int:
     """Start of the epoch-aligned window of ``length_us`` holding ``ts_us``: the one place that
-    says where windows begin (the fold, the stream, the book and :meth:`Interval.window_start`
-    all call it). Floor division keeps pre-epoch times in the window below them."""
+    says where windows begin (:meth:`Interval.window_start` and the stream's windows call it;
+    ``CandleBook.add_rows`` writes it out, measured, and a test holds it to this). Floor
+    division keeps pre-epoch times in the window below them."""
     return ts_us - ts_us % length_us
 
 
