@@ -10,7 +10,7 @@ import click
 
 from candlekeep.errors import UserError
 from candlekeep.trade_input import trade_source_options
-from shared.core.trades import SYMBOL_RULE, normalise_symbol
+from shared.core.trade_rules import SYMBOL_RULE, normalise_symbol
 
 if TYPE_CHECKING:  # (the feeds need the `stream` extra: imported when a feed runs)
     from stream.feeds.produce import Messages, SendStats

@@ -2,7 +2,7 @@
 
 A *unit* is a whole file (compressed files and small ones) or a byte range of a plain file cut
 on line boundaries. Each worker folds its unit with the core, as the serial path does
-(:class:`TradeLineReader` into a :class:`CandleBook`; Binance files as rows, without a Trade
+(:class:`TradeLineReader` rows into a :class:`CandleBook`: Binance files without a Trade
 object per line) and sends back its base candles, counts, first invalid lines and the trade ids
 it saw. The parent then:
 
@@ -107,11 +107,11 @@ def add_trades(
 ) -> None:
     """Fold every trade of ``source`` into ``book``: in worker processes when that pays off,
     else serially here. Counts, invalid lines and the time unit end up in ``source`` as after
-    ``book.add_all(source.trades())``. ``chunk_bytes`` forces the chunk size (and parallelism
+    ``book.add_rows(source.rows())``. ``chunk_bytes`` forces the chunk size (and parallelism
     for any input size): for tests and tuning."""
     units = plan_units(source, workers, chunk_bytes)
     if units is None:
-        book.add_all(source.trades())
+        book.add_rows(source.rows())
         return
     results = _run(units, source, book.intervals, workers)
     for result in results:
@@ -185,10 +185,7 @@ def fold_unit(task: _Task) -> UnitResult:
     )
     reader.lines = base
     with _open_unit(unit) as lines:
-        if unit.fmt == "jsonl":
-            book.add_all(reader.trades(lines))
-        else:  # one symbol: rows, no Trade objects
-            book.add_rows(reader.exchange, reader.symbol, reader.rows(lines))
+        book.add_rows(reader.rows(lines))
     ids = None
     if task.want_ids:
         ids = {key: _compact(seen) for key, seen in book.dedup.seen.items() if seen}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import click
@@ -21,14 +21,8 @@ from shared.core.trade_files import (
     detect_format,
     symbol_from_filename,
 )
-from shared.core.trades import (
-    EXCHANGE_RULE,
-    SYMBOL_RULE,
-    Rejection,
-    Trade,
-    normalise_exchange,
-    normalise_symbol,
-)
+from shared.core.trade_rules import EXCHANGE_RULE, SYMBOL_RULE, normalise_exchange, normalise_symbol
+from shared.core.trades import Rejection, Row, Trade
 
 #: How many invalid lines are printed one by one before only their count is kept.
 MAX_LINES_SHOWN = 1000
@@ -114,6 +108,14 @@ class TradeInput:
 
     def trades(self) -> Iterator[Trade]:
         """Every trade of every file, in file order; invalid lines reported on stderr."""
+        return self._read(TradeLineReader.trades)
+
+    def rows(self) -> Iterator[Row]:
+        """``trades`` as :data:`Row` tuples (what ``CandleBook.add_rows`` folds): Binance files
+        are read without a Trade object per line."""
+        return self._read(TradeLineReader.rows)
+
+    def _read(self, read: Callable[[TradeLineReader, Iterable[str]], Iterator]) -> Iterator:
         total = sum(os.path.getsize(p) for p in self.paths)
         show = self.console.is_terminal and total > 2_000_000
         progress = Progress(
@@ -140,7 +142,7 @@ class TradeInput:
                     lines: Iterable[str] = handle
                     if show:
                         lines = _counting(handle, progress, task)
-                    yield from reader.trades(lines)
+                    yield from read(reader, lines)
                 self.lines += reader.lines
                 self.trade_lines[path] += reader.lines - reader.invalid - reader.skipped
                 if self.microseconds is None:

@@ -43,13 +43,8 @@ from aiokafka.errors import (
 
 from shared.config import Settings
 from shared.core.candles import Candle
-from shared.core.trades import (
-    Rejection,
-    check_key,
-    parse_common_trade,
-    parse_trade_message,
-    ts_to_datetime,
-)
+from shared.core.trade_messages import check_key, parse_common_trade, parse_trade_message
+from shared.core.trades import Rejection, ts_to_datetime
 from shared.core.windows import Emission, PartitionWindows, StateMismatch
 from shared.errors import CandlekeepError
 from shared.store import db

@@ -15,7 +15,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from shared.config import Settings
 from shared.core.aggregation import aggregate
 from shared.core.candles import Candle, merge
-from shared.core.trades import Rejection, check_key, datetime_to_ts, parse_trade_message
+from shared.core.trade_messages import check_key, parse_trade_message
+from shared.core.trades import Rejection, datetime_to_ts
 from shared.store import db
 from stream.feeds.produce import Delivery, FeedMessage, ensure_topic, produce
 

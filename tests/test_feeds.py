@@ -19,8 +19,8 @@ from websockets.asyncio.server import serve
 
 from candlekeep.cli import cli
 from candlekeep.feed_cmd import BINANCE_URL
-from shared.core.trade_message import canonical_timestamp, encode_trade
-from shared.core.trades import Rejection, Trade, parse_trade_message
+from shared.core.trade_messages import canonical_timestamp, encode_trade, parse_trade_message
+from shared.core.trades import Rejection, Trade
 from stream.feeds.binance import (
     DEFAULT_URL,
     Skipped,

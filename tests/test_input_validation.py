@@ -22,7 +22,8 @@ from candlekeep.cli import cli
 from candlekeep.load import load_trades
 from candlekeep.trade_input import TradeInput
 from shared.core.trade_files import TradeLineReader
-from shared.core.trades import Rejection, parse_trade_message
+from shared.core.trade_messages import parse_trade_message
+from shared.core.trades import Rejection
 from shared.store import db
 
 T0 = 1570752011620  # ms

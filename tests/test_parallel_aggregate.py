@@ -1,6 +1,6 @@
 """``candlekeep aggregate --workers N``: byte for byte the serial result, with the input cut into
 tiny parts (the hidden ``--chunk-bytes``), duplicates and invalid lines across parts, several
-symbols, compressed files; and the core pieces it relies on (merging books, the inlined fold)."""
+symbols, compressed files; and the core pieces it relies on (merging books, folding rows)."""
 
 from __future__ import annotations
 
@@ -306,7 +306,7 @@ def test_cross_unit_duplicates_compares_overlapping_id_ranges_only():
 
 
 def reference_fold(trades, intervals):
-    """Fold with ``Candle.add`` one trade at a time: what ``add_all`` inlines."""
+    """Fold with ``Candle.add`` one trade at a time: what the book's loop does for many."""
     dedup = Deduplicator()
     bases = {}
     for trade in dedup.unique(trades):
@@ -340,11 +340,11 @@ def test_books_of_consecutive_parts_merge_into_the_whole_books_candles(trades, r
     by_rows = CandleBook(INTERVALS)
     for key in dict.fromkeys((t.exchange, t.symbol) for t in trades):
         rows = [
-            (t.trade_id, t.ts_us, t.price, t.quantity, t.is_buyer_maker, t.raw_trades)
+            (*key, t.trade_id, t.ts_us, t.price, t.quantity, t.is_buyer_maker, t.raw_trades)
             for t in trades
             if (t.exchange, t.symbol) == key
         ]
-        by_rows.add_rows(*key, rows)
+        by_rows.add_rows(rows)
     assert records(by_rows) == expected
     assert (by_rows.trades, by_rows.dedup.duplicates) == (whole.trades, duplicates)
     cuts = sorted(rnd.randrange(len(trades) + 1) for _ in range(parts - 1))

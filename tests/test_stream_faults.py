@@ -29,7 +29,8 @@ import pytest
 
 from candlekeep.embedded import EmbeddedBroker
 from shared.batch.batch_run import run_period
-from shared.core.trades import Rejection, datetime_to_ts, parse_trade_message, ts_to_datetime
+from shared.core.trade_messages import parse_trade_message
+from shared.core.trades import Rejection, datetime_to_ts, ts_to_datetime
 from shared.store import db
 from stream.feeds.produce import Delivery, ensure_topic
 from stream.feeds.synthetic import MarketDials, synthetic_messages

@@ -9,8 +9,9 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.core.trade_message import encode_trade
-from shared.core.trades import ID_LIMIT, MAX_TS_US, MIN_TS_US, Trade, parse_trade_message
+from shared.core.trade_messages import encode_trade, parse_trade_message
+from shared.core.trade_rules import ID_LIMIT, MAX_TS_US, MIN_TS_US
+from shared.core.trades import Trade
 
 #: Decimals across the magnitudes a price or quantity may have, with trailing zeros and
 #: positive exponents (``1E+3``), all inside the parser's range (SPEC §2: finite, > 0).

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.core.trades import Rejection, Trade, check_key, parse_trade_message
+from shared.core.trade_messages import check_key, parse_trade_message
+from shared.core.trades import Rejection, Trade
 
 GOOD = '{"symbol":"btcusdt","trade_id":7,"price":"0.1","quantity":2.5,"timestamp":1700000000123}'
 
@@ -186,7 +187,7 @@ _FIELD_VALUES = {
 
 
 def _careful_and_fast_agree(message: bytes, max_ts_us: int | None) -> None:
-    from shared.core.trades import _parse_careful, parse_common_trade
+    from shared.core.trade_messages import _parse_careful, parse_common_trade
 
     careful = _parse_careful(message, max_ts_us)
     fast = parse_common_trade(message, max_ts_us)
@@ -244,7 +245,7 @@ def test_the_fast_path_agrees_with_the_careful_one_on_odd_messages(message):
 
 
 def test_the_fast_path_takes_the_common_messages():
-    from shared.core.trades import parse_common_trade
+    from shared.core.trade_messages import parse_common_trade
 
     assert parse_common_trade(GOOD.encode(), None) is not None
     iso = GOOD.replace("1700000000123", '"2023-11-14T22:13:20.123Z"')

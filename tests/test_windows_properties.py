@@ -4,14 +4,16 @@ clock, late trades and snapshot/restore."""
 from __future__ import annotations
 
 import json
+from decimal import Decimal, localcontext
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.core.aggregation import Deduplicator, aggregate
-from shared.core.candles import merge
-from shared.core.intervals import IntervalSet
-from shared.core.windows import PartitionWindows, WindowSettings
+from shared.core.candles import EXACT, merge, open_candle
+from shared.core.intervals import SUPPORTED, IntervalSet, window_start
+from shared.core.trades import Trade
+from shared.core.windows import PartitionWindows, WatermarkClock, WindowSettings
 
 from .strategies import trade_lists
 
@@ -200,3 +202,64 @@ def test_snapshot_restore_continue_equals_an_uninterrupted_run(trades, rnd, cuts
         return out
 
     assert run(set(cuts)) == run(set())
+
+
+@given(st.integers(-(10**15), 10**16), st.sampled_from(sorted(SUPPORTED.values())))
+def test_window_start_is_the_epoch_aligned_half_open_window(ts_us, length_us):
+    """The one window-start function (every fold and window loop calls it)."""
+    start = window_start(ts_us, length_us)
+    assert start % length_us == 0 and start <= ts_us < start + length_us
+
+
+@given(trade_lists(), st.randoms(use_true_random=False), st.integers(1, 5))
+def test_process_moves_its_clock_as_observing_each_trade_does(trades, rnd, batches):
+    """``process`` drives the :class:`WatermarkClock` it owns: its state after any batches is
+    that of a clock that observed the same trades at the same wall times."""
+    settings = WindowSettings(INTERVALS, max_delay_us=rnd.choice([0, 5, 60]) * SECOND)
+    windows = PartitionWindows(settings)
+    clock = WatermarkClock(settings.max_delay_us, settings.idle_timeout_us)
+    trades = in_disorder_within(trades, 30 * SECOND, rnd)
+    size = max(1, len(trades) // batches)
+    for now_us, i in enumerate(range(0, len(trades), size)):
+        out = windows.process(trades[i : i + size], now_us)
+        late = set()
+        for trade in trades[i : i + size]:
+            if clock.watermark_us is not None and (
+                window_start(trade.ts_us, INTERVALS.base.length_us) + INTERVALS.base.length_us
+                <= clock.watermark_us
+            ):
+                late.add(trade.key)
+            clock.observe(trade.ts_us, now_us)
+        assert {lt.trade.key for lt in out.late} == late
+        assert windows.clock.snapshot() == clock.snapshot()
+
+
+def test_every_fold_is_exact_beyond_the_default_28_digits():
+    """The fold's sums and products are exact only in the exact context: every caller (the
+    book, the stream's windows, ``Candle.add``) must hold it, or these would round."""
+    t0 = 1_700_000_040 * SECOND  # a 15m boundary
+    prices = [Decimal("1.000000000000000000000000000000000000001"), Decimal("3.5")]
+    quantity = Decimal("0.00000000000000000000000000000007")
+    trades = [
+        Trade("binance", "BTCUSDT", i, t0 + i, prices[i % 2], quantity, False) for i in range(4)
+    ]
+    with localcontext(EXACT):
+        volume = sum(t.quantity for t in trades)
+        quote = sum(t.price * t.quantity for t in trades)
+    expected = (volume, quote, volume, quote)
+
+    def sums(candle):
+        return (
+            candle.volume,
+            candle.quote_volume,
+            candle.taker_buy_volume,
+            candle.taker_buy_quote_volume,
+        )
+
+    streamed, _, _ = stream(trades, WindowSettings(INTERVALS))
+    added = open_candle(trades[0], INTERVALS.base)
+    for trade in trades[1:]:
+        added.add(trade)
+    folded = [*aggregate(trades, INTERVALS), *streamed, added]
+    assert len(folded) == 2 * len(INTERVALS.intervals) + 1
+    assert all(sums(candle) == expected for candle in folded)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import decimal
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
+from decimal import Decimal, localcontext
+from typing import get_args, get_type_hints
 
 from shared.core.intervals import Interval
 from shared.core.trades import Trade
@@ -86,42 +87,17 @@ class Candle:
         return tuple(getattr(self, name) for name in CANDLE_FIELDS)
 
     def add(self, trade: Trade) -> None:
-        """Fold one more trade into this candle.
-
-        Runs once per trade in ``aggregate``: plain int comparisons instead of (ts, id) tuples; the
-        open is only looked at when the trade is not the new close (open <= close).
-        """
-        price = trade.price
-        quantity = trade.quantity
-        ts = trade.ts_us
-        trade_id = trade.trade_id
-        close_ts = self.close_ts_us
-        if ts > close_ts or (ts == close_ts and trade_id > self.last_trade_id):
-            self.close = price
-            self.close_ts_us = ts
-            self.last_trade_id = trade_id
-        else:
-            open_ts = self.open_ts_us
-            if ts < open_ts or (ts == open_ts and trade_id < self.first_trade_id):
-                self.open = price
-                self.open_ts_us = ts
-                self.first_trade_id = trade_id
-        if price > self.high:
-            self.high = price
-        elif price < self.low:
-            self.low = price
-        self.volume = _add(self.volume, quantity)
-        notional = _mul(price, quantity)
-        self.quote_volume = _add(self.quote_volume, notional)
-        self.trade_count += trade.raw_trades
-        is_buyer_maker = trade.is_buyer_maker
-        if is_buyer_maker is not None:
-            if self.taker_buy_volume is None:
-                self.taker_buy_volume = Decimal(0)
-                self.taker_buy_quote_volume = Decimal(0)
-            if not is_buyer_maker:
-                self.taker_buy_volume = _add(self.taker_buy_volume, quantity)
-                self.taker_buy_quote_volume = _add(self.taker_buy_quote_volume, notional)
+        """Fold one more trade into this candle: :func:`fold`, in the exact context."""
+        with localcontext(EXACT):
+            fold(
+                self,
+                trade.trade_id,
+                trade.ts_us,
+                trade.price,
+                trade.quantity,
+                trade.is_buyer_maker,
+                trade.raw_trades,
+            )
 
     def absorb(self, other: Candle) -> None:
         """Merge ``other`` (same symbol, any window inside this one) into this candle."""
@@ -150,6 +126,63 @@ class Candle:
 
     def copy(self, **changes) -> Candle:
         return replace(self, **changes)
+
+
+#: The candle's fields that hold a ``Decimal`` (or ``None``), from its annotations: snapshots
+#: write them as exact strings.
+DECIMAL_FIELDS = frozenset(
+    name for name, kind in get_type_hints(Candle).items() if Decimal in (kind, *get_args(kind))
+)
+
+
+def fold(
+    candle: Candle,
+    trade_id: int,
+    ts_us: int,
+    price: Decimal,
+    quantity: Decimal,
+    is_buyer_maker: bool | None,
+    raw_trades: int,
+) -> None:
+    """Fold one trade into ``candle``: the one candle fold in Python (SPEC §3).
+
+    Every fold calls it: :class:`~shared.core.aggregation.CandleBook` for ``aggregate``,
+    :meth:`~shared.core.windows.PartitionWindows.process` for the stream, :meth:`Candle.add`.
+    It takes the trade's fields, not a :class:`Trade`, so that files are folded from rows
+    without an object per line.
+
+    Sums and products are exact only inside ``decimal.localcontext(EXACT)``: a loop folding
+    many trades enters it once (entering it per trade, or calling ``EXACT.add``, would cost
+    more than the fold itself); :meth:`Candle.add` enters it for one trade. Plain int
+    comparisons instead of (ts, id) tuples; the open is only looked at when the trade is not
+    the new close (open <= close).
+    """
+    close_ts = candle.close_ts_us
+    if ts_us > close_ts or (ts_us == close_ts and trade_id > candle.last_trade_id):
+        candle.close = price
+        candle.close_ts_us = ts_us
+        candle.last_trade_id = trade_id
+    else:
+        open_ts = candle.open_ts_us
+        if ts_us < open_ts or (ts_us == open_ts and trade_id < candle.first_trade_id):
+            candle.open = price
+            candle.open_ts_us = ts_us
+            candle.first_trade_id = trade_id
+    if price > candle.high:
+        candle.high = price
+    elif price < candle.low:
+        candle.low = price
+    candle.volume = candle.volume + quantity
+    notional = price * quantity
+    candle.quote_volume = candle.quote_volume + notional
+    candle.trade_count += raw_trades
+    if is_buyer_maker is not None:
+        if candle.taker_buy_volume is None:
+            candle.taker_buy_volume = Decimal(0)
+            candle.taker_buy_quote_volume = Decimal(0)
+        if not is_buyer_maker:
+            candle.taker_buy_volume = candle.taker_buy_volume + quantity
+            candle.taker_buy_quote_volume = candle.taker_buy_quote_volume + notional
 
 
 def open_candle(trade: Trade, interval: Interval) -> Candle:

@@ -29,6 +29,14 @@ class IntervalError(ValueError):
     """A configured interval name or combination is not usable."""
 
 
+def window_start(ts_us: int, length_us: int) -> int:
+    """Start of the epoch-aligned window of ``length_us`` holding ``ts_us``: the one place that
+    says where windows begin (:meth:`Interval.window_start` and the stream's windows call it;
+    ``CandleBook.add_rows`` writes it out, measured, and a test holds it to this). Floor
+    division keeps pre-epoch times in the window below them."""
+    return ts_us - ts_us % length_us
+
+
 @dataclass(frozen=True, order=True)
 class Interval:
     """One candle interval: its length (for ordering) and its name (``1m`` …)."""
@@ -37,8 +45,8 @@ class Interval:
     name: str
 
     def window_start(self, ts_us: int) -> int:
-        """Start of the window holding ``ts_us`` (floor division works for pre-epoch too)."""
-        return ts_us - ts_us % self.length_us
+        """Start of this interval's window holding ``ts_us`` (see :func:`window_start`)."""
+        return window_start(ts_us, self.length_us)
 
     def __str__(self) -> str:
         return self.name

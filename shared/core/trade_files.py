@@ -13,11 +13,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal, InvalidOperation
-from functools import partial
 from itertools import starmap
 from pathlib import PurePath
 
-from shared.core.trades import (
+from msgspec.structs import astuple
+
+from shared.core.trade_messages import parse_trade_message
+from shared.core.trade_rules import (
     COMMON_MAX_BYTES,
     COMMON_SMALLEST,
     COMMON_TOO_LARGE,
@@ -28,25 +30,23 @@ from shared.core.trades import (
     MAX_TS_US,
     SYMBOL_RULE,
     InvalidField,
-    Rejection,
-    Trade,
     check_positive_decimal,
     check_raw_trades,
     check_trade_id,
     check_ts_us,
     normalise_exchange,
     normalise_symbol,
-    parse_trade_message,
 )
+from shared.core.trades import Rejection, Row, Trade
 
 FORMATS = ("auto", "jsonl", "binance-trades", "binance-aggtrades")
 #: Integer timestamps at or above this are microseconds (1e14 ms would be the year 5138).
 MICROSECOND_THRESHOLD = 10**14
 
 OnInvalid = Callable[[int, str, Rejection], None]
-#: A trade of a file of one symbol: the fields of :class:`Trade` after exchange and symbol
-#: (trade_id, ts_us, price, quantity, is_buyer_maker, raw_trades).
-Row = tuple[int, int, Decimal, Decimal, bool | None, int]
+#: A CSV line's fields of :class:`Trade` after exchange and symbol (which the file name or
+#: ``--symbol`` gives): trade_id, ts_us, price, quantity, is_buyer_maker, raw_trades.
+_Fields = tuple[int, int, Decimal, Decimal, bool | None, int]
 
 
 class FormatError(ValueError):
@@ -122,13 +122,13 @@ class TradeLineReader:
     def trades(self, lines: Iterable[str]) -> Iterator[Trade]:
         if self.fmt == "jsonl":
             return self._jsonl(lines)
-        return starmap(partial(Trade, self.exchange, self.symbol), self.rows(lines))
+        return starmap(Trade, self.rows(lines))
 
     def rows(self, lines: Iterable[str]) -> Iterator[Row]:
-        """The trades of a Binance file as :data:`Row` tuples: the same trades as ``trades``
-        without building objects, for folds that take them (``CandleBook.add_rows``)."""
+        """The same trades as ``trades``, as :data:`Row` tuples: what ``CandleBook.add_rows``
+        folds. A Binance file's lines become rows without building an object per line."""
         if self.fmt == "jsonl":
-            raise FormatError("JSONL lines carry their own symbols: read them with trades()")
+            return map(astuple, self._jsonl(lines))
         return self._csv(lines, aggregated=self.fmt == "binance-aggtrades")
 
     def _reject(self, number: int, line: str, rejection: Rejection) -> None:
@@ -155,7 +155,7 @@ class TradeLineReader:
         which is only read when it is ``is_buyer_maker`` (files without ``is_best_match``).
 
         Like the JSON parser, two paths: this loop only ever accepts, for lines that are short
-        and whose values are inside the bounds every rule of :mod:`shared.core.trades` allows;
+        and whose values are inside the bounds every rule of :mod:`shared.core.trade_rules` allows;
         anything else goes to :func:`_careful_csv`, which applies those rules one by one and
         gives the exact reason, or accepts the line just the same."""
         # Columns: with is_best_match, without it; where is_buyer_maker and the time are.
@@ -164,6 +164,7 @@ class TradeLineReader:
         smallest, too_large = COMMON_SMALLEST, COMMON_TOO_LARGE
         max_chars, id_limit, max_raw = COMMON_MAX_BYTES, ID_LIMIT, MAX_RAW_TRADES
         number = self.lines
+        exchange, symbol = self.exchange, self.symbol
         unit_known = self.microseconds is not None
         for number, line in enumerate(lines, self.lines + 1):
             fields = line.split(",")
@@ -214,14 +215,14 @@ class TradeLineReader:
                 if isinstance(careful, Rejection):
                     self._reject(number, line, careful)
                     continue
-                row, micro = careful
+                parsed, micro = careful
                 if not unit_known:
                     self.microseconds, unit_known = micro, True
-                yield row
+                yield (exchange, symbol, *parsed)
                 continue
             if not unit_known:
                 self.microseconds, unit_known = micro, True
-            yield (trade_id, ts, price, quantity, is_buyer_maker, raw_trades)
+            yield (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)
         self.lines = max(self.lines, number)
 
 
@@ -262,9 +263,10 @@ def is_header(line: str, aggregated: bool) -> bool:
     )
 
 
-def _careful_csv(fields: list[str], aggregated: bool) -> tuple[Row, bool] | Rejection:
-    """One CSV line through the field rules of :mod:`shared.core.trades` (the JSON path's), one at a
-    time: the row and whether its time was in microseconds, or the exact rejection."""
+def _careful_csv(fields: list[str], aggregated: bool) -> tuple[_Fields, bool] | Rejection:
+    """One CSV line through the field rules of :mod:`shared.core.trade_rules` (the JSON path's), one
+    at a time: the trade's fields after exchange and symbol and whether its time was in
+    microseconds, or the exact rejection."""
     names = AGG_TRADE_COLUMNS if aggregated else TRADE_COLUMNS
     if len(fields) not in (len(names), len(names) - 1):
         return Rejection(

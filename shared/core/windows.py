@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any
 
-from shared.core.candles import Candle, open_candle, widen
-from shared.core.intervals import IntervalSet
+from shared.core.candles import DECIMAL_FIELDS, EXACT, Candle, fold, open_candle, widen
+from shared.core.intervals import IntervalSet, window_start
 from shared.core.trades import Trade
 
 SNAPSHOT_VERSION = 1
@@ -156,26 +156,25 @@ class PartitionWindows:
         return bool(self._symbols)
 
     def process(self, trades: Iterable[Trade], now_us: int) -> Emission:
-        """Apply trades in arrival order; return closed/revised candles and late trades."""
+        """Apply trades in arrival order; return closed/revised candles and late trades.
+
+        The watermark before each trade decides whether it is late; the clock then observes it.
+        The exact context is entered once for the whole batch, as :func:`fold` needs.
+        """
         emission = Emission()
         base = self.settings.intervals.base
         base_len = base.length_us
         larger = self.settings.intervals.larger
         lateness = self.settings.allowed_lateness_us
         clock = self.clock
+        observe = clock.observe
         symbols = self._symbols
         touched: set[tuple[str, str]] = set()
-        # The clock, held in locals (WatermarkClock.observe, inlined): the watermark before each
-        # trade decides whether it is late.
-        wm = clock.watermark_us
-        max_ts = clock.max_ts_us
-        max_delay = clock.max_delay_us
-        seen = False
-        try:
+        with localcontext(EXACT):
             for trade in trades:
-                seen = True
                 ts = trade.ts_us
-                start = ts - ts % base_len
+                start = window_start(ts, base_len)
+                wm = clock.watermark_us
                 if wm is not None and start + base_len + lateness <= wm:
                     emission.late.append(LateTrade(trade, wm, start, wm - (start + base_len)))
                 else:
@@ -187,25 +186,20 @@ class PartitionWindows:
                     if candle is None:
                         windows.bases[start] = open_candle(trade, base)
                     else:
-                        candle.add(trade)
+                        # Fields passed one by one: a tuple of them and a *call cost more
+                        # than the fold.
+                        trade_id, price, quantity = trade.trade_id, trade.price, trade.quantity
+                        side, raw = trade.is_buyer_maker, trade.raw_trades
+                        fold(candle, trade_id, ts, price, quantity, side, raw)
                         if candle.revision >= 0:
                             # Already closed and merged into its larger windows: update those.
                             windows.dirty_bases.add(start)
                             for interval in larger:
                                 lkey = (interval.name, interval.window_start(start))
-                                windows.larger[lkey].add(trade)
+                                fold(windows.larger[lkey], trade_id, ts, price, quantity, side, raw)
                                 windows.dirty_larger.add(lkey)
                     touched.add(key)
-                if max_ts is None or ts > max_ts:
-                    max_ts = ts
-                    clock.max_ts_seen_at_us = now_us
-                    if wm is None or ts - max_delay > wm:
-                        wm = ts - max_delay
-        finally:
-            if seen:
-                clock.last_arrival_at_us = now_us
-                clock.max_ts_us = max_ts
-                clock.watermark_us = wm
+                observe(ts, now_us)
         emission.candles = self._close(touched, clock.watermark_us)
         return emission
 
@@ -232,7 +226,7 @@ class PartitionWindows:
             keys: Iterable[tuple[str, str]] = list(self._symbols)
         else:
             assert wm is not None
-            boundary = wm - wm % base_len
+            boundary = window_start(wm, base_len)
             if self._closed_through_us is None or boundary > self._closed_through_us:
                 # The watermark crossed a base boundary: any symbol may have windows to close.
                 self._closed_through_us = boundary
@@ -361,20 +355,6 @@ class PartitionWindows:
         return windows
 
 
-_DECIMAL_FIELDS = frozenset(
-    {
-        "open",
-        "high",
-        "low",
-        "close",
-        "volume",
-        "quote_volume",
-        "taker_buy_volume",
-        "taker_buy_quote_volume",
-    }
-)
-
-
 def candle_to_state(candle: Candle) -> dict[str, Any]:
     """A candle as JSON-able data, decimals as exact strings."""
     out: dict[str, Any] = {}
@@ -386,7 +366,7 @@ def candle_to_state(candle: Candle) -> dict[str, Any]:
 
 def candle_from_state(data: dict[str, Any]) -> Candle:
     values = {
-        name: (Decimal(v) if name in _DECIMAL_FIELDS and v is not None else v)
+        name: (Decimal(v) if name in DECIMAL_FIELDS and v is not None else v)
         for name, v in data.items()
     }
     return Candle(**values)

@@ -10,7 +10,7 @@ trade::
 :func:`normalise_frame` (pure) reads a frame as a trade (symbol, trade_id = t, price = p,
 quantity = q, exactly, timestamp = T in ms or µs, exchange ``binance``, is_buyer_maker = m) by
 the parser's rules and writes it as the canonical message
-(:func:`shared.core.trade_message.encode_trade`) keyed by the symbol; other events are ignored,
+(:func:`shared.core.trade_messages.encode_trade`) keyed by the symbol; other events are ignored,
 malformed frames are skipped with a reason. :func:`binance_messages` keeps a connection open:
 on a disconnect (Binance also closes every connection after 24 hours) it reconnects with
 exponential backoff and jitter, logging each reconnect, and never gives up while it is wanted;
@@ -34,8 +34,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from shared.core.trade_files import MICROSECOND_THRESHOLD
-from shared.core.trade_message import canonical_timestamp, encode_trade
-from shared.core.trades import Rejection, normalise_symbol, parse_trade_object
+from shared.core.trade_messages import canonical_timestamp, encode_trade, parse_trade_object
+from shared.core.trade_rules import normalise_symbol
+from shared.core.trades import Rejection
 from stream.feeds.produce import FeedError, FeedMessage
 
 log = structlog.get_logger("candlekeep.feed.binance")

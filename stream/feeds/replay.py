@@ -2,7 +2,7 @@
 
 :func:`replay_messages` turns trades (from Binance CSVs or canonical JSONL, read by
 ``candlekeep.trade_input.TradeInput``) into canonical trade messages
-(:func:`shared.core.trade_message.encode_trade`: they parse back to the same trades), each with
+(:func:`shared.core.trade_messages.encode_trade`: they parse back to the same trades), each with
 the wall-clock offset to send it at: its event time after the first trade's, so that a replay
 keeps the original pace (times a speed factor). The files are read lazily and
 :func:`stream.feeds.produce.send_messages` keeps only counts, so a file of millions of trades
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from shared.core.trade_message import encode_trade
+from shared.core.trade_messages import encode_trade
 from shared.core.trades import Trade
 from stream.feeds.produce import FeedMessage
 

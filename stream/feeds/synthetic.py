@@ -21,7 +21,7 @@ from decimal import Decimal
 
 import msgspec
 
-from shared.core.trade_message import encode_trade
+from shared.core.trade_messages import encode_trade
 from shared.core.trades import Trade
 from stream.feeds.produce import FeedMessage
 
