@@ -14,12 +14,11 @@ from rich.console import Console
 
 from candlekeep.errors import UserError
 from candlekeep.parallel_aggregate import add_trades, default_workers
-from candlekeep.trade_input import TradeInput, exchange_option, symbol_option
+from candlekeep.trade_input import TradeInput, trade_source_options
 from shared.batch.outputs import check_output_file
 from shared.core.aggregation import CandleBook, conflicting_copies, fill_gaps
 from shared.core.candle_formats import OUTPUT_FORMATS, candle_json_line, kline_row
 from shared.core.intervals import SUPPORTED, IntervalError, IntervalSet
-from shared.core.trade_files import FORMATS
 
 
 def _interval_names(values: tuple[str, ...]) -> list[str]:
@@ -35,14 +34,7 @@ def _interval_names(values: tuple[str, ...]) -> list[str]:
 
 
 @click.command()
-@click.argument("files", nargs=-1, required=True, metavar="FILE...")
-@click.option(
-    "--input-format",
-    type=click.Choice(FORMATS),
-    default="auto",
-    show_default=True,
-    help="Format of the trade files (auto: from the name and first line).",
-)
+@trade_source_options
 @click.option(
     "--interval",
     "intervals",
@@ -50,18 +42,6 @@ def _interval_names(values: tuple[str, ...]) -> list[str]:
     metavar="NAME",
     help="Candle interval (1m 5m 15m 1h 4h 1d); repeat or comma-separate. "
     "Default: CANDLEKEEP_INTERVALS, or 1m for binance-klines.",
-)
-@click.option(
-    "--symbol",
-    callback=symbol_option,
-    help="Symbol of Binance CSV files (default: the file name's prefix).",
-)
-@click.option(
-    "--exchange",
-    default="binance",
-    show_default=True,
-    callback=exchange_option,
-    help="Exchange of Binance CSV files (lower-cased).",
 )
 @click.option(
     "--fill-gaps",

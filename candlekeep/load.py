@@ -9,8 +9,7 @@ from itertools import islice
 
 import click
 
-from candlekeep.trade_input import TradeInput, exchange_option, symbol_option
-from shared.core.trade_files import FORMATS
+from candlekeep.trade_input import TradeInput, trade_source_options
 
 #: Trades per COPY and transaction; one chunk is in memory at a time.
 CHUNK = 100_000
@@ -57,20 +56,7 @@ def load_trades(url: str, source: TradeInput, chunk: int = CHUNK) -> dict[str, i
 
 
 @click.command()
-@click.argument("files", nargs=-1, required=True, metavar="FILE...")
-@click.option("--input-format", type=click.Choice(FORMATS), default="auto", show_default=True)
-@click.option(
-    "--symbol",
-    callback=symbol_option,
-    help="Symbol of Binance CSV files (default: the file name's prefix).",
-)
-@click.option(
-    "--exchange",
-    default="binance",
-    show_default=True,
-    callback=exchange_option,
-    help="Exchange of Binance CSV files (lower-cased).",
-)
+@trade_source_options
 @click.pass_context
 def load(ctx, files, input_format, symbol, exchange):
     """Bulk-load trade files into PostgreSQL (loading a file twice adds nothing)."""
