@@ -5,11 +5,9 @@ knows when it has been idle long enough to exit (``exit_when_idle_s``)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from aiokafka import TopicPartition
 
-from shared.store.progress import Fenced
 from stream import metrics
 from stream.state import PartitionState
 from stream.writers import write_tick
@@ -49,8 +47,8 @@ class IdleTick:
             metrics.set_gauges(partition, state, now)
             if not emission.candles and state.windows.watermark_us == before:
                 continue
-            conn = self._conn
-            try:
+
+            async def write(conn, partition=partition, state=state, emission=emission) -> None:
                 merged = await asyncio.to_thread(
                     write_tick,
                     conn,
@@ -62,15 +60,10 @@ class IdleTick:
                     state.windows,
                 )
                 await self._outputs.send_candles(merged)
-                await asyncio.to_thread(conn.commit)
-            except Fenced:
-                await asyncio.to_thread(conn.rollback)
-                await self._reload(partition)
+
+            committed, _ = await self._loop_transaction(partition, write)
+            if not committed:
                 continue
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(conn.rollback)
-                raise
             state.committed_state = state.windows.snapshot()
             self.summary.candles += len(emission.candles)
             for candle in emission.candles:

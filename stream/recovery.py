@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import psycopg
 import structlog
@@ -24,6 +26,7 @@ from stream import metrics
 from stream.state import PartitionState
 
 log = structlog.get_logger("candlekeep.stream")
+T = TypeVar("T")
 
 #: Failures that a retry with backoff can outlive: PostgreSQL or the broker away for a while.
 RETRYABLE = (
@@ -151,18 +154,12 @@ class Recovery:
             None if clock.watermark_us is None else ts_to_datetime(clock.watermark_us),
             None if clock.max_ts_us is None else ts_to_datetime(clock.max_ts_us),
         )
-        conn = self._conn
-        try:
-            reset_id = await asyncio.to_thread(record_reset, conn, self.group, self.topic, reset)
-            await asyncio.to_thread(conn.commit)
-        except Fenced:
-            await asyncio.to_thread(conn.rollback)
-            await self._reload(partition)
+        committed, reset_id = await self._loop_transaction(
+            partition,
+            lambda conn: asyncio.to_thread(record_reset, conn, self.group, self.topic, reset),
+        )
+        if not committed:
             return
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(conn.rollback)
-            raise
         metrics.OFFSET_RESETS.labels(str(partition), kind).inc()
         metrics.MESSAGES_SKIPPED.labels(str(partition)).inc(reset.skipped)
         self.summary.resets += 1
@@ -194,6 +191,27 @@ class Recovery:
         # (The group's offset in Kafka follows with the next batch's commit: committing here,
         # under the lock, could wait on a group coordinator that is itself recovering.)
         self._consumer.seek(tp, first)
+
+    async def _loop_transaction(
+        self, partition: int, work: Callable[[psycopg.Connection], Awaitable[T]]
+    ) -> tuple[bool, T | None]:
+        """Run ``work`` in a transaction on the loop's connection and commit it: (True, what it
+        returned). A partition fenced by another worker is rolled back and reloaded from what
+        is stored: (False, None). Any other failure is rolled back and raised."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            value = await work(conn)
+            await asyncio.to_thread(conn.commit)
+        except Fenced:
+            await asyncio.to_thread(conn.rollback)
+            await self._reload(partition)
+            return False, None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(conn.rollback)
+            raise
+        return True, value
 
     async def _reconnect(self) -> None:
         """(Re)open every connection that is not open and well (nothing may be in flight)."""
