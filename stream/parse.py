@@ -37,8 +37,8 @@ class PartitionBatch:
     last_digest: int | None = None  # record_digest of the batch's last message
     #: An ``offset_resets`` row to complete with the time of the batch's first trade.
     reset_id: int | None = None
-    #: ``prepare_trades(trades)``, done early (the worker does it while the batch before this
-    #: one is written); None: done when the batch is written.
+    #: ``prepare_trades(trades, tried)``, done by the parse stage while the batch before this
+    #: one is written; None: done when the batch is written, without tried ids.
     prepared: PreparedTrades | None = None
     _offset_by_id: dict[int, int] | None = field(default=None, repr=False)
 
