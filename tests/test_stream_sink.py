@@ -63,7 +63,7 @@ def test_first_copies_in_arrival_order_whatever_path_the_batch_takes(conn, tried
     assert _stored(conn)[0][4] == "1.5"  # the first copy of 3 won
 
 
-def test_copy_rows_store_what_the_exact_path_stores(conn, tried):
+def test_copy_rows_store_what_the_loader_stores(conn, tried):
     odd = [
         _trade(1, price="0.00000001", quantity="123456789012345678901234567890.5", maker=True),
         _trade(2, price="1E+3", quantity="1.000", maker=False),
@@ -75,10 +75,13 @@ def test_copy_rows_store_what_the_exact_path_stores(conn, tried):
     assert store_trades(conn, odd, tried=tried).new == odd
     conn.commit()
     direct = _stored(conn)
-    conn.execute("TRUNCATE trades")
-    store_staged(conn, odd)  # the exact path (psycopg's own COPY formatting, times in SQL)
-    conn.commit()
-    assert direct == _stored(conn)
+    # The loader's path (psycopg's own dumpers, the other encoder of COPY trades), and the
+    # exact path (the staging table, times converted in SQL).
+    for store in (store_trades, store_staged):
+        conn.execute("TRUNCATE trades")
+        store(conn, odd)
+        conn.commit()
+        assert direct == _stored(conn)
 
 
 def test_a_batch_folds_exactly_its_new_trades_whichever_path_it_takes(conn, tried):

@@ -15,8 +15,15 @@ same; such a batch costs one wasted encoding.
 
 Every copy that differs from the stored first copy (its ts, price, quantity or side) is a
 *conflicting* duplicate: counted, and kept once in ``trade_conflicts`` with both copies'
-values. Times go as exact text built from the microseconds (:func:`copy_rows`) or, in the
-staging table, as microseconds converted in SQL; numbers as ``Decimal``/``NUMERIC``.
+values. Times go as exact text built from the microseconds or, in the staging table, as
+microseconds converted in SQL; numbers as ``Decimal``/``NUMERIC``.
+
+The rows of that COPY are encoded two ways, for speed, and a test holds that both store the
+same rows (``tests/test_stream_sink.py``): :func:`copy_rows` builds a stream batch's rows ahead,
+as bytes, in the worker's parse stage, off its writers' path; :func:`_copy_all_new` has psycopg's
+C dumpers write ``load``'s 100,000-trade chunks row by row as they are sent, so that the server
+inserts while the client encodes (one chunk through :func:`copy_rows` took ~40% more wall time
+and client CPU, measured on a shared 2-CPU machine).
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ import psycopg
 from shared.core.trades import Trade, ts_to_datetime
 from shared.store.trade_staging import Source, StoreResult, count_conflicts, store_staged
 
-#: The one COPY into ``trades``; its rows are :func:`copy_rows`.
+#: The one COPY into ``trades`` (its rows: :func:`copy_rows`, or :func:`_copy_all_new`).
 COPY_TRADES = (
     "COPY trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)"
     " FROM STDIN"
 )
+#: ``ts`` goes as text (see ``_copy_all_new``); the server parses it as a timestamptz.
+_TRADES_TYPES = ("text", "text", "int8", "text", "numeric", "numeric", "bool", "int4")
 
 
 #: Where some of a batch's trades came from (None: not known), asked only when needed: on the
@@ -97,10 +106,10 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 
 
 def copy_rows(trades: Sequence[Trade]) -> bytes:
-    """Trades as rows of :data:`COPY_TRADES` in text format, as psycopg would write them:
-    decimals as ``str()`` (exact), times as ISO text in UTC built from the microseconds (exact),
-    the minute's prefix and each symbol's leading columns made once. Several times cheaper than
-    making and dumping a datetime per trade."""
+    """Trades as rows of :data:`COPY_TRADES` in text format, as :func:`_copy_all_new` writes
+    them: decimals as ``str()`` (exact), times as ISO text in UTC built from the microseconds
+    (exact), the minute's prefix and each symbol's leading columns made once. (The stream
+    worker's encoder: see the module's docstring.)"""
     heads: dict[tuple[str, str], str] = {}
     rows = []
     add = rows.append
@@ -126,6 +135,43 @@ def copy_rows(trades: Sequence[Trade]) -> bytes:
     return "".join(rows).encode()
 
 
+def _copy_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
+    """COPY the trades straight into ``trades`` if none is stored yet or repeated in the batch;
+    otherwise store nothing and return False (a savepoint, or the transaction, rolls it back).
+
+    Rows as :func:`copy_rows` encodes them, by psycopg's own dumpers (see the module's
+    docstring): times as ISO text built from the microseconds (exact), the minute's prefix
+    cached, several times cheaper than making and dumping a datetime per trade.
+    """
+    minute = -1
+    prefix = ""
+    try:
+        with conn.transaction(), conn.cursor().copy(COPY_TRADES) as copy:
+            copy.set_types(_TRADES_TYPES)
+            write_row = copy.write_row
+            for t in trades:
+                trade_minute, us = divmod(t.ts_us, 60_000_000)
+                if trade_minute != minute:
+                    minute = trade_minute
+                    prefix = ts_to_datetime(minute * 60_000_000).strftime("%Y-%m-%d %H:%M:")
+                second, us = divmod(us, 1_000_000)
+                write_row(
+                    (
+                        t.exchange,
+                        t.symbol,
+                        t.trade_id,
+                        f"{prefix}{second:02d}.{us:06d}+00",
+                        t.price,
+                        t.quantity,
+                        t.is_buyer_maker,
+                        t.raw_trades,
+                    )
+                )
+    except psycopg.errors.UniqueViolation:
+        return False  # the savepoint is rolled back: nothing of the batch is stored
+    return True
+
+
 #: The savepoint taken before the fresh trades' COPY (a caller may take it itself, see
 #: ``store_prepared``'s ``savepoint_taken``).
 FRESH_SAVEPOINT = "fresh_trades"
@@ -139,10 +185,19 @@ def store_trades(
     tried: dict[tuple[str, str], int] | None = None,
 ) -> StoreResult:
     """Store trades, first copy wins, in the caller's open transaction (the caller commits);
-    ``source``: where they came from (offsets parallel to ``trades``); ``tried``: see
-    :func:`prepare_trades`."""
+    ``source``: where they came from (offsets parallel to ``trades``).
+
+    ``tried`` (a stream worker's, see :func:`prepare_trades`): the batch is prepared and stored
+    by :func:`store_prepared`. Without it (``load``'s large chunks, where nothing is known
+    ahead) the whole batch is first tried with one COPY, encoded as it is sent, and takes the
+    exact path if any of it is stored already or repeated in it.
+    """
     if not trades:
         return StoreResult([], 0)
+    if tried is None:
+        if _copy_all_new(conn, trades):
+            return StoreResult(list(trades), 0)
+        return store_staged(conn, trades, source)
     source_of = None
     if source is not None:
         offset_of = dict(zip(map(id, trades), source.offsets or (), strict=False))
