@@ -216,12 +216,12 @@ class Recovery:
     async def _reconnect(self) -> None:
         """(Re)open every connection that is not open and well (nothing may be in flight)."""
         restored = self._conn is not None
-        if not _usable(self._conn):
-            self._conn = _closed(self._conn)  # (None until the new one is up)
+        if not usable(self._conn):
+            self._conn = closed(self._conn)  # (None until the new one is up)
             self._conn = await asyncio.to_thread(self._connect)
         for writer in self._writers:
-            if not _usable(writer.conn):
-                writer.conn = _closed(writer.conn)
+            if not usable(writer.conn):
+                writer.conn = closed(writer.conn)
                 writer.conn = await asyncio.to_thread(db.connect, self.database_url)
         if restored:
             log.info("database connection restored")
@@ -283,11 +283,11 @@ class Recovery:
             self._consumer.seek(tp, verify[0] if verify else offset)
 
 
-def _usable(conn: psycopg.Connection | None) -> bool:
+def usable(conn: psycopg.Connection | None) -> bool:
     return conn is not None and not conn.closed and not conn.broken
 
 
-def _closed(conn: psycopg.Connection | None) -> None:
+def closed(conn: psycopg.Connection | None) -> None:
     """Close ``conn`` if there is one, whatever state it is in."""
     if conn is not None:
         with contextlib.suppress(Exception):

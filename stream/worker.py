@@ -41,8 +41,8 @@ from shared.store import db
 from stream import metrics
 from stream.idle import IdleTick
 from stream.outputs import Outputs
-from stream.parse import Parser, PartitionBatch
-from stream.recovery import RETRYABLE, OffsetResetStop, Recovery, _closed, _usable
+from stream.parse import Parser
+from stream.recovery import RETRYABLE, OffsetResetStop, Recovery, closed, usable
 from stream.state import PartitionState, RunSummary
 from stream.writers import BatchWriting, Writer
 
@@ -225,15 +225,18 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
-        self._conn = _closed(self._conn)
+        self._conn = closed(self._conn)
         for writer in self._writers:
-            writer.conn = _closed(writer.conn)
+            writer.conn = closed(writer.conn)
 
     # -- one step ---------------------------------------------------------------------------
 
     async def _step(self) -> None:
+        """One turn of the loop: (re)connect and load newly assigned partitions if need be,
+        consume (``getmany``), parse, and hand the batches to the writers, which write and
+        commit them behind the batches before them while the loop goes on."""
         assert self._consumer is not None
-        if not all(map(_usable, (self._conn, *(w.conn for w in self._writers)))):
+        if not all(map(usable, (self._conn, *(w.conn for w in self._writers)))):
             await self._drain()
             await self._reconnect()
         if self._pending:
@@ -252,7 +255,7 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
             await asyncio.sleep(0.05)  # assigned, not yet positioned by on_assigned
             return
         fetched_at = self.wall_clock()
-        async with self._lock:
+        async with self._lock:  # parse, check the logs, tick the quiet ones, hand out to write
             replaced: list[int] = []
             parsed = await self._parser.parse(fetched, self.partitions, self.wall_clock(), replaced)
             for partition in replaced:
@@ -261,20 +264,7 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
             await self._tick(busy={b.partition for _, b in parsed})
             if parsed:
                 self._last_message_at = self.wall_clock()
-            by_writer: dict[int, list[tuple[PartitionState, PartitionBatch]]] = {}
-            for state, batch in parsed:
-                state.position = batch.next_offset
-                state.inflight += 1
-                by_writer.setdefault(batch.partition % len(self._writers), []).append(
-                    (state, batch)
-                )
-            for index, part in sorted(by_writer.items()):
-                writer = self._writers[index]
-                await self._make_room(writer)
-                previous = writer.inflight[-1] if writer.inflight else None
-                writer.inflight.append(
-                    asyncio.ensure_future(self._commit(writer, part, fetched_at, previous))
-                )
+            await self._hand_out(parsed, fetched_at)  # written and committed in order
 
     async def on_assigned(self, assigned) -> None:
         """Only note the partitions: the loop loads their progress before its next fetch.

@@ -186,6 +186,24 @@ class BatchWriting:
     """The stream worker's batches in flight (part of ``StreamWorker``): handed to the writers,
     written and committed in order, drained on a failure, a rebalance or the stop."""
 
+    async def _hand_out(
+        self, parsed: list[tuple[PartitionState, PartitionBatch]], fetched_at: float
+    ) -> None:
+        """Queue parsed batches on their writers (a partition always on the same one), one
+        transaction per writer for its share, behind the writer's batch before it."""
+        by_writer: dict[int, list[tuple[PartitionState, PartitionBatch]]] = {}
+        for state, batch in parsed:
+            state.position = batch.next_offset
+            state.inflight += 1
+            by_writer.setdefault(batch.partition % len(self._writers), []).append((state, batch))
+        for index, part in sorted(by_writer.items()):
+            writer = self._writers[index]
+            await self._make_room(writer)
+            previous = writer.inflight[-1] if writer.inflight else None
+            writer.inflight.append(
+                asyncio.ensure_future(self._commit(writer, part, fetched_at, previous))
+            )
+
     async def _make_room(self, writer: Writer) -> None:
         """Wait until fewer than ``PIPELINE_DEPTH`` batches are in flight on ``writer`` (a
         failure among the finished ones is raised here, with the batches behind it dropped)."""
