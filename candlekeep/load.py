@@ -51,7 +51,7 @@ def load_trades(url: str, source: TradeInput, chunk: int = CHUNK) -> dict[str, i
             totals["duplicates"] += result.duplicates
             totals["conflicting"] += result.conflicting
             totals["invalid"] += len(invalid)
-            del batch, invalid  # before the next chunk is read: one chunk alive at a time
+            del batch, invalid, result  # before the next chunk is read: one chunk alive at a time
     return totals
 
 

@@ -1,1 +1,2 @@
-"""The streaming worker and the trade feeds: Kafka in and out, PostgreSQL sink (SPEC §4, §5)."""
+"""The streaming worker and the trade feeds: Kafka in and out; PostgreSQL
+through ``shared.store`` (SPEC §4, §5)."""

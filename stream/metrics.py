@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:  # (for the signatures only: the writers import this module)
+    from stream.parse import PartitionBatch
+    from stream.state import PartitionState, RunSummary
+    from stream.writers import BatchResult
 
 MESSAGES_CONSUMED = Counter(
     "candlekeep_messages_consumed_total", "Kafka messages consumed", ["partition"]
@@ -44,3 +51,37 @@ MESSAGES_SKIPPED = Counter(
     "Messages passed over by offset resets, as far as the offsets tell",
     ["partition"],
 )
+
+
+def account(
+    summary: RunSummary, batch: PartitionBatch, result: BatchResult, close_delay_s: float
+) -> None:
+    """Count a committed batch in the run's summary and in the metrics."""
+    emission = result.emission
+    s = summary
+    s.consumed += batch.consumed
+    s.stored += result.stored
+    s.duplicates += result.duplicates
+    s.conflicting += result.conflicting
+    s.invalid += len(batch.invalid)
+    s.late += len(emission.late)
+    s.candles += len(emission.candles)
+    s.partitions.add(batch.partition)
+    MESSAGES_CONSUMED.labels(str(batch.partition)).inc(batch.consumed)
+    TRADES_STORED.inc(result.stored)
+    DUPLICATES.inc(result.duplicates)
+    CONFLICTING.inc(result.conflicting)
+    LATE.inc(len(emission.late))
+    for invalid in batch.invalid:
+        INVALID.labels(invalid.code).inc()
+    for candle in emission.candles:
+        CANDLES.labels(candle.interval).inc()
+        CLOSE_TO_COMMIT.observe(close_delay_s)
+
+
+def set_gauges(partition: int, state: PartitionState, now: float) -> None:
+    label = str(partition)
+    wm = state.windows.watermark_us
+    if wm is not None:
+        WATERMARK_LAG.labels(label).set(now - wm / 1_000_000)
+    OPEN_WINDOWS.labels(label).set(state.windows.open_window_count)

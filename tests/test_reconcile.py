@@ -19,8 +19,9 @@ from shared.core.intervals import IntervalSet
 from shared.core.trades import Trade, datetime_to_ts, ts_to_datetime
 from shared.core.windows import PartitionWindows, WindowSettings
 from shared.store import db
+from shared.store.late_trades import write_late
+from shared.store.stream_candles import write_candles
 from shared.store.trade_store import store_trades
-from stream.sink import PartitionBatch, write_candles, write_late
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +75,7 @@ def simulate_stream(conn, seed=1, count=1500):
         latest[candle.key] = candle
     store_trades(conn, trades)
     write_candles(conn, list(latest.values()), "t", 0)
-    write_late(conn, late, PartitionBatch(0, None, 0))
+    write_late(conn, late, partition=0)
     conn.commit()
     return late
 
@@ -194,7 +195,7 @@ def test_a_stream_that_lags_is_a_warning_not_a_broken_rollup(conn, database_url,
     stream that lags (``warn``), never "not the merge of their base candles" (``fail``)."""
     from shared.batch.batch_run import run_period
     from shared.config import Settings
-    from stream.sink import write_progress
+    from shared.store.progress import write_progress
 
     rnd = random.Random(5)
     trades = [

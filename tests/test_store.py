@@ -22,7 +22,7 @@ from shared.core.intervals import IntervalSet
 from shared.core.trades import datetime_to_ts, ts_to_datetime
 from shared.store import db
 from shared.store.schema import include_in_migrations, metadata
-from shared.store.trade_store import store_new_trades, store_trades
+from shared.store.trade_store import store_trades
 
 from .services import _admin, with_database
 from .strategies import T0_US, trade_lists
@@ -115,7 +115,7 @@ def test_upgrading_a_store_with_trades_keeps_them_and_keys_them_by_identity(old_
             " AND conrelid = 'trades'::regclass"
         ).fetchone()[0]
         assert key == "PRIMARY KEY (exchange, symbol, trade_id)"
-        assert store_new_trades(conn, trades[:10]).new == []
+        assert store_trades(conn, trades[:10]).new == []
         conn.commit()
         assert conn.execute("SELECT count(*), sum(price) FROM trades").fetchone() == (
             50,
@@ -251,8 +251,8 @@ def test_store_keeps_the_first_copy_and_reports_new_trades(conn):
     a = Trade("binance", "ETHUSDT", 1, T0_US, Decimal("10"), Decimal("1"), True)
     a_copy = Trade("binance", "ETHUSDT", 1, T0_US, Decimal("99"), Decimal("5"), False)
     b = Trade("binance", "ETHUSDT", 2, T0_US + 1, Decimal("11"), Decimal("1"))
-    assert store_new_trades(conn, [a, a_copy, b]).new == [a, b]
-    assert store_new_trades(conn, [b, a_copy]).new == []
+    assert store_trades(conn, [a, a_copy, b]).new == [a, b]
+    assert store_trades(conn, [b, a_copy]).new == []
     conn.commit()
     price = conn.execute("SELECT price FROM trades WHERE trade_id = 1").fetchone()[0]
     assert price == Decimal("10")
@@ -338,7 +338,7 @@ def test_upgrading_a_store_with_stream_candles_makes_them_parts_that_merge_exact
     from shared.core.candles import open_candle
     from shared.core.trades import Trade
     from shared.core.windows import candle_to_state
-    from stream.sink import write_candles
+    from shared.store.stream_candles import write_candles
 
     name = f"candlekeep_upgrade_{uuid.uuid4().hex[:12]}"
     server = with_database(database_url, "postgres")

@@ -1,5 +1,6 @@
-"""The stream sink's trade path: first copies only, in arrival order, the same rows as the
-loader's exact path, whichever way (direct COPY or staging table) a batch goes."""
+"""The stream's trade path (``store_trades`` with a worker's tried ids, and a writer's batch):
+first copies only, in arrival order, the same rows as the loader's exact path, whichever way
+(direct COPY or staging table) a batch goes."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 
 from shared.core.trades import Trade
 from shared.store import db
-from shared.store.trade_store import store_trades
-from stream import sink
+from shared.store.trade_staging import store_staged
+from shared.store.trade_store import prepare_trades, store_trades
+from stream.parse import PartitionBatch
+from stream.writers import apply_batch, record_batch
 
 from .strategies import T0_US
 from .streaming import reset_tables
@@ -19,9 +22,14 @@ from .streaming import reset_tables
 @pytest.fixture
 def conn(database_url):
     reset_tables(database_url)
-    sink._tried_max_id.clear()
     with db.connect(database_url) as connection:
         yield connection
+
+
+@pytest.fixture
+def tried():
+    """A worker's greatest trade id tried per symbol (``stream.parse.Parser.tried``)."""
+    return {}
 
 
 def _trade(trade_id, ts_us=None, price="1.5", quantity="2", maker=None, symbol="BTCUSDT"):
@@ -36,26 +44,26 @@ def _stored(conn):
     ).fetchall()
 
 
-def test_first_copies_in_arrival_order_whatever_path_the_batch_takes(conn):
+def test_first_copies_in_arrival_order_whatever_path_the_batch_takes(conn, tried):
     first = [_trade(5), _trade(3), _trade(7, maker=True), _trade(3, price="9")]
     conn.commit()
-    assert sink.store_batch_trades(conn, first) == first[:3]  # one COPY (all fresh)
+    assert store_trades(conn, first, tried=tried).new == first[:3]  # one COPY (all fresh)
     conn.commit()
     # 8 and 9 are fresh, 4 is below what was tried (staging), 5 and 7 repeat stored trades.
     second = [_trade(8), _trade(5), _trade(4), _trade(9, maker=False), _trade(7)]
-    assert sink.store_batch_trades(conn, second) == [second[0], second[2], second[3]]
+    assert store_trades(conn, second, tried=tried).new == [second[0], second[2], second[3]]
     conn.commit()
     # A new process (nothing tried yet) whose first batch repeats a stored trade: the COPY
     # meets it, and the whole batch takes the staging path.
-    sink._tried_max_id.clear()
+    tried.clear()
     third = [_trade(10), _trade(9), _trade(11)]
-    assert sink.store_batch_trades(conn, third) == [third[0], third[2]]
+    assert store_trades(conn, third, tried=tried).new == [third[0], third[2]]
     conn.commit()
     assert [r[2] for r in _stored(conn)] == [3, 4, 5, 7, 8, 9, 10, 11]
     assert _stored(conn)[0][4] == "1.5"  # the first copy of 3 won
 
 
-def test_copy_rows_store_what_the_loader_stores(conn, database_url):
+def test_copy_rows_store_what_the_loader_stores(conn, tried):
     odd = [
         _trade(1, price="0.00000001", quantity="123456789012345678901234567890.5", maker=True),
         _trade(2, price="1E+3", quantity="1.000", maker=False),
@@ -64,16 +72,19 @@ def test_copy_rows_store_what_the_loader_stores(conn, database_url):
         Trade("kraken", "ETHUSDT", 9, T0_US + 123, Decimal("3"), Decimal("4"), None, 17),
     ]
     conn.commit()
-    assert sink.store_batch_trades(conn, odd) == odd
+    assert store_trades(conn, odd, tried=tried).new == odd
     conn.commit()
     direct = _stored(conn)
-    conn.execute("TRUNCATE trades")
-    store_trades(conn, odd)  # the loader's path (psycopg's own COPY formatting)
-    conn.commit()
-    assert direct == _stored(conn)
+    # The loader's path (psycopg's own dumpers, the other encoder of COPY trades), and the
+    # exact path (the staging table, times converted in SQL).
+    for store in (store_trades, store_staged):
+        conn.execute("TRUNCATE trades")
+        store(conn, odd)
+        conn.commit()
+        assert direct == _stored(conn)
 
 
-def test_a_batch_folds_exactly_its_new_trades_whichever_path_it_takes(conn):
+def test_a_batch_folds_exactly_its_new_trades_whichever_path_it_takes(conn, tried):
     from shared.config import Settings
     from shared.core.windows import PartitionWindows
 
@@ -83,14 +94,15 @@ def test_a_batch_folds_exactly_its_new_trades_whichever_path_it_takes(conn):
     minute = 60_000_000
 
     def batch(trades, resumed_from, next_offset):
-        b = sink.PartitionBatch(0, resumed_from, next_offset, list(trades))
+        b = PartitionBatch(0, resumed_from, next_offset, list(trades))
         b.offsets = list(range(resumed_from or 0, (resumed_from or 0) + len(trades)))
         b.consumed = len(trades)
+        b.prepared = prepare_trades(b.trades, tried)  # (as the parse stage does)
         return b
 
     def run(b, expected_new, now_us):
-        result = sink.apply_batch(conn, "g", "t", b, windows, now_us)
-        sink.record_batch(conn, "g", "t", b, windows, result)
+        result = apply_batch(conn, "g", "t", b, windows, now_us)
+        record_batch(conn, "g", "t", b, windows, result)
         conn.commit()
         assert result.stored == len(expected_new)
         want = reference.process(expected_new, now_us)
@@ -108,7 +120,7 @@ def test_a_batch_folds_exactly_its_new_trades_whichever_path_it_takes(conn):
     run(batch(second, 6, 11), [first[6], first[7], disordered], 2)
     # A restarted process (nothing tried) repeats a stored trade: the COPY fails, the windows
     # go back to where they were, and the staging path decides.
-    sink._tried_max_id.clear()
+    tried.clear()
     third = [first[8], first[7], first[9]]
     run(batch(third, 11, 14), [first[8], first[9]], 3)
     assert [r[2] for r in _stored(conn)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]

@@ -148,10 +148,10 @@ stream_candles = _candle_table(
 )
 
 #: Each partition's part of a stream candle (a symbol's trades may arrive on several partitions,
-#: SPEC §4): ``stream_candles`` holds the merge of a key's parts (``stream.sink``). The first and
-#: last trade's timestamps make the merge exact; ``revision`` is the part's own (its partition's
-#: windows count their emissions). Partition -1 (empty topic): a candle written before migration
-#: 0004, partition unknown.
+#: SPEC §4): ``stream_candles`` holds the merge of a key's parts (``shared.store.stream_candles``).
+#: The first and last trade's timestamps make the merge exact; ``revision`` is the part's own (its
+#: partition's windows count their emissions). Partition -1 (empty topic): a candle written before
+#: migration 0004, partition unknown.
 stream_candle_parts = _candle_table(
     "stream_candle_parts",
     Column("topic", Text, nullable=False),

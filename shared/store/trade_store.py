@@ -1,176 +1,147 @@
-"""Storing trades: bulk COPY into a staging table, then one insert that keeps first copies.
+"""Storing trades, the one way: first copy wins (SPEC §2), the same for ``load``, the stream
+worker and the tests.
 
-A trade is its (exchange, symbol, trade_id) (SPEC §2), and that is the primary key of ``trades``:
-PostgreSQL keeps one row per trade whatever path writes it. COPY cannot skip conflicts, so rows go
-to a temporary staging table first (COPY is the fast path for bulk rows), and ``INSERT … SELECT
-DISTINCT ON … ON CONFLICT DO NOTHING`` moves them into ``trades``. The first copy of a trade
-wins, within a batch (by arrival order) and across batches (the primary key). Every staged copy
-that differs from the stored first copy (its ts, price, quantity or side) is a *conflicting*
-duplicate: counted, and kept once in ``trade_conflicts`` with both copies' values. The staging
-table stores microseconds since the epoch and converts in SQL, exactly.
+A trade is its (exchange, symbol, trade_id), and that is the primary key of ``trades``:
+PostgreSQL keeps one row per trade whatever writes it. :func:`prepare_trades` drops the copies
+inside a batch (the first in arrival order wins) and splits the rest: the *fresh* trades, whose
+ids are above every id tried before for their symbol, go in with one COPY straight into
+``trades`` after a savepoint, which the server does in a single pass with its multi-row insert
+(about twice as fast as the exact path). The *others* (disordered trades, repeats of earlier
+batches) take the exact path: COPY into a temporary staging table, then one
+``INSERT … SELECT DISTINCT ON … ON CONFLICT DO NOTHING``. If the fresh COPY meets a stored trade
+after all (another process stored it: a restart, a batch load), the savepoint rolls it back and
+the whole batch takes the exact path. Either way the primary key decides, so the outcome is the
+same; such a batch costs one wasted encoding.
 
-``store_trades`` (bulk loads) first tries the cheaper path for the common case of a batch of
-new, distinct trades: COPY straight into ``trades`` inside a savepoint. The server then
-inserts while the client is still encoding rows, and uses its multi-row insert, instead of a
-second pass with a speculative insert per row: about twice as fast per batch. If any trade of
-the batch is already stored or repeated in it, the primary key rejects the COPY, the savepoint
-rolls it back, and the batch takes the staging path, so the outcome is the same either way. Such
-a batch costs one wasted encoding (the client sends the whole COPY before it hears of the
-conflict), and rows inserted before the conflict stay behind as dead tuples for vacuum.
+Every copy that differs from the stored first copy (its ts, price, quantity or side) is a
+*conflicting* duplicate: counted, and kept once in ``trade_conflicts`` with both copies'
+values. Times go as exact text built from the microseconds or, in the staging table, as
+microseconds converted in SQL; numbers as ``Decimal``/``NUMERIC``.
+
+The rows of that COPY are encoded two ways, for speed, and a test holds that both store the
+same rows (``tests/test_stream_sink.py``): :func:`copy_rows` builds a stream batch's rows ahead,
+as bytes, in the worker's parse stage, off its writers' path; :func:`_copy_all_new` has psycopg's
+C dumpers write ``load``'s 100,000-trade chunks row by row as they are sent, so that the server
+inserts while the client encodes (one chunk through :func:`copy_rows` took ~40% more wall time
+and client CPU, measured on a shared 2-CPU machine).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import psycopg
 
 from shared.core.trades import Trade, ts_to_datetime
+from shared.store.trade_staging import Source, StoreResult, count_conflicts, store_staged
 
-_EPOCH_PLUS = "timestamptz 'epoch' + {} * interval '1 microsecond'"
-
-_STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS trades_staging (
-    seq bigint NOT NULL,
-    exchange text NOT NULL,
-    symbol text NOT NULL,
-    trade_id bigint NOT NULL,
-    ts_us bigint NOT NULL,
-    price numeric NOT NULL,
-    quantity numeric NOT NULL,
-    is_buyer_maker boolean,
-    raw_trades integer NOT NULL,
-    source text,
-    source_partition integer,
-    source_offset bigint
-) ON COMMIT DELETE ROWS
-"""
-
-_MOVE = f"""
-INSERT INTO trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)
-SELECT DISTINCT ON (exchange, symbol, trade_id)
-       exchange, symbol, trade_id, {_EPOCH_PLUS.format("ts_us")}, price, quantity,
-       is_buyer_maker, raw_trades
-FROM trades_staging
-ORDER BY exchange, symbol, trade_id, seq
-ON CONFLICT DO NOTHING
-"""
-
-#: After ``_MOVE``, every trade of the staging table is stored: each staged copy that differs
-#: from the stored (first) copy is a conflicting duplicate; its count is the result, and each
-#: distinct one is kept (once: a copy seen again adds nothing). The lateral join makes each
-#: staged row one probe of the key: the staging table has no statistics, and a hash join with a
-#: scan of ``trades`` per batch would grow with the table.
-_CONFLICTS = f"""
-WITH differing AS (
-    SELECT s.exchange, s.symbol, s.trade_id, t.ts AS first_ts, t.price AS first_price,
-           t.quantity AS first_quantity, t.is_buyer_maker AS first_is_buyer_maker,
-           {_EPOCH_PLUS.format("s.ts_us")} AS ts, s.price, s.quantity, s.is_buyer_maker,
-           s.source, s.source_partition, s.source_offset, s.seq
-    FROM trades_staging s
-    CROSS JOIN LATERAL (
-        SELECT t.ts, t.price, t.quantity, t.is_buyer_maker FROM trades t
-        WHERE t.exchange = s.exchange AND t.symbol = s.symbol AND t.trade_id = s.trade_id
-    ) t
-    WHERE (t.ts, t.price, t.quantity, t.is_buyer_maker)
-          IS DISTINCT FROM ({_EPOCH_PLUS.format("s.ts_us")}, s.price, s.quantity, s.is_buyer_maker)
-), kept AS (
-    INSERT INTO trade_conflicts (exchange, symbol, trade_id, first_ts, first_price,
-        first_quantity, first_is_buyer_maker, ts, price, quantity, is_buyer_maker, source,
-        source_partition, source_offset)
-    SELECT DISTINCT ON (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker)
-           exchange, symbol, trade_id, first_ts, first_price, first_quantity,
-           first_is_buyer_maker, ts, price, quantity, is_buyer_maker, source, source_partition,
-           source_offset
-    FROM differing
-    ORDER BY exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, seq
-    ON CONFLICT DO NOTHING
-)
-SELECT count(*) FROM differing
-"""
-
-
-@dataclass
-class StoreResult:
-    """How many trades were new and how many were copies of stored ones (of which
-    ``conflicting`` differ from the stored first copy)."""
-
-    stored: int
-    duplicates: int
-    conflicting: int = 0
-
-
-@dataclass
-class Source:
-    """Where a batch of trades came from, for ``trade_conflicts``: ``kafka:<topic>`` and a
-    partition, with each trade's offset (``offsets`` parallel to the trades)."""
-
-    name: str
-    partition: int | None = None
-    offsets: Sequence[int | None] | None = None
-
-
-@dataclass
-class NewTrades:
-    """What ``store_new_trades`` stored: the new trades (first copies, in arrival order) and how
-    many of the others were conflicting copies."""
-
-    new: list[Trade]
-    conflicting: int
-
-
-_STAGING_TYPES = (
-    "int8", "text", "text", "int8", "int8", "numeric", "numeric", "bool", "int4",
-    "text", "int4", "int8",
-)  # fmt: skip
-#: The one COPY into ``trades``: the loader streams rows into it, the stream worker sends text.
+#: The one COPY into ``trades`` (its rows: :func:`copy_rows`, or :func:`_copy_all_new`).
 COPY_TRADES = (
     "COPY trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)"
     " FROM STDIN"
 )
-#: ``ts`` goes as text (see ``copy_if_all_new``); the server parses it as a timestamptz.
+#: ``ts`` goes as text (see ``_copy_all_new``); the server parses it as a timestamptz.
 _TRADES_TYPES = ("text", "text", "int8", "text", "numeric", "numeric", "bool", "int4")
 
 
-def stage(conn: psycopg.Connection, trades: Sequence[Trade], source: Source | None = None) -> None:
-    """COPY trades into this transaction's staging table, in arrival order."""
-    conn.execute(_STAGING)
-    name = partition = None
-    offsets: Sequence[int | None] = ()
-    if source is not None:
-        name, partition, offsets = source.name, source.partition, source.offsets or ()
-    with conn.cursor().copy(
-        "COPY trades_staging (seq, exchange, symbol, trade_id, ts_us, price, quantity,"
-        " is_buyer_maker, raw_trades, source, source_partition, source_offset) FROM STDIN"
-    ) as copy:
-        copy.set_types(_STAGING_TYPES)  # known types: no per-value type dispatch
-        write_row = copy.write_row
-        for seq, t in enumerate(trades):
-            write_row(
-                (
-                    seq,
-                    t.exchange,
-                    t.symbol,
-                    t.trade_id,
-                    t.ts_us,
-                    t.price,
-                    t.quantity,
-                    t.is_buyer_maker,
-                    t.raw_trades,
-                    name,
-                    partition,
-                    offsets[seq] if seq < len(offsets) else None,
-                )
+#: Where some of a batch's trades came from (None: not known), asked only when needed: on the
+#: staging path, the only one that can meet a conflicting copy.
+SourceOf = Callable[[Sequence[Trade]], "Source | None"]
+
+
+@dataclass
+class PreparedTrades:
+    """A batch's trades sorted for storing (see :func:`prepare_trades`)."""
+
+    unique: list[Trade]  # first copies (by exchange, symbol, trade_id), in arrival order
+    fresh: list[Trade]  # above every id tried before for their symbol
+    others: list[Trade]
+    fresh_rows: bytes  # ``fresh`` as rows of ``COPY trades`` (:func:`copy_rows`)
+    #: Later copies of ids in ``unique`` (whatever their ts or price): duplicates, never folded;
+    #: compared with the stored first copy once that is stored, to count conflicting ones.
+    repeats: list[Trade] = field(default_factory=list)
+
+
+def prepare_trades(
+    trades: Sequence[Trade], tried: dict[tuple[str, str], int] | None = None
+) -> PreparedTrades:
+    """Drop copies inside the batch (the first one in arrival order wins, whatever the copies'
+    timestamps say: SPEC §2) and split the rest for :func:`store_prepared`; the fresh ones are
+    already encoded for their COPY (a caller may do this off its writing path).
+
+    ``tried``: per (exchange, symbol), the greatest trade id its owner (a stream worker) has
+    tried to store; updated with the batch's ids. A trade above it cannot be stored yet, unless
+    another process wrote the store: those are *fresh*. A hint only, never the authority on what
+    is stored (None: nothing tried, every first copy is fresh).
+    """
+    firsts: dict[tuple[str, str, int], Trade] = {}
+    keep = firsts.setdefault
+    for t in trades:
+        keep((t.exchange, t.symbol, t.trade_id), t)
+    unique = list(firsts.values())
+    repeats: list[Trade] = []
+    if len(unique) != len(trades):
+        first_ids = set(map(id, unique))
+        repeats = [t for t in trades if id(t) not in first_ids]
+    if tried is None:
+        return PreparedTrades(unique, unique, [], copy_rows(unique), repeats)
+    fresh: list[Trade] = []
+    others: list[Trade] = []
+    before = dict(tried)
+    for t in unique:
+        symbol = (t.exchange, t.symbol)
+        trade_id = t.trade_id
+        if trade_id > before.get(symbol, -1):
+            fresh.append(t)
+            if trade_id > tried.get(symbol, -1):
+                tried[symbol] = trade_id
+        else:
+            others.append(t)
+    return PreparedTrades(unique, fresh, others, copy_rows(fresh), repeats)
+
+
+_COPY_BOOL = {True: "t", False: "f", None: "\\N"}
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_rows(trades: Sequence[Trade]) -> bytes:
+    """Trades as rows of :data:`COPY_TRADES` in text format, as :func:`_copy_all_new` writes
+    them: decimals as ``str()`` (exact), times as ISO text in UTC built from the microseconds
+    (exact), the minute's prefix and each symbol's leading columns made once. (The stream
+    worker's encoder: see the module's docstring.)"""
+    heads: dict[tuple[str, str], str] = {}
+    rows = []
+    add = rows.append
+    minute_start = minute_end = 0
+    prefix = ""
+    for t in trades:
+        ts = t.ts_us
+        if not minute_start <= ts < minute_end:
+            minute_start = ts - ts % 60_000_000
+            minute_end = minute_start + 60_000_000
+            prefix = ts_to_datetime(minute_start).strftime("%Y-%m-%d %H:%M:")
+        key = (t.exchange, t.symbol)
+        head = heads.get(key)
+        if head is None:
+            head = heads[key] = (
+                f"{t.exchange.translate(_COPY_ESCAPES)}\t{t.symbol.translate(_COPY_ESCAPES)}\t"
             )
+        us = ts - minute_start
+        add(
+            f"{head}{t.trade_id}\t{prefix}{us // 1_000_000:02d}.{us % 1_000_000:06d}+00\t"
+            f"{t.price}\t{t.quantity}\t{_COPY_BOOL[t.is_buyer_maker]}\t{t.raw_trades}\n"
+        )
+    return "".join(rows).encode()
 
 
-def copy_if_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
+def _copy_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
     """COPY the trades straight into ``trades`` if none is stored yet or repeated in the batch;
-    otherwise store nothing and return False.
+    otherwise store nothing and return False (a savepoint, or the transaction, rolls it back).
 
-    Times go as ISO text built from the microseconds (exact), the minute's prefix cached:
-    several times cheaper than making and dumping a datetime per trade.
+    Rows as :func:`copy_rows` encodes them, by psycopg's own dumpers (see the module's
+    docstring): times as ISO text built from the microseconds (exact), the minute's prefix
+    cached, several times cheaper than making and dumping a datetime per trade.
     """
     minute = -1
     prefix = ""
@@ -201,121 +172,106 @@ def copy_if_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
     return True
 
 
+#: The savepoint taken before the fresh trades' COPY (a caller may take it itself, see
+#: ``store_prepared``'s ``savepoint_taken``).
+FRESH_SAVEPOINT = "fresh_trades"
+
+
 def store_trades(
-    conn: psycopg.Connection, trades: Sequence[Trade], source: Source | None = None
-) -> StoreResult:
-    """Insert trades, first copy wins; the caller commits.
-
-    Needs an open transaction (not autocommit). A batch of new, distinct trades goes in with
-    one COPY; any other batch through the staging table (see the module's docstring).
-    """
-    if not trades:
-        return StoreResult(0, 0)
-    if copy_if_all_new(conn, trades):
-        return StoreResult(len(trades), 0)
-    stage(conn, trades, source)
-    stored = conn.execute(_MOVE).rowcount
-    conflicting = 0
-    if stored < len(trades):  # (a join of the whole chunk: only when it holds copies)
-        conflicting = conn.execute(_CONFLICTS).fetchone()[0]
-    conn.execute("TRUNCATE trades_staging")
-    return StoreResult(stored, len(trades) - stored, conflicting)
-
-
-def store_new_trades(
-    conn: psycopg.Connection, trades: Sequence[Trade], source: Source | None = None
-) -> NewTrades:
-    """Insert trades and return the ones that were new (first copies), in arrival order, with
-    the number of conflicting copies among the others.
-
-    The stream worker feeds exactly these to the windowing core: a duplicate of a stored trade,
-    however late it comes and whatever timestamp it carries, never reaches a candle.
-    """
-    if not trades:
-        return NewTrades([], 0)
-    stage(conn, trades, source)
-    with conn.pipeline():  # one round trip for the three (the stream's batches are small)
-        moved = conn.execute(_MOVE + " RETURNING exchange, symbol, trade_id")
-        counted = conn.execute(_CONFLICTS)
-        conn.execute("TRUNCATE trades_staging")
-    rows = moved.fetchall()
-    conflicting = counted.fetchone()[0]
-    new = {tuple(r) for r in rows}
-    out = []
-    for trade in trades:
-        key = (trade.exchange, trade.symbol, trade.trade_id)
-        if key in new:
-            new.discard(key)  # only the first copy in the batch
-            out.append(trade)
-    return NewTrades(out, conflicting)
-
-
-def count_conflicts(
     conn: psycopg.Connection,
-    copies: Sequence[Trade],
+    trades: Sequence[Trade],
     source: Source | None = None,
-    firsts: Sequence[Trade | None] | None = None,
-) -> int:
-    """Of copies of trades already stored, how many differ from the stored first copy; keep
-    each distinct one in ``trade_conflicts``. (The stream drops repeats inside a batch before
-    storing; their first copies must be stored when this runs.)
+    *,
+    tried: dict[tuple[str, str], int] | None = None,
+) -> StoreResult:
+    """Store trades, first copy wins, in the caller's open transaction (the caller commits);
+    ``source``: where they came from (offsets parallel to ``trades``).
 
-    ``firsts``, parallel to ``copies``: a copy's first copy where the caller knows it is the
-    stored one (it stored it in this transaction), so that an exact copy costs no statement; a
-    None is looked up in ``trades``.
+    ``tried`` (a stream worker's, see :func:`prepare_trades`): the batch is prepared and stored
+    by :func:`store_prepared`. Without it (``load``'s large chunks, where nothing is known
+    ahead) the whole batch is first tried with one COPY, encoded as it is sent, and takes the
+    exact path if any of it is stored already or repeated in it.
     """
-    pairs = list(zip(copies, firsts or [None] * len(copies), strict=True))
-    differing = [
-        (n, c, f) for n, (c, f) in enumerate(pairs) if f is None or _values(c) != _values(f)
-    ]
-    known = [(n, c, f) for n, c, f in differing if f is not None]
-    unknown = [c for _, c, f in differing if f is None]
-    offsets = source.offsets if source is not None and source.offsets else None
-    if known:
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO trade_conflicts (exchange, symbol, trade_id, first_ts, first_price,"
-                " first_quantity, first_is_buyer_maker, ts, price, quantity, is_buyer_maker,"
-                " source, source_partition, source_offset)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT DO NOTHING",
-                [
-                    (
-                        c.exchange,
-                        c.symbol,
-                        c.trade_id,
-                        ts_to_datetime(f.ts_us),
-                        f.price,
-                        f.quantity,
-                        f.is_buyer_maker,
-                        ts_to_datetime(c.ts_us),
-                        c.price,
-                        c.quantity,
-                        c.is_buyer_maker,
-                        source.name if source is not None else None,
-                        source.partition if source is not None else None,
-                        offsets[n] if offsets is not None else None,
-                    )
-                    for n, c, f in known
-                ],
-            )
-    conflicting = len(known)
-    if unknown:
-        unknown_source = None
-        if source is not None:
-            unknown_offsets = (
-                [offsets[n] for n, _, f in differing if f is None] if offsets else None
-            )
-            unknown_source = Source(source.name, source.partition, unknown_offsets)
-        stage(conn, unknown, unknown_source)
-        conflicting += conn.execute(_CONFLICTS).fetchone()[0]
-        conn.execute("TRUNCATE trades_staging")
-    return conflicting
+    if not trades:
+        return StoreResult([], 0)
+    if tried is None:
+        if _copy_all_new(conn, trades):
+            return StoreResult(list(trades), 0)
+        return store_staged(conn, trades, source)
+    source_of = None
+    if source is not None:
+        offset_of = dict(zip(map(id, trades), source.offsets or (), strict=False))
+        source_of = lambda some: Source(  # noqa: E731
+            source.name, source.partition, [offset_of.get(id(t)) for t in some]
+        )
+    return store_prepared(conn, prepare_trades(trades, tried), source_of)
 
 
-def _values(t: Trade) -> tuple:
-    """What must agree between two copies of a trade (numbers by value, as in SQL)."""
-    return (t.ts_us, t.price, t.quantity, t.is_buyer_maker)
+def store_prepared(
+    conn: psycopg.Connection,
+    prepared: PreparedTrades,
+    source_of: SourceOf | None = None,
+    *,
+    savepoint_taken: bool = False,
+    fold: Callable[[list[Trade]], object] | None = None,
+) -> StoreResult:
+    """Store prepared trades (see the module's docstring) in the caller's open transaction.
+
+    ``savepoint_taken``: the caller took :data:`FRESH_SAVEPOINT` already (in the round trip of
+    its own first statement). ``fold``: called with the new trades, in arrival order, as soon as
+    they are presumed known: the stream worker folds them into its windows while the server
+    inserts the fresh ones' COPY (the client has sent it all by then). If that COPY meets a
+    stored trade, ``fold`` is called again with the new trades as they turn out, and the caller
+    must let that call replace the first.
+    """
+    unique, fresh, others = prepared.unique, prepared.fresh, prepared.others
+    of = source_of or (lambda trades: None)
+    if fresh and not savepoint_taken:  # (before the others: a failed COPY undoes them too)
+        conn.execute(f"SAVEPOINT {FRESH_SAVEPOINT}")
+    stored = store_staged(conn, others, of(others)) if others else StoreResult([], 0)
+    new = stored.new
+    if fresh:
+        new = _merge_new(unique, others, stored.new)  # arrival order
+        try:
+            with conn.cursor().copy(COPY_TRADES) as copy:
+                copy.write(prepared.fresh_rows)
+                if fold is not None:
+                    fold(new)
+        except psycopg.errors.UniqueViolation:
+            conn.execute(f"ROLLBACK TO SAVEPOINT {FRESH_SAVEPOINT}")  # the others' rows too
+            stored = store_staged(conn, unique, of(unique))
+            new = stored.new
+            if fold is not None:
+                fold(new)
+    elif fold is not None:
+        fold(new)
+    # Repeats inside the batch last: their first copies are stored by now.
+    conflicting = stored.conflicting + _repeats_conflicting(conn, prepared, new, of)
+    return StoreResult(new, len(prepared.repeats) + len(unique) - len(new), conflicting)
+
+
+def _merge_new(unique: list[Trade], others: list[Trade], new_others: list[Trade]) -> list[Trade]:
+    """``unique`` without those of ``others`` that are not in ``new_others``, in order."""
+    stored_before = {id(t) for t in others}.difference(map(id, new_others))
+    if not stored_before:
+        return unique
+    return [t for t in unique if id(t) not in stored_before]
+
+
+def _repeats_conflicting(
+    conn: psycopg.Connection, prepared: PreparedTrades, new: list[Trade], of: SourceOf
+) -> int:
+    """Count (and keep) the conflicting ones among the batch's repeats. Their first copies are
+    stored by now: where that is the batch's own (new) first copy, the comparison is made here
+    and an exact copy costs nothing; else the stored one is read."""
+    repeats = prepared.repeats
+    if not repeats:
+        return 0
+    stored_here = set(map(id, new))
+    first_of = {t.key: t for t in prepared.unique}
+    firsts = [first_of[r.key] for r in repeats]
+    known = [f if id(f) in stored_here else None for f in firsts]
+    return count_conflicts(conn, repeats, of(repeats), known)
 
 
 @dataclass
