@@ -40,7 +40,7 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 
 from candlekeep.embedded import EmbeddedPostgres  # noqa: E402
-from shared.batch import recompute as recompute_sql  # noqa: E402
+from shared.batch import candle_sql  # noqa: E402
 from shared.batch.recompute import WORK_MEM, recompute_batch_candles  # noqa: E402
 from shared.core.intervals import IntervalSet  # noqa: E402
 from shared.store import db  # noqa: E402
@@ -280,7 +280,7 @@ WHERE num_nonnulls({", ".join(aggregates)}) > 0"""
 
 #: The recomputation's own base candles (its aggregate pass, then the open/close probes), counted.
 _BASE_CANDLES = (
-    f"WITH {recompute_sql.AGGREGATE}, {recompute_sql.BASE} SELECT count(*) FROM base"
+    f"WITH {candle_sql.base_fold()} SELECT count(*) FROM base"
     " WHERE num_nonnulls(first, last, volume) > 0"
 )
 

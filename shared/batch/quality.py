@@ -14,7 +14,6 @@ from datetime import datetime, timedelta
 
 import msgspec
 import psycopg
-from psycopg.rows import dict_row
 
 from shared.batch.candle_sql import candle_columns, candle_states, rollup, same
 from shared.batch.recompute import owned_windows
@@ -27,6 +26,7 @@ from shared.batch.summary import (
 )
 from shared.config import Settings
 from shared.core.intervals import IntervalSet
+from shared.store.progress import resets_between, stream_totals
 
 LATENESS_BUCKETS = ((0, 1), (1, 5), (5, 30), (30, 60), (60, 300), (300, 900), (900, None))
 
@@ -159,9 +159,7 @@ def late_stats(conn: psycopg.Connection, start: datetime, end: datetime) -> Late
 
 def invalid_stats(conn: psycopg.Connection) -> InvalidMessages:
     """The stream's invalid-message rate so far (invalid messages carry no trade time)."""
-    consumed, invalid = conn.execute(
-        "SELECT coalesce(sum(consumed), 0), coalesce(sum(invalid), 0) FROM stream_progress"
-    ).fetchone()
+    consumed, invalid = stream_totals(conn)
     reasons = dict(
         conn.execute(
             "SELECT reason_code, count(*) FROM invalid_trades WHERE source LIKE 'kafka:%%'"
@@ -189,17 +187,7 @@ def offset_resets(
     beginning, without ``resumed_at`` (nothing read since, or the worker stopped under
     ``fail``) onwards.
     """
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            "SELECT id, consumer_group, topic, partition, kind, stored_offset, log_start_offset,"
-            " log_end_offset, skipped, policy, watermark, resumed_at, detected_at"
-            " FROM offset_resets WHERE consumer_group = %s AND topic = %s"
-            " AND (watermark IS NULL OR watermark < %s)"
-            " AND (resumed_at IS NULL OR resumed_at >= %s) ORDER BY detected_at, id",
-            (group, topic, end, start),
-        ).fetchall()
-    if not conn.autocommit:
-        conn.rollback()
+    rows = resets_between(conn, group, topic, start, end)
     return [
         OffsetReset(
             **{name: v.isoformat() if isinstance(v, datetime) else v for name, v in row.items()}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from shared.core.trades import ts_to_datetime
@@ -276,3 +277,31 @@ def mark_resumed(conn: psycopg.Connection, reset_id: int, first_trade_us: int) -
         "UPDATE offset_resets SET resumed_at = %s WHERE id = %s AND resumed_at IS NULL",
         (ts_to_datetime(first_trade_us), reset_id),
     )
+
+
+def stream_totals(conn: psycopg.Connection) -> tuple[int, int]:
+    """Messages consumed and found invalid by the stream so far, over every partition."""
+    consumed, invalid = conn.execute(
+        "SELECT coalesce(sum(consumed), 0), coalesce(sum(invalid), 0) FROM stream_progress"
+    ).fetchone()
+    return int(consumed), int(invalid)
+
+
+def resets_between(
+    conn: psycopg.Connection, group: str, topic: str, start: datetime, end: datetime
+) -> list[dict]:
+    """The ``offset_resets`` rows of consumer ``group`` on ``topic`` whose span
+    ``[watermark, resumed_at]`` (open where NULL) meets ``[start, end)``, oldest first; the
+    batch side's ``quality.offset_resets`` says why that span."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT id, consumer_group, topic, partition, kind, stored_offset, log_start_offset,"
+            " log_end_offset, skipped, policy, watermark, resumed_at, detected_at"
+            " FROM offset_resets WHERE consumer_group = %s AND topic = %s"
+            " AND (watermark IS NULL OR watermark < %s)"
+            " AND (resumed_at IS NULL OR resumed_at >= %s) ORDER BY detected_at, id",
+            (group, topic, end, start),
+        ).fetchall()
+    if not conn.autocommit:
+        conn.rollback()
+    return rows
