@@ -61,6 +61,8 @@ WITH differing AS (
     CROSS JOIN LATERAL (
         SELECT t.ts, t.price, t.quantity, t.is_buyer_maker FROM trades t
         WHERE t.exchange = s.exchange AND t.symbol = s.symbol AND t.trade_id = s.trade_id
+        LIMIT 1  -- at most one row anyway (the key); keeps the planner from flattening this
+                 -- into a hash join that scans all of `trades` for every batch (live p99 x5)
     ) t
     WHERE (t.ts, t.price, t.quantity, t.is_buyer_maker)
           IS DISTINCT FROM ({_EPOCH_PLUS.format("s.ts_us")}, s.price, s.quantity, s.is_buyer_maker)
