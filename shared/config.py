@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     dq_wait_timeout: timedelta = timedelta(minutes=10)
     report_dir: str = "reports"
     log_level: str = "INFO"
+    #: Exchanges whose trade ids are consecutive per symbol (SPEC §4: a hole is a gap).
+    consecutive_id_exchanges: str = "binance,binance-usdm,kraken"
+    #: Check each period's candles against the venue (SPEC §6.1); off: ``unverified``, no warn.
+    venue_checks: bool = True
+    #: The DAG's repair task: fetch the period's open gaps from the venue (SPEC §6.1).
+    repair: bool = True
+    #: ``exchange:SYMBOL,…`` expected to trade in every period, besides the symbols seen in the
+    #: ``expected_lookback`` before it: a period in which one has no trade is not ``pass``.
+    expected_symbols: str = ""
+    expected_lookback: timedelta = timedelta(hours=24)
 
     @field_validator("database_url", "kafka_bootstrap_servers")
     @classmethod
@@ -104,6 +114,7 @@ class Settings(BaseSettings):
         "session_timeout",
         "heartbeat_interval",
         "dq_wait_timeout",
+        "expected_lookback",
         mode="before",
     )
     @classmethod
@@ -116,6 +127,26 @@ class Settings(BaseSettings):
         if value < timedelta(0):
             raise ValueError("must not be negative")
         return value
+
+    @field_validator("expected_symbols")
+    @classmethod
+    def _check_expected(cls, value: str) -> str:
+        for item in filter(None, (v.strip() for v in value.split(","))):
+            exchange, _, symbol = item.partition(":")
+            if not exchange.strip() or not symbol.strip():
+                raise ValueError(f"{item!r} is not exchange:SYMBOL (e.g. binance:BTCUSDT)")
+        return value
+
+    @property
+    def expected(self) -> frozenset[tuple[str, str]]:
+        """The configured expected symbols as ``(exchange, SYMBOL)``."""
+        pairs = (v.strip().partition(":") for v in self.expected_symbols.split(",") if v.strip())
+        return frozenset((e.strip().lower(), s.strip().upper()) for e, _, s in pairs)
+
+    @property
+    def consecutive_ids(self) -> frozenset[str]:
+        names = self.consecutive_id_exchanges.split(",")
+        return frozenset(n.strip().lower() for n in names if n.strip())
 
     @property
     def interval_set(self) -> IntervalSet:

@@ -322,3 +322,7 @@ def include_in_migrations(name: str | None, type_: str, parent_names: dict) -> b
         return False
     table = parent_names.get("table_name") or ""
     return not _PARTITION.fullmatch(table)
+
+
+# The check against the venue's tables (SPEC §6.1) join ``metadata`` from their own module.
+from shared.store import schema_venue  # noqa: E402, F401

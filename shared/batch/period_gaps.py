@@ -1,0 +1,79 @@
+"""The period's trade-id gaps, from the stored trades, in SQL (SPEC §6.1; authoritative).
+
+At exchanges whose ids are consecutive per symbol (``CANDLEKEEP_CONSECUTIVE_ID_EXCHANGES``), a
+hole among a symbol's ids is trades the feed never delivered. The stream records holes live (its
+``trade_gaps`` rows are the early warning); the batch run finds every hole again from what is
+stored: among the ids of the trades of ``[start, end)``, and between the period's first trade
+and the stored trade just before it (by id: a feed that was down across the period's start).
+A hole after the period's last trade is the next period's to find. A symbol's first trade ever
+has nothing before it: no gap. Holes go to ``trade_gaps`` (``detected_by = 'batch'``; a hole the
+stream already recorded is that row); rows whose trades have all been stored since (a late
+copy, a ``load``) are closed.
+
+The trades never travel into Python: one statement walks each symbol's ids in key order.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import psycopg
+
+from shared.core.trades import datetime_to_ts
+from shared.store.trade_gaps import close_stored, gaps_meeting, record_gaps
+
+_HOLES = """
+WITH period AS (
+    SELECT exchange, symbol, trade_id, ts FROM trades
+    WHERE ts >= %(start)s AND ts < %(end)s AND exchange = ANY(%(exchanges)s)
+),
+firsts AS (SELECT exchange, symbol, min(trade_id) AS first_id FROM period GROUP BY 1, 2),
+before AS (
+    SELECT f.exchange, f.symbol, b.trade_id, b.ts FROM firsts AS f
+    CROSS JOIN LATERAL (
+        SELECT t.trade_id, t.ts FROM trades AS t
+        WHERE t.exchange = f.exchange AND t.symbol = f.symbol AND t.trade_id < f.first_id
+        ORDER BY t.trade_id DESC LIMIT 1
+    ) AS b
+),
+steps AS (
+    SELECT exchange, symbol, trade_id, ts,
+           lag(trade_id) OVER w AS prev_id, lag(ts) OVER w AS prev_ts
+    FROM (SELECT * FROM period UNION ALL SELECT * FROM before) AS ids
+    WINDOW w AS (PARTITION BY exchange, symbol ORDER BY trade_id)
+)
+SELECT exchange, symbol, prev_id + 1, trade_id - 1, prev_ts, ts
+FROM steps WHERE trade_id > prev_id + 1
+ORDER BY 1, 2, 3
+"""
+
+
+def find_gaps(
+    conn: psycopg.Connection, start: datetime, end: datetime, exchanges: frozenset[str]
+) -> dict[str, int]:
+    """Find and record the period's holes; close rows filled since. Returns ``{"found": n,
+    "new": n, "closed": n}`` (``new``: not recorded before, by the stream or an earlier run)."""
+    holes = conn.execute(
+        _HOLES, {"start": start, "end": end, "exchanges": sorted(exchanges)}
+    ).fetchall()
+    new = record_gaps(conn, holes, "batch")
+    closed = close_stored(conn, start, end)
+    return {"found": len(holes), "new": new, "closed": closed}
+
+
+def open_gaps(conn: psycopg.Connection, start: datetime, end: datetime) -> list[dict]:
+    """The open ``trade_gaps`` rows whose missing trades may lie in ``[start, end)``."""
+    return gaps_meeting(conn, start, end, open_only=True)
+
+
+def missing_in(gaps: list[dict], exchange: str, symbol: str, start_us: int, end_us: int) -> int:
+    """The trades ``gaps`` may hold in one window ``[start_us, end_us)`` of a symbol: every gap
+    whose neighbours' times meet the window counts whole (its trades lie between them)."""
+    return sum(
+        g["last_missing_id"] - g["first_missing_id"] + 1
+        for g in gaps
+        if g["exchange"] == exchange
+        and g["symbol"] == symbol
+        and datetime_to_ts(g["before_ts"]) < end_us
+        and datetime_to_ts(g["after_ts"]) >= start_us
+    )
