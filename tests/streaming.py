@@ -99,7 +99,7 @@ class Expected:
 
     stored: set = field(default_factory=set)  # (exchange, symbol, trade_id, ts_us) of firsts
     duplicates: int = 0
-    conflicting: int = 0  # duplicates whose ts, price, quantity or side differ from the first
+    conflicting: int = 0  # duplicates whose ts, price, quantity, side or kind differ from the first
     firsts: dict = field(default_factory=dict)  # (exchange, symbol, trade_id) -> first copy
     invalid: dict = field(default_factory=dict)  # (partition, offset) -> code
     late: set = field(default_factory=set)  # (exchange, symbol, trade_id)
@@ -130,12 +130,21 @@ def reference_model(deliveries: list[Delivery], settings: Settings) -> Expected:
             first = out.firsts.get(trade.key)
             if first is not None:
                 out.duplicates += 1
-                mine = (trade.ts_us, trade.price, trade.quantity, trade.is_buyer_maker)
-                if mine != (first.ts_us, first.price, first.quantity, first.is_buyer_maker):
+                mine = (trade.ts_us, trade.price, trade.quantity, trade.is_buyer_maker, trade.kind)
+                if mine != (
+                    first.ts_us,
+                    first.price,
+                    first.quantity,
+                    first.is_buyer_maker,
+                    first.kind,
+                ):
                     out.conflicting += 1
                 continue
             out.firsts[trade.key] = trade
             out.stored.add((trade.exchange, trade.symbol, trade.trade_id, trade.ts_us))
+            if trade.kind != "market":  # stored, never folded nor late (SPEC §2 ``kind``)
+                greatest = trade.ts_us if greatest is None else max(greatest, trade.ts_us)
+                continue
             watermark = None if greatest is None else greatest - ws.max_delay_us
             end = trade.ts_us - trade.ts_us % base + base
             if watermark is not None and end + ws.allowed_lateness_us <= watermark:

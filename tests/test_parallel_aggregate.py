@@ -340,7 +340,7 @@ def test_books_of_consecutive_parts_merge_into_the_whole_books_candles(trades, r
     by_rows = CandleBook(INTERVALS)
     for key in dict.fromkeys((t.exchange, t.symbol) for t in trades):
         rows = [
-            (*key, t.trade_id, t.ts_us, t.price, t.quantity, t.is_buyer_maker, t.raw_trades)
+            (*key, t.trade_id, t.ts_us, t.price, t.quantity, t.is_buyer_maker, t.raw_trades, t.kind)
             for t in trades
             if (t.exchange, t.symbol) == key
         ]

@@ -106,7 +106,12 @@ def test_upgrading_a_store_with_trades_keeps_them_and_keys_them_by_identity(old_
     ]
     with db.connect(url) as conn:
         _day_partitions(conn, trades)
-        store_trades(conn, trades)
+        for t in trades:  # as revision 0001's writer stored them (no later column)
+            conn.execute(
+                "INSERT INTO trades (exchange, symbol, trade_id, ts, price, quantity)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (t.exchange, t.symbol, t.trade_id, ts_to_datetime(t.ts_us), t.price, t.quantity),
+            )
         conn.commit()
     assert db.upgrade(url) == db.head_revision()
     with db.connect(url) as conn:

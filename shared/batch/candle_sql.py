@@ -58,11 +58,16 @@ assert tuple(_FIELD) == CANDLE_FIELDS, "a candle field without its SQL (or out o
 CANDLE_COLUMNS = ("exchange", "symbol", "interval", "window_start", "window_end", *CANDLE_FIELDS)
 
 
+#: Only order-book trades are folded (SPEC §2 ``kind``: a venue's other trades are stored and
+#: reported, and its own klines leave them out).
+MARKET_ONLY = "t.kind = 'market'"
+
+
 def base_fold(*, scan: str = "", kept: str = "") -> str:
     """The CTEs ``aggregate`` and ``base``: the fold states of the base windows of the trades
     ``t`` with ``ts`` in ``[%(scan_start)s, %(scan_end)s)`` (and ``scan``), of which only those
-    matching ``kept`` (SQL on ``t``; every trade when empty) are folded. ``%(base_len)s`` is the
-    base interval's length.
+    matching ``kept`` (SQL on ``t``; every trade when empty) and :data:`MARKET_ONLY` are folded.
+    ``%(base_len)s`` is the base interval's length.
 
     A hash-aggregate pass computes every column but ``first`` and ``last``, and each window's
     least and greatest ``ts`` and ``trade_id``; ``first`` and ``last`` then come from one probe
@@ -71,9 +76,9 @@ def base_fold(*, scan: str = "", kept: str = "") -> str:
     trades).
     """
     where = " AND ".join(
-        w for w in ("t.ts >= %(scan_start)s AND t.ts < %(scan_end)s", scan, kept) if w
+        w for w in ("t.ts >= %(scan_start)s AND t.ts < %(scan_end)s", MARKET_ONLY, scan, kept) if w
     )
-    probe_kept = f" AND {kept}" if kept else ""
+    probe_kept = f" AND {MARKET_ONLY}" + (f" AND {kept}" if kept else "")
     return f"""
 aggregate AS (
     SELECT t.exchange, t.symbol,

@@ -15,7 +15,7 @@ from msgspec.structs import astuple
 
 from shared.core.candles import EXACT, Candle, empty_candle, fold, merge, open_candle
 from shared.core.intervals import Interval, IntervalSet
-from shared.core.trades import Row, Trade
+from shared.core.trades import MARKET, Row, Trade
 
 
 @dataclass
@@ -102,7 +102,17 @@ class CandleBook:
         ids: set[int] = set()
         with localcontext(EXACT):
             for row in rows:
-                row_exchange, row_symbol, trade_id, ts, price, quantity, is_buyer_maker, raw = row
+                (
+                    row_exchange,
+                    row_symbol,
+                    trade_id,
+                    ts,
+                    price,
+                    quantity,
+                    is_buyer_maker,
+                    raw,
+                    kind,
+                ) = row
                 if row_symbol != symbol or row_exchange != exchange:
                     exchange, symbol = row_exchange, row_symbol
                     ids = self.dedup.ids(exchange, symbol)
@@ -113,6 +123,8 @@ class CandleBook:
                     self.dedup.repeat(exchange, symbol, trade_id)
                     continue
                 count += 1
+                if kind != MARKET:
+                    continue  # stored and counted, never folded (SPEC §2 ``kind``)
                 if book is None:
                     book = books[exchange, symbol] = {}
                 start = ts - ts % base_len  # window_start(ts, base_len): see the docstring
@@ -174,7 +186,7 @@ class CandleBook:
 
 def conflicting_copies(trades: Iterable[Trade], repeated: dict[tuple[str, str], set[int]]) -> int:
     """How many later copies of the ``repeated`` ids differ from their first copy (in
-    ``trades``' order) in time, price, quantity or side: SPEC §2's conflicting duplicates, as
+    ``trades``' order) in time, price, quantity, side or kind: SPEC §2's conflicting duplicates, as
     ``shared.store.trade_store`` counts them in SQL (numbers compared by value)."""
     firsts: dict[tuple[str, str, int], tuple] = {}
     conflicting = 0
@@ -182,7 +194,7 @@ def conflicting_copies(trades: Iterable[Trade], repeated: dict[tuple[str, str], 
         ids = repeated.get((t.exchange, t.symbol))
         if ids is None or t.trade_id not in ids:
             continue
-        values = (t.ts_us, t.price, t.quantity, t.is_buyer_maker)
+        values = (t.ts_us, t.price, t.quantity, t.is_buyer_maker, t.kind)
         first = firsts.setdefault(t.key, values)
         if first is not values and first != values:
             conflicting += 1

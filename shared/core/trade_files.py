@@ -37,7 +37,7 @@ from shared.core.trade_rules import (
     normalise_exchange,
     normalise_symbol,
 )
-from shared.core.trades import Rejection, Row, Trade
+from shared.core.trades import MARKET, Rejection, Row, Trade
 
 FORMATS = ("auto", "jsonl", "binance-trades", "binance-aggtrades")
 #: Integer timestamps at or above this are microseconds (1e14 ms would be the year 5138).
@@ -218,11 +218,21 @@ class TradeLineReader:
                 parsed, micro = careful
                 if not unit_known:
                     self.microseconds, unit_known = micro, True
-                yield (exchange, symbol, *parsed)
+                yield (exchange, symbol, *parsed, MARKET)
                 continue
             if not unit_known:
                 self.microseconds, unit_known = micro, True
-            yield (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)
+            yield (
+                exchange,
+                symbol,
+                trade_id,
+                ts,
+                price,
+                quantity,
+                is_buyer_maker,
+                raw_trades,
+                MARKET,
+            )
         self.lines = max(self.lines, number)
 
 

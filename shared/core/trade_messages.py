@@ -27,6 +27,7 @@ from shared.core.trade_rules import (
     MIN_TS_US,
     InvalidField,
     check_exchange,
+    check_kind,
     check_positive_decimal,
     check_symbol,
     check_trade_id,
@@ -34,7 +35,7 @@ from shared.core.trade_rules import (
     describe,
     json_type,
 )
-from shared.core.trades import Rejection, Trade, parse_timestamp
+from shared.core.trades import MARKET, Rejection, Trade, parse_timestamp
 
 #: Messages larger than this are rejected unread (a trade is ~200 bytes).
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -98,6 +99,7 @@ def parse_trade_object(obj: Any, *, max_ts_us: int | None = None) -> Trade | Rej
         quantity = check_positive_decimal("quantity", _required(obj, "quantity"))
         ts_us = _timestamp(_required(obj, "timestamp"), max_ts_us)
         exchange = check_exchange(obj.get("exchange"))
+        kind = check_kind(obj.get("kind"))
         side = obj.get("is_buyer_maker")
         if side is not None and not isinstance(side, bool):
             raise InvalidField(
@@ -105,7 +107,7 @@ def parse_trade_object(obj: Any, *, max_ts_us: int | None = None) -> Trade | Rej
             )
     except InvalidField as exc:
         return exc.rejection
-    return Trade(exchange, symbol, trade_id, ts_us, price, quantity, side)
+    return Trade(exchange, symbol, trade_id, ts_us, price, quantity, side, 1, kind)
 
 
 class _Message(msgspec.Struct, gc=False):
@@ -118,6 +120,7 @@ class _Message(msgspec.Struct, gc=False):
     timestamp: int | str
     exchange: str = DEFAULT_EXCHANGE
     is_buyer_maker: bool | None = None
+    kind: str = MARKET
 
 
 _TYPED = msgspec.json.Decoder(_Message)
@@ -172,6 +175,9 @@ def parse_common_trade(value: bytes, max_ts_us: int | None = None) -> Trade | No
             return None
     if ts_us < MIN_TS_US or ts_us >= MAX_TS_US or (max_ts_us is not None and ts_us > max_ts_us):
         return None
+    kind = m.kind
+    if kind != MARKET:
+        return None  # (rare: the careful path checks and lower-cases it)
     return Trade(exchange, symbol, trade_id, ts_us, price, quantity, m.is_buyer_maker)
 
 
@@ -243,6 +249,7 @@ class _CanonicalMessage(msgspec.Struct, omit_defaults=True, gc=False):
     quantity: str
     timestamp: int | str
     is_buyer_maker: bool | None = None
+    kind: str = MARKET
 
 
 _encoder = msgspec.json.Encoder()
@@ -272,5 +279,6 @@ def encode_trade(trade: Trade, *, iso_timestamp: bool = False) -> bytes:
             format(trade.quantity, "f"),
             iso(trade.ts_us) if iso_timestamp else canonical_timestamp(trade.ts_us),
             trade.is_buyer_maker,
+            trade.kind,
         )
     )

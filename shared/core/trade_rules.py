@@ -13,7 +13,7 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from shared.core.trades import Rejection, ts_to_datetime
+from shared.core.trades import MARKET, Rejection, ts_to_datetime
 
 DEFAULT_EXCHANGE = "binance"
 
@@ -23,9 +23,11 @@ MAX_TS_US = 4_102_444_800 * 1_000_000
 
 _SYMBOL_RE = re.compile(r"[A-Z0-9._-]{1,32}")
 _EXCHANGE_RE = re.compile(r"[a-z0-9._-]{1,32}")
+_KIND_RE = re.compile(r"[a-z0-9_]{1,32}")
 #: The rules in words, for messages (SPEC §2).
 SYMBOL_RULE = "1-32 characters of A-Z 0-9 . _ - (upper-cased)"
 EXCHANGE_RULE = "1-32 characters of a-z 0-9 . _ - (lower-cased)"
+KIND_RULE = "1-32 characters of a-z 0-9 _ (lower-cased), e.g. market, insurance_fund, adl"
 #: Trade ids are stored as ``bigint``: 0 <= id < 2^63.
 ID_LIMIT = 2**63
 #: An aggTrade's ``raw_trades`` is stored as ``integer``.
@@ -85,6 +87,22 @@ def check_exchange(raw: Any) -> str:
     if raw is None:
         return DEFAULT_EXCHANGE
     return _named("exchange", raw, normalise_exchange, EXCHANGE_RULE)
+
+
+def normalise_kind(raw: str) -> str | None:
+    """SPEC §2's trade kind: stripped and lower-cased (Binance's ``INSURANCE_FUND`` is
+    ``insurance_fund``), ``None`` unless it is 1-32 of ``a-z 0-9 _``."""
+    stripped = raw.strip()
+    if not stripped.isascii():
+        return None
+    kind = stripped.lower()
+    return kind if _KIND_RE.fullmatch(kind) else None
+
+
+def check_kind(raw: Any) -> str:
+    if raw is None:
+        return MARKET
+    return _named("kind", raw, normalise_kind, KIND_RULE)
 
 
 def _named(field: str, raw: Any, normalise: Callable[[str], str | None], rule: str) -> str:

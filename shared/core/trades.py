@@ -24,6 +24,10 @@ class Trade(msgspec.Struct, gc=False):
     ``ts_us`` is the venue's trade time in microseconds since the Unix epoch (UTC).
     ``raw_trades`` is how many exchange trades this record stands for: 1 for a plain trade,
     ``last_id - first_id + 1`` for a Binance aggTrade, so candle trade counts match Binance's.
+    ``kind`` is :data:`MARKET` for an order-book trade; a venue's other trades (Binance USD-M's
+    ``insurance_fund``, ``adl``) are stored and reported but never folded into candles, as the
+    venue's own klines leave them out (SPEC §2). They share the venue's trade-id sequence, so
+    they count for identity and id continuity all the same.
 
     A ``msgspec.Struct`` (fields, equality and repr like a dataclass): made in C, and left out of
     the garbage collector's tracking (it holds no containers, so it can be in no cycle), which
@@ -38,6 +42,7 @@ class Trade(msgspec.Struct, gc=False):
     quantity: Decimal
     is_buyer_maker: bool | None = None
     raw_trades: int = 1
+    kind: str = "market"
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -53,7 +58,10 @@ class Trade(msgspec.Struct, gc=False):
 #: A trade as a plain tuple: the fields of :class:`Trade`, in order (``Trade(*row)`` makes the
 #: trade, ``msgspec.structs.astuple(trade)`` the row). Files are read and folded as rows: no
 #: object per line.
-Row = tuple[str, str, int, int, Decimal, Decimal, bool | None, int]
+Row = tuple[str, str, int, int, Decimal, Decimal, bool | None, int, str]
+
+#: The kind of an order-book trade, the only kind folded into candles.
+MARKET = "market"
 
 
 @dataclass(frozen=True, slots=True)

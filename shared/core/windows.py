@@ -26,7 +26,7 @@ from typing import Any
 
 from shared.core.candles import DECIMAL_FIELDS, EXACT, Candle, fold, open_candle, widen
 from shared.core.intervals import IntervalSet, window_start
-from shared.core.trades import Trade
+from shared.core.trades import MARKET, Trade
 
 SNAPSHOT_VERSION = 1
 
@@ -173,6 +173,9 @@ class PartitionWindows:
         with localcontext(EXACT):
             for trade in trades:
                 ts = trade.ts_us
+                if trade.kind != MARKET:
+                    observe(ts, now_us)  # a trade at the venue: event time moved on
+                    continue  # stored, never folded nor late (SPEC §2 ``kind``)
                 start = window_start(ts, base_len)
                 wm = clock.watermark_us
                 if wm is not None and start + base_len + lateness <= wm:

@@ -65,6 +65,8 @@ trades = Table(
     Column("is_buyer_maker", Boolean),
     # Exchange trades this row stands for: 1, or last_id - first_id + 1 for a Binance aggTrade.
     Column("raw_trades", Integer, nullable=False, server_default=text("1")),
+    # SPEC §2: ``market`` (folded into candles) or a venue's other kind (stored, not folded).
+    Column("kind", Text, nullable=False, server_default=text("'market'")),
     _ts("ingested_at", server_default=func.now()),
     PrimaryKeyConstraint("exchange", "symbol", "trade_id", name="trades_pkey"),
     Index("trades_ts_brin", "ts", postgresql_using="brin"),
@@ -85,11 +87,13 @@ trade_conflicts = Table(
     Column("first_price", Numeric, nullable=False),
     Column("first_quantity", Numeric, nullable=False),
     Column("first_is_buyer_maker", Boolean),
+    Column("first_kind", Text),
     # The conflicting copy's values.
     _ts("ts"),
     Column("price", Numeric, nullable=False),
     Column("quantity", Numeric, nullable=False),
     Column("is_buyer_maker", Boolean),
+    Column("kind", Text),
     # Where the copy came from, where known: "kafka:<topic>" with partition and offset.
     Column("source", Text),
     Column("source_partition", Integer),
@@ -103,6 +107,7 @@ trade_conflicts = Table(
         "price",
         "quantity",
         "is_buyer_maker",
+        "kind",
         name="trade_conflicts_copy_key",
         postgresql_nulls_not_distinct=True,
     ),

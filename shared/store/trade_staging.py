@@ -30,6 +30,7 @@ CREATE TEMP TABLE IF NOT EXISTS trades_staging (
     quantity numeric NOT NULL,
     is_buyer_maker boolean,
     raw_trades integer NOT NULL,
+    kind text NOT NULL,
     source text,
     source_partition integer,
     source_offset bigint
@@ -37,10 +38,11 @@ CREATE TEMP TABLE IF NOT EXISTS trades_staging (
 """
 
 _MOVE = f"""
-INSERT INTO trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)
+INSERT INTO trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades,
+                    kind)
 SELECT DISTINCT ON (exchange, symbol, trade_id)
        exchange, symbol, trade_id, {_EPOCH_PLUS.format("ts_us")}, price, quantity,
-       is_buyer_maker, raw_trades
+       is_buyer_maker, raw_trades, kind
 FROM trades_staging
 ORDER BY exchange, symbol, trade_id, seq
 ON CONFLICT DO NOTHING
@@ -55,27 +57,29 @@ _CONFLICTS = f"""
 WITH differing AS (
     SELECT s.exchange, s.symbol, s.trade_id, t.ts AS first_ts, t.price AS first_price,
            t.quantity AS first_quantity, t.is_buyer_maker AS first_is_buyer_maker,
-           {_EPOCH_PLUS.format("s.ts_us")} AS ts, s.price, s.quantity, s.is_buyer_maker,
+           t.kind AS first_kind,
+           {_EPOCH_PLUS.format("s.ts_us")} AS ts, s.price, s.quantity, s.is_buyer_maker, s.kind,
            s.source, s.source_partition, s.source_offset, s.seq
     FROM trades_staging s
     CROSS JOIN LATERAL (
-        SELECT t.ts, t.price, t.quantity, t.is_buyer_maker FROM trades t
+        SELECT t.ts, t.price, t.quantity, t.is_buyer_maker, t.kind FROM trades t
         WHERE t.exchange = s.exchange AND t.symbol = s.symbol AND t.trade_id = s.trade_id
         LIMIT 1  -- at most one row anyway (the key); keeps the planner from flattening this
                  -- into a hash join that scans all of `trades` for every batch (live p99 x5)
     ) t
-    WHERE (t.ts, t.price, t.quantity, t.is_buyer_maker)
-          IS DISTINCT FROM ({_EPOCH_PLUS.format("s.ts_us")}, s.price, s.quantity, s.is_buyer_maker)
+    WHERE (t.ts, t.price, t.quantity, t.is_buyer_maker, t.kind)
+          IS DISTINCT FROM ({_EPOCH_PLUS.format("s.ts_us")}, s.price, s.quantity, s.is_buyer_maker,
+                            s.kind)
 ), kept AS (
     INSERT INTO trade_conflicts (exchange, symbol, trade_id, first_ts, first_price,
-        first_quantity, first_is_buyer_maker, ts, price, quantity, is_buyer_maker, source,
-        source_partition, source_offset)
-    SELECT DISTINCT ON (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker)
+        first_quantity, first_is_buyer_maker, first_kind, ts, price, quantity, is_buyer_maker,
+        kind, source, source_partition, source_offset)
+    SELECT DISTINCT ON (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, kind)
            exchange, symbol, trade_id, first_ts, first_price, first_quantity,
-           first_is_buyer_maker, ts, price, quantity, is_buyer_maker, source, source_partition,
-           source_offset
+           first_is_buyer_maker, first_kind, ts, price, quantity, is_buyer_maker, kind, source,
+           source_partition, source_offset
     FROM differing
-    ORDER BY exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, seq
+    ORDER BY exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, kind, seq
     ON CONFLICT DO NOTHING
 )
 SELECT count(*) FROM differing
@@ -108,7 +112,7 @@ class Source:
 
 
 _STAGING_TYPES = (
-    "int8", "text", "text", "int8", "int8", "numeric", "numeric", "bool", "int4",
+    "int8", "text", "text", "int8", "int8", "numeric", "numeric", "bool", "int4", "text",
     "text", "int4", "int8",
 )  # fmt: skip
 
@@ -122,7 +126,7 @@ def stage(conn: psycopg.Connection, trades: Sequence[Trade], source: Source | No
         name, partition, offsets = source.name, source.partition, source.offsets or ()
     with conn.cursor().copy(
         "COPY trades_staging (seq, exchange, symbol, trade_id, ts_us, price, quantity,"
-        " is_buyer_maker, raw_trades, source, source_partition, source_offset) FROM STDIN"
+        " is_buyer_maker, raw_trades, kind, source, source_partition, source_offset) FROM STDIN"
     ) as copy:
         copy.set_types(_STAGING_TYPES)  # known types: no per-value type dispatch
         write_row = copy.write_row
@@ -138,6 +142,7 @@ def stage(conn: psycopg.Connection, trades: Sequence[Trade], source: Source | No
                     t.quantity,
                     t.is_buyer_maker,
                     t.raw_trades,
+                    t.kind,
                     name,
                     partition,
                     offsets[seq] if seq < len(offsets) else None,
@@ -195,9 +200,9 @@ def count_conflicts(
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO trade_conflicts (exchange, symbol, trade_id, first_ts, first_price,"
-                " first_quantity, first_is_buyer_maker, ts, price, quantity, is_buyer_maker,"
-                " source, source_partition, source_offset)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " first_quantity, first_is_buyer_maker, first_kind, ts, price, quantity,"
+                " is_buyer_maker, kind, source, source_partition, source_offset)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT DO NOTHING",
                 [
                     (
@@ -208,10 +213,12 @@ def count_conflicts(
                         f.price,
                         f.quantity,
                         f.is_buyer_maker,
+                        f.kind,
                         ts_to_datetime(c.ts_us),
                         c.price,
                         c.quantity,
                         c.is_buyer_maker,
+                        c.kind,
                         source.name if source is not None else None,
                         source.partition if source is not None else None,
                         offsets[n] if offsets is not None else None,
@@ -235,4 +242,4 @@ def count_conflicts(
 
 def _values(t: Trade) -> tuple:
     """What must agree between two copies of a trade (numbers by value, as in SQL)."""
-    return (t.ts_us, t.price, t.quantity, t.is_buyer_maker)
+    return (t.ts_us, t.price, t.quantity, t.is_buyer_maker, t.kind)

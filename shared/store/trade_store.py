@@ -13,7 +13,7 @@ after all (another process stored it: a restart, a batch load), the savepoint ro
 the whole batch takes the exact path. Either way the primary key decides, so the outcome is the
 same; such a batch costs one wasted encoding.
 
-Every copy that differs from the stored first copy (its ts, price, quantity or side) is a
+Every copy that differs from the stored first copy (its ts, price, quantity, side or kind) is a
 *conflicting* duplicate: counted, and kept once in ``trade_conflicts`` with both copies'
 values. Times go as exact text built from the microseconds or, in the staging table, as
 microseconds converted in SQL; numbers as ``Decimal``/``NUMERIC``.
@@ -38,11 +38,11 @@ from shared.store.trade_staging import Source, StoreResult, count_conflicts, sto
 
 #: The one COPY into ``trades`` (its rows: :func:`copy_rows`, or :func:`_copy_all_new`).
 COPY_TRADES = (
-    "COPY trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades)"
-    " FROM STDIN"
+    "COPY trades (exchange, symbol, trade_id, ts, price, quantity, is_buyer_maker, raw_trades,"
+    " kind) FROM STDIN"
 )
 #: ``ts`` goes as text (see ``_copy_all_new``); the server parses it as a timestamptz.
-_TRADES_TYPES = ("text", "text", "int8", "text", "numeric", "numeric", "bool", "int4")
+_TRADES_TYPES = ("text", "text", "int8", "text", "numeric", "numeric", "bool", "int4", "text")
 
 
 #: Where some of a batch's trades came from (None: not known), asked only when needed: on the
@@ -130,7 +130,7 @@ def copy_rows(trades: Sequence[Trade]) -> bytes:
         us = ts - minute_start
         add(
             f"{head}{t.trade_id}\t{prefix}{us // 1_000_000:02d}.{us % 1_000_000:06d}+00\t"
-            f"{t.price}\t{t.quantity}\t{_COPY_BOOL[t.is_buyer_maker]}\t{t.raw_trades}\n"
+            f"{t.price}\t{t.quantity}\t{_COPY_BOOL[t.is_buyer_maker]}\t{t.raw_trades}\t{t.kind}\n"
         )
     return "".join(rows).encode()
 
@@ -165,6 +165,7 @@ def _copy_all_new(conn: psycopg.Connection, trades: Sequence[Trade]) -> bool:
                         t.quantity,
                         t.is_buyer_maker,
                         t.raw_trades,
+                        t.kind,
                     )
                 )
     except psycopg.errors.UniqueViolation:
