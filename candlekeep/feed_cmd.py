@@ -15,8 +15,11 @@ from shared.core.trade_rules import SYMBOL_RULE, normalise_symbol
 if TYPE_CHECKING:  # (the feeds need the `stream` extra: imported when a feed runs)
     from stream.feeds.produce import Messages, SendStats
 
-#: Binance's public WebSocket endpoint (imported lazily elsewhere: websockets is in `stream`).
+#: Binance's public WebSocket endpoints per ``--market`` (the feeds themselves are imported
+#: lazily: websockets is in the `stream` extra).
 BINANCE_URL = "wss://stream.binance.com:9443"
+BINANCE_USDM_URL = "wss://fstream.binance.com"
+KRAKEN_URL = "wss://ws.kraken.com/v2"
 
 
 #: ``--partitions``: of the trades topic, when a feed has to create it.
@@ -26,6 +29,15 @@ partitions_option = click.option(
     default=4,
     show_default=True,
     help="Partitions of the topic if it has to be created.",
+)
+
+
+#: ``--max-trades``: of the venue feeds.
+max_trades_option = click.option(
+    "--max-trades",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many trades (default: run until interrupted).",
 )
 
 
@@ -159,36 +171,81 @@ def synthetic(
     help="Comma-separated Binance symbols whose trades to stream.",
 )
 @click.option(
+    "--market",
+    type=click.Choice(["spot", "usdm"]),
+    default="spot",
+    show_default=True,
+    help="spot (exchange 'binance') or USD-M futures (exchange 'binance-usdm').",
+)
+@click.option(
     "--url",
     default=None,
-    help=f"WebSocket base URL; the combined stream path is added [default: {BINANCE_URL}].",
+    help=f"WebSocket base URL; the combined stream path is added [default: {BINANCE_URL} "
+    f"for spot, {BINANCE_USDM_URL} for usdm].",
 )
 @partitions_option
-@click.option(
-    "--max-trades",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Stop after this many trades (default: run until interrupted).",
-)
+@max_trades_option
 @click.pass_context
-def binance(ctx, symbols, url, partitions, max_trades):
+def binance(ctx, symbols, market, url, partitions, max_trades):
     """Binance's live trades (WebSocket), reconnecting with backoff whenever it drops."""
     from candlekeep.logs import configure_logging
-    from stream.feeds.binance import BinanceStats, binance_messages, parse_symbols, stream_url
+    from stream.feeds.binance import (
+        MARKETS,
+        BinanceStats,
+        binance_messages,
+        parse_symbols,
+        stream_url,
+    )
 
     configure_logging(ctx.find_root().obj().log_level)
     try:
         wanted = parse_symbols(symbols)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--symbols") from None
+    exchange, default_url = MARKETS[market]
     stats = BinanceStats()
     messages = binance_messages(
-        stream_url(url or BINANCE_URL, wanted), stats=stats, max_trades=max_trades
+        stream_url(url or default_url, wanted),
+        exchange=exchange,
+        stats=stats,
+        max_trades=max_trades,
     )
     sent, destination = _send(ctx, partitions, messages)
     click.echo(
         f"produced {sent.delivered:,} trades of {', '.join(wanted)} to {destination}: "
         f"{stats.malformed:,} malformed and {stats.ignored:,} other frames skipped, "
+        f"{stats.reconnects:,} reconnects",
+        err=True,
+    )
+
+
+@feed_group.command()
+@click.option(
+    "--symbols",
+    default="BTC/USD,ETH/USD",
+    show_default=True,
+    help="Comma-separated Kraken pairs (BTC/USD or XBT/USD); stored as BTC-USD (docs/venues.md).",
+)
+@click.option("--url", default=None, help=f"WebSocket v2 URL [default: {KRAKEN_URL}].")
+@partitions_option
+@max_trades_option
+@click.pass_context
+def kraken(ctx, symbols, url, partitions, max_trades):
+    """Kraken's live trades (WebSocket v2), reconnecting with backoff whenever it drops."""
+    from candlekeep.logs import configure_logging
+    from stream.feeds.kraken import KrakenStats, kraken_messages, parse_pairs
+
+    configure_logging(ctx.find_root().obj().log_level)
+    try:
+        wanted = parse_pairs(symbols)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--symbols") from None
+    stats = KrakenStats()
+    messages = kraken_messages(url or KRAKEN_URL, wanted, stats=stats, max_trades=max_trades)
+    sent, destination = _send(ctx, partitions, messages)
+    click.echo(
+        f"produced {sent.delivered:,} trades of {', '.join(wanted)} to {destination}: "
+        f"{stats.malformed:,} malformed and {stats.ignored:,} other messages skipped, "
         f"{stats.reconnects:,} reconnects",
         err=True,
     )

@@ -10,12 +10,12 @@ import re
 from datetime import timedelta
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.core.intervals import DEFAULT_INTERVALS, IntervalSet
 from shared.core.windows import WindowSettings
-from shared.store.redaction import remember
+from shared.store.redaction import remember, remember_secret
 
 _DURATION_RE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     dq_wait_timeout: timedelta = timedelta(minutes=10)
     report_dir: str = "reports"
     log_level: str = "INFO"
+    #: The venues' REST base URLs (SPEC §9): tests and the demo point them at a replay server.
+    binance_rest_url: str = "https://api.binance.com"
+    binance_usdm_rest_url: str = "https://fapi.binance.com"
+    kraken_rest_url: str = "https://api.kraken.com"
+    #: Optional: Binance serves ``historicalTrades`` with or without it (a key raises the limits).
+    binance_api_key: SecretStr | None = None
+    #: One request to a venue: connecting and reading each give up after this long.
+    venue_timeout: timedelta = timedelta(seconds=10)
+    #: The longest a venue's ``Retry-After`` is waited out; beyond it the venue is unavailable.
+    venue_max_retry_after: timedelta = timedelta(seconds=60)
     #: Exchanges whose trade ids are consecutive per symbol (SPEC §4: a hole is a gap).
     consecutive_id_exchanges: str = "binance,binance-usdm,kraken"
     #: Check each period's candles against the venue (SPEC §6.1); off: ``unverified``, no warn.
@@ -100,6 +110,16 @@ class Settings(BaseSettings):
         remember(value)  # its password is masked in everything printed or logged from now on
         return value
 
+    @field_validator("binance_api_key")
+    @classmethod
+    def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """Masked in everything printed or logged from now on, like the database password."""
+        if value is not None:
+            if not value.get_secret_value().strip():
+                return None
+            remember_secret(value.get_secret_value())
+        return value
+
     @field_validator("intervals")
     @classmethod
     def _check_intervals(cls, value: str) -> str:
@@ -114,6 +134,8 @@ class Settings(BaseSettings):
         "session_timeout",
         "heartbeat_interval",
         "dq_wait_timeout",
+        "venue_timeout",
+        "venue_max_retry_after",
         "expected_lookback",
         mode="before",
     )
@@ -121,7 +143,16 @@ class Settings(BaseSettings):
     def _duration(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, str) else value
 
-    @field_validator("max_delay", "allowed_lateness", "idle_timeout", "max_future_skew")
+    @field_validator("venue_timeout")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be greater than 0")
+        return value
+
+    @field_validator(
+        "max_delay", "allowed_lateness", "idle_timeout", "max_future_skew", "venue_max_retry_after"
+    )
     @classmethod
     def _non_negative(cls, value: timedelta) -> timedelta:
         if value < timedelta(0):

@@ -66,6 +66,12 @@ def remember(conninfo: str | None) -> None:
             _secrets.update({secret, quote(secret, safe=""), quote(secret)})
 
 
+def remember_secret(value: str | None) -> None:
+    """Mask ``value`` itself (an API key: no form to recognise it by) wherever it appears."""
+    if value and len(value) >= MIN_SECRET_LENGTH:
+        _secrets.update({value, quote(value, safe="")})
+
+
 def libpq_spelling(url: str) -> str:
     """A SQLAlchemy spelling (``postgresql+psycopg://``) as libpq's ``postgresql://``."""
     return re.sub(r"(?i)^postgres(?:ql)?\+\w+://", "postgresql://", url)

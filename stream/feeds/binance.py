@@ -1,4 +1,4 @@
-"""Binance's live trade stream, as canonical trade messages.
+"""Binance's live trade streams (spot and USD-M futures), as canonical trade messages.
 
 The combined stream ``<url>/stream?streams=btcusdt@trade/ethusdt@trade`` sends one frame per
 trade::
@@ -8,13 +8,16 @@ trade::
               "q": "100", "T": 1672515782136, "m": true, "M": true}}
 
 :func:`normalise_frame` (pure) reads a frame as a trade (symbol, trade_id = t, price = p,
-quantity = q, exactly, timestamp = T in ms or µs, exchange ``binance``, is_buyer_maker = m) by
-the parser's rules and writes it as the canonical message
-(:func:`shared.core.trade_messages.encode_trade`) keyed by the symbol; other events are ignored,
-malformed frames are skipped with a reason. :func:`binance_messages` keeps a connection open:
-on a disconnect (Binance also closes every connection after 24 hours) it reconnects with
-exponential backoff and jitter, logging each reconnect, and never gives up while it is wanted;
-``candlekeep feed binance`` sends its messages through :mod:`stream.feeds.produce`.
+quantity = q, exactly, timestamp = T in ms or µs, exchange ``binance`` or ``binance-usdm``,
+is_buyer_maker = m, and on USD-M the kind from ``X``: ``MARKET`` is ``market``, any other
+(``INSURANCE_FUND``, ``ADL``, ``NA``) lower-cased: stored, never folded, as Binance's own futures
+klines count only MARKET trades, SPEC §2) by the parser's rules, and writes it as the canonical
+message (:func:`shared.core.trade_messages.encode_trade`) keyed by the symbol; other events are
+ignored, malformed frames skipped with a reason. :func:`binance_messages` keeps a connection
+open: on a disconnect (Binance also closes every connection after 24 hours) it reconnects with
+exponential backoff and jitter, logging each reconnect with the last trade id before it and the
+first after it per symbol (:mod:`stream.feeds.reconnects`), and never gives up while it is
+wanted; ``candlekeep feed binance`` sends its messages through :mod:`stream.feeds.produce`.
 """
 
 from __future__ import annotations
@@ -38,11 +41,17 @@ from shared.core.trade_messages import canonical_timestamp, encode_trade, parse_
 from shared.core.trade_rules import normalise_symbol
 from shared.core.trades import Rejection
 from stream.feeds.produce import FeedError, FeedMessage
+from stream.feeds.reconnects import ReconnectLog
 
 log = structlog.get_logger("candlekeep.feed.binance")
 
 DEFAULT_URL = "wss://stream.binance.com:9443"
 EXCHANGE = "binance"
+#: ``--market``: its exchange name (SPEC §2) and its public WebSocket endpoint.
+MARKETS = {
+    "spot": (EXCHANGE, DEFAULT_URL),
+    "usdm": ("binance-usdm", "wss://fstream.binance.com"),
+}
 _SYMBOL_RE = re.compile(r"[A-Za-z0-9]{1,32}")
 _decode = msgspec.json.Decoder(float_hook=Decimal)
 
@@ -83,8 +92,9 @@ def stream_url(base_url: str, symbols: Sequence[str]) -> str:
     return f"{base_url.rstrip('/')}/stream?streams={streams}"
 
 
-def normalise_frame(frame: str | bytes) -> FeedMessage | Skipped:
-    """One WebSocket frame as the canonical trade message, or why it is none. Never raises."""
+def normalise_frame(frame: str | bytes, exchange: str = EXCHANGE) -> FeedMessage | Skipped:
+    """One WebSocket frame as the canonical trade message of ``exchange``, or why it is none.
+    Never raises."""
     try:
         obj = _decode.decode(frame)
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
@@ -102,13 +112,13 @@ def normalise_frame(frame: str | bytes) -> FeedMessage | Skipped:
     if event != "trade":
         return Skipped("ignored", f"{str(event)[:40]!r} event, not a trade")
     try:
-        obj = _message_fields(data)
+        obj = _message_fields(data, exchange)
     except _Malformed as exc:
         return Skipped("malformed", str(exc))
     trade = parse_trade_object(obj)
     if isinstance(trade, Rejection):
         return Skipped("malformed", f"not a valid trade: {trade.reason}")
-    return FeedMessage(0.0, trade.symbol.encode(), encode_trade(trade), "trade")
+    return FeedMessage(0.0, trade.symbol.encode(), encode_trade(trade), "trade", trade.trade_id)
 
 
 class _Malformed(Exception):
@@ -124,7 +134,7 @@ def _field(data: dict, name: str, types: tuple[type, ...], what: str) -> Any:
     return value
 
 
-def _message_fields(data: dict) -> dict:
+def _message_fields(data: dict, exchange: str) -> dict:
     """A trade event's fields under the canonical message's names, for the one parser's rules
     (SPEC §2); Binance's own type rules are checked here, to name its fields in the reason."""
     symbol = _field(data, "s", (str,), "symbol")
@@ -135,16 +145,20 @@ def _message_fields(data: dict) -> dict:
     maker = data.get("m")
     if maker is not None and not isinstance(maker, bool):
         raise _Malformed(f"buyer-is-maker ('m') is not a boolean: {str(maker)[:40]!r}")
+    kind = data.get("X")
+    if kind is not None and not isinstance(kind, str):
+        raise _Malformed(f"trade kind ('X') is not a string: {str(kind)[:40]!r}")
     # Milliseconds unless the stream was asked for microseconds (timeUnit=MICROSECOND).
     ts_us = ts if ts >= MICROSECOND_THRESHOLD else ts * 1000
     return {
-        "exchange": EXCHANGE,
+        "exchange": exchange,
         "symbol": symbol,
         "trade_id": trade_id,
         "price": price,
         "quantity": quantity,
         "timestamp": canonical_timestamp(ts_us),
         "is_buyer_maker": maker,
+        "kind": kind,  # None: a spot frame (no X), a market trade
     }
 
 
@@ -169,6 +183,7 @@ def backoff_delay(attempt: int, initial_s: float, max_s: float, rnd: random.Rand
 async def binance_messages(
     url: str,
     *,
+    exchange: str = EXCHANGE,
     stats: BinanceStats | None = None,
     max_trades: int | None = None,
     initial_backoff_s: float = 1.0,
@@ -179,6 +194,7 @@ async def binance_messages(
     """Canonical trade messages from the WebSocket at ``url``, reconnecting for ever (or until
     ``max_trades`` trades). Malformed frames are logged and skipped."""
     stats = stats if stats is not None else BinanceStats()
+    reconnects = ReconnectLog(log)
     rnd = random.Random(seed)
     attempt = 0  # failed connections in a row
     where = _redacted(url)
@@ -192,12 +208,13 @@ async def binance_messages(
                 log.info("websocket connected", url=where, connects=stats.connects)
                 async for frame in ws:
                     stats.frames += 1
-                    result = normalise_frame(frame)
+                    result = normalise_frame(frame, exchange)
                     if isinstance(result, Skipped):
                         _skipped(stats, result, frame)
                         continue
                     attempt = 0  # a trade came through: the connection is healthy
                     stats.trades += 1
+                    reconnects.trade(result.key.decode(), result.trade_id)
                     yield result
                     if max_trades is not None and stats.trades >= max_trades:
                         return
@@ -215,6 +232,7 @@ async def binance_messages(
             "websocket disconnected: reconnecting",
             url=where,
             error=error,
+            last_trade_ids=reconnects.reconnecting(reconnects.last_ids),
             attempt=attempt,
             delay_s=round(delay, 3),
             reconnects=stats.reconnects,

@@ -38,6 +38,7 @@ class FeedMessage:
     key: bytes | None
     value: bytes
     kind: str  # trade, disordered, late, duplicate, invalid
+    trade_id: int | None = None  # a venue feed's trade id (its reconnect log reads it)
 
 
 @dataclass
