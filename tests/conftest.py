@@ -34,3 +34,12 @@ def _forget_passwords_remembered_by_the_test():
     yield
     redaction._secrets.clear()
     redaction._secrets.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _no_venue_checks_unless_asked(monkeypatch):
+    """The check against the venue (SPEC §6.1) is on by default and asks the real venues; a
+    test's trades are its own (synthetic ids under the name ``binance``), so the venues would
+    only contradict them, or be unreachable. Tests of the check turn it on, with the venues'
+    URLs pointing at the replay server of recorded responses (tests/test_verify.py)."""
+    monkeypatch.setenv("CANDLEKEEP_VENUE_CHECKS", "false")

@@ -26,7 +26,17 @@ from shared.batch.quality import (
 )
 from shared.batch.recompute import recompute_batch_candles
 from shared.batch.reconcile import classify
-from shared.batch.summary import ByTable, Period, ReportSummary, StreamProgress
+from shared.batch.summary import (
+    ByTable,
+    Period,
+    Reconnect,
+    Repair,
+    ReportSummary,
+    SilentSymbol,
+    StreamProgress,
+    TradeGap,
+    VenueCheck,
+)
 from shared.config import Settings
 from shared.core.intervals import IntervalSet
 from shared.core.trades import parse_timestamp, ts_to_datetime
@@ -127,8 +137,81 @@ def reconcile_step(url: str, settings: Settings, start, end) -> dict:
     return {"counts": result.counts, "by_interval": by_interval}
 
 
+def verify_step(url: str, settings: Settings, start, end) -> dict:
+    """Step 3b (SPEC §6.1): the period's trade-id gaps from the stored trades, then the venue's
+    candles and a verdict per batch candle."""
+    from shared.batch.expected import silent_symbols
+    from shared.batch.period_gaps import find_gaps
+    from shared.batch.verify import verify_period
+
+    start, end = parse_period(start, end)
+    with db.connect(url) as conn:
+        found = find_gaps(conn, start, end, settings.consecutive_ids)
+        conn.commit()
+        silent = [(s["exchange"], s["symbol"]) for s in silent_symbols(conn, settings, start, end)]
+        conn.commit()  # no transaction open while the venues are asked
+        result = verify_period(conn, settings, start, end, silent)
+        conn.commit()
+    return {**result, "gaps_found": found["found"], "gaps_new": found["new"]}
+
+
+def repair_step(
+    url: str, settings: Settings, start, end, reconciliation: dict, verification: dict
+) -> dict:
+    """Step 3c (SPEC §6.1): fetch the open gaps' trades from the venue and store them; if any
+    was stored, the period is recomputed, reconciled and verified again. Returns ``repair``
+    (``None`` when ``CANDLEKEEP_REPAIR`` is off) and the ``reconciliation`` and
+    ``verification`` that hold now."""
+    from shared.batch.repair import repair_gaps
+
+    out = {"repair": None, "reconciliation": reconciliation, "verification": verification}
+    if not settings.repair:
+        return out
+    start, end = parse_period(start, end)
+    with db.connect(url) as conn:
+        out["repair"] = repair_gaps(conn, settings, start, end)
+    if out["repair"]["stored"]:
+        recompute_step(url, settings, start, end)
+        out["reconciliation"] = reconcile_step(url, settings, start, end)
+        out["verification"] = verify_step(url, settings, start, end)
+    return out
+
+
+def _period_facts(conn, settings: Settings, start, end) -> dict:
+    """The report's lists of the check against the venue: the gaps meeting the period, the
+    silent expected symbols, the feeds' reconnects."""
+    from shared.batch.expected import silent_symbols
+    from shared.store.feed_reconnects import reconnects_between
+    from shared.store.trade_gaps import gaps_meeting
+
+    def iso(row: dict) -> dict:
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+    gaps = [
+        TradeGap(
+            missing=g["last_missing_id"] - g["first_missing_id"] + 1,
+            **{k: v for k, v in iso(g).items() if k in TradeGap.__struct_fields__},
+        )
+        for g in gaps_meeting(conn, start, end)
+    ]
+    return {
+        "trade_gaps": gaps,
+        "silent_symbols": [
+            SilentSymbol(**iso(s)) for s in silent_symbols(conn, settings, start, end)
+        ],
+        "reconnects": [Reconnect(**iso(r)) for r in reconnects_between(conn, start, end)],
+    }
+
+
 def checks_step(
-    url: str, settings: Settings, start, end, reconciliation: dict, stream: dict
+    url: str,
+    settings: Settings,
+    start,
+    end,
+    reconciliation: dict,
+    stream: dict,
+    verification: dict | None = None,
+    repair: dict | None = None,
 ) -> ReportSummary:
     """Step 4: data-quality checks; returns the report's summary with its verdict."""
     start, end = parse_period(start, end)
@@ -173,6 +256,9 @@ def checks_step(
             offset_resets=offset_resets(
                 conn, settings.consumer_group, settings.topic_trades, start, end
             ),
+            venue=msgspec.convert(verification, VenueCheck) if verification else None,
+            repair=msgspec.convert(repair, Repair) if repair else None,
+            **_period_facts(conn, settings, start, end),
         )
     summary.status, summary.reasons = verdict(summary, Thresholds.of(settings))
     return summary
@@ -186,15 +272,37 @@ def publish_step(url: str, settings: Settings, summary: ReportSummary) -> dict:
 
 
 def run_period(
-    url: str, settings: Settings, start, end, *, wait_timeout_s: float = 0.0, poll_s: float = 5.0
+    url: str,
+    settings: Settings,
+    start,
+    end,
+    *,
+    wait_timeout_s: float = 0.0,
+    poll_s: float = 5.0,
+    repair: dict | None = None,
 ) -> ReportSummary:
-    """Every step, in order: what ``candlekeep reconcile`` does without Airflow."""
+    """Every step but the repair, in order: what ``candlekeep reconcile`` does without Airflow
+    (``repair``: what a repair just before did, for the report)."""
     stream = wait_step(url, settings, start, end, wait_timeout_s, poll_s)
     recompute_step(url, settings, start, end)
     reconciliation = reconcile_step(url, settings, start, end)
-    summary = checks_step(url, settings, start, end, reconciliation, stream)
+    verification = verify_step(url, settings, start, end)
+    summary = checks_step(url, settings, start, end, reconciliation, stream, verification, repair)
     publish_step(url, settings, summary)
     return summary
+
+
+def repair_period(url: str, settings: Settings, start, end) -> ReportSummary:
+    """``candlekeep repair``: the period's open gaps fetched from the venue and stored, then
+    the period reconciled again (recompute, reconcile, verify, report). Without open gaps, the
+    venue is not asked and nothing is stored (the period is still reported afresh)."""
+    from shared.batch.repair import repair_gaps
+
+    start, end = parse_period(start, end)
+    with db.connect(url) as conn:
+        db.require_schema(conn, url)
+        repaired = repair_gaps(conn, settings, start, end)
+    return run_period(url, settings, start, end, repair=repaired)
 
 
 def stored_counts(url: str, settings: Settings, start, end) -> dict:
@@ -243,7 +351,34 @@ def report_summary(url: str, settings: Settings, start, end) -> ReportSummary:
     if row:
         return ReportSummary.from_json(row[0])
     stream = wait_step(url, settings, start, end, timeout_s=0)
-    return checks_step(url, settings, start, end, stored_counts(url, settings, start, end), stream)
+    return checks_step(
+        url,
+        settings,
+        start,
+        end,
+        stored_counts(url, settings, start, end),
+        stream,
+        stored_verification(url, settings, start, end),
+    )
+
+
+def stored_verification(url: str, settings: Settings, start, end) -> dict | None:
+    """Verdict counts of any range from ``candle_verifications`` as it is (``None``: none)."""
+    from shared.core.verification import VERDICTS
+
+    start, end = parse_period(start, end)
+    by_interval: dict[str, dict[str, int]] = {}
+    with db.connect(url) as conn:
+        for interval, verdict_, n in conn.execute(
+            "SELECT interval, verdict, count(*) FROM candle_verifications"
+            " WHERE window_start >= %s AND window_start < %s GROUP BY 1, 2",
+            (start, end),
+        ).fetchall():
+            by_interval.setdefault(interval, dict.fromkeys(VERDICTS, 0))[verdict_] = n
+    if not by_interval:
+        return None
+    counts = {v: sum(c[v] for c in by_interval.values()) for v in VERDICTS}
+    return {"counts": counts, "by_interval": by_interval}
 
 
 def run_period_of(params: dict | None, data_interval_start=None, data_interval_end=None):

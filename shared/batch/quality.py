@@ -213,6 +213,30 @@ def describe_reset(reset: OffsetReset) -> str:
     )
 
 
+def _venue_reasons(summary: ReportSummary) -> tuple[list[str], list[str]]:
+    """SPEC §6.1: a candle the venue contradicts fails; a venue that could not be asked, gaps
+    still open and expected symbols without a trade warn (never a silent pass)."""
+    fail, warn = [], []
+    venue = summary.venue
+    if venue is not None:
+        if venue.counts.get("exchange_mismatch"):
+            fail.append(
+                f"{venue.counts['exchange_mismatch']} candle(s) differ from the venue's "
+                "(exchange_mismatch) beyond what the trade-id gaps explain"
+            )
+        for problem in venue.problems:
+            where = " ".join(p for p in (problem.exchange, problem.symbol, problem.interval) if p)
+            warn.append(f"not checked against the venue ({where}): {problem.reason}")
+        if venue.counts.get("gap"):
+            warn.append(f"{venue.counts['gap']} candle(s) short of trades lost in id gaps (gap)")
+    for key, missing in summary.missing_by_symbol().items():
+        warn.append(f"{key}: {missing} trade(s) missing in trade-id gaps still open")
+    for silent in summary.silent_symbols:
+        seen = f" (last seen {silent.last_seen})" if silent.last_seen else " (configured)"
+        warn.append(f"{silent.exchange}:{silent.symbol} expected but has no trade{seen}")
+    return fail, warn
+
+
 def verdict(summary: ReportSummary, thresholds: Thresholds) -> tuple[str, list[str]]:
     """``fail`` for anything that means a bug or lost data, ``warn`` past a threshold."""
     counts = summary.counts
@@ -232,6 +256,9 @@ def verdict(summary: ReportSummary, thresholds: Thresholds) -> tuple[str, list[s
     # unread end, if any, is not known) may have lost trades: warn.
     for reset in summary.offset_resets:
         (fail if reset.skipped else warn).append(describe_reset(reset))
+    venue_fail, venue_warn = _venue_reasons(summary)
+    fail += venue_fail
+    warn += venue_warn
     if counts["missing_in_stream"] > thresholds.max_missing_in_stream:
         warn.append(f"{counts['missing_in_stream']} candle(s) missing in the stream")
     late = summary.late_trades

@@ -80,6 +80,82 @@ class OffsetReset(msgspec.Struct):
     detected_at: str
 
 
+class VenueProblem(msgspec.Struct):
+    """Why some candles could not be checked against the venue: the whole exchange
+    (``symbol`` None: down, timed out, rate-limited past the bound) or one symbol's interval
+    (refused, malformed answer)."""
+
+    exchange: str
+    symbol: str | None
+    interval: str | None
+    reason: str
+
+
+class VenueCheck(msgspec.Struct):
+    """The check against the venue (SPEC §6.1): verdict counts, overall and per interval."""
+
+    counts: dict[str, int]
+    by_interval: dict[str, dict[str, int]]
+    problems: list[VenueProblem] = []
+    fetched: int = 0
+    #: Trade-id gaps the batch run found in the stored trades (``new``: not recorded before).
+    gaps_found: int = 0
+    gaps_new: int = 0
+
+
+class TradeGap(msgspec.Struct):
+    """A ``trade_gaps`` row meeting the period: its ids, how many, who found it, its state."""
+
+    exchange: str
+    symbol: str
+    first_missing_id: int
+    last_missing_id: int
+    missing: int
+    before_ts: str
+    after_ts: str
+    detected_by: str | None
+    filled_at: str | None
+    filled_by: str | None
+    note: str | None
+
+
+class SilentSymbol(msgspec.Struct):
+    """An expected symbol with no trade in the period."""
+
+    exchange: str
+    symbol: str
+    last_seen: str | None
+
+
+class Reconnect(msgspec.Struct):
+    """A feed's reconnect (``feed_reconnects``) in the period."""
+
+    exchange: str
+    symbol: str
+    last_id_before: int | None
+    first_id_after: int | None
+    disconnected_at: str
+    reconnected_at: str | None
+
+
+class GapLeftOpen(msgspec.Struct):
+    exchange: str
+    symbol: str
+    first_missing_id: int
+    last_missing_id: int
+    reason: str
+
+
+class Repair(msgspec.Struct):
+    """What a repair of the period did: gaps asked for, filled, trades fetched and stored."""
+
+    gaps: int
+    filled: int
+    fetched: int
+    stored: int
+    left_open: list[GapLeftOpen] = []
+
+
 class ReportSummary(msgspec.Struct):
     """Everything a report says, and its verdict (``status``, ``reasons``)."""
 
@@ -96,6 +172,12 @@ class ReportSummary(msgspec.Struct):
     invalid_messages: InvalidMessages
     stream: StreamProgress
     offset_resets: list[OffsetReset] = []  # reports stored before offset resets were checked
+    # The check against the venue (SPEC §6.1); None in reports stored before it existed.
+    venue: VenueCheck | None = None
+    trade_gaps: list[TradeGap] = []
+    silent_symbols: list[SilentSymbol] = []
+    reconnects: list[Reconnect] = []
+    repair: Repair | None = None
     status: str = ""  # the verdict: pass, warn or fail ("" until ``verdict`` has been asked)
     reasons: list[str] = []
 
@@ -110,4 +192,19 @@ class ReportSummary(msgspec.Struct):
     def headline(self) -> dict[str, Any]:
         """What the DAG's asset event carries: the period, the verdict and the counts."""
         data = self.to_json()
-        return {key: data[key] for key in ("interval", "status", "counts", "reasons")}
+        headline = {key: data[key] for key in ("interval", "status", "counts", "reasons")}
+        if self.venue is not None:
+            headline["venue_counts"] = data["venue"]["counts"]
+        return headline
+
+    @property
+    def open_gaps(self) -> list[TradeGap]:
+        return [g for g in self.trade_gaps if g.filled_at is None]
+
+    def missing_by_symbol(self) -> dict[str, int]:
+        """Trades still missing per ``exchange:symbol`` (the open gaps)."""
+        out: dict[str, int] = {}
+        for gap in self.open_gaps:
+            key = f"{gap.exchange}:{gap.symbol}"
+            out[key] = out.get(key, 0) + gap.missing
+        return out

@@ -48,8 +48,7 @@ VERIFICATION_COLUMNS = (
 def _delete(conn: psycopg.Connection, table: str, ranges: Ranges) -> None:
     for interval, first_start, last_end in ranges:
         conn.execute(
-            f"DELETE FROM {table} WHERE interval = %s AND window_start >= %s"
-            " AND window_start < %s",
+            f"DELETE FROM {table} WHERE interval = %s AND window_start >= %s AND window_start < %s",
             (interval, first_start, last_end),
         )
 

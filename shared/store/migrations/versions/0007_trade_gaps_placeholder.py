@@ -1,4 +1,4 @@
-"""PLACEHOLDER until branch ``gaps`` lands its own 0007 (``trade_gaps``, SPEC §4); replaced at merge.
+"""PLACEHOLDER until branch ``gaps`` lands its 0007 (``trade_gaps``, SPEC §4); replaced at merge.
 
 Revision ID: 0007
 Revises: 0006

@@ -82,7 +82,9 @@ def upgrade() -> None:
             reconnected_at timestamptz
         )
     """)
-    op.execute("CREATE INDEX feed_reconnects_disconnected_at_idx ON feed_reconnects (disconnected_at)")
+    op.execute(
+        "CREATE INDEX feed_reconnects_disconnected_at_idx ON feed_reconnects (disconnected_at)"
+    )
     op.execute("ALTER TABLE trade_gaps ADD COLUMN IF NOT EXISTS detected_by text")
     op.execute("ALTER TABLE trade_gaps ADD COLUMN IF NOT EXISTS filled_by text")
     op.execute("ALTER TABLE trade_gaps ADD COLUMN IF NOT EXISTS note text")

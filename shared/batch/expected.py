@@ -1,0 +1,60 @@
+"""Symbols expected in a period that have no trade in it (SPEC §6.1): never a silent ``pass``.
+
+A symbol is expected when it traded in the ``CANDLEKEEP_EXPECTED_LOOKBACK`` (24 hours) before the
+period, or is configured (``CANDLEKEEP_EXPECTED_SYMBOLS=binance:BTCUSDT,…``). One that has no
+trade at all in the period is a feed that stopped, a symbol the venue halted, or a market that
+went quiet: the report names it and says ``warn``, and the check against the venue asks the
+venue about its windows (a venue candle with trades there is a lost window).
+
+"Traded before" is read from the base candles of both candle tables (an hour has 60 rows per
+symbol, not thousands of trades); "no trade in the period" from ``trades`` itself, for the few
+symbols without a batch candle in it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import psycopg
+
+from shared.config import Settings
+
+
+def silent_symbols(
+    conn: psycopg.Connection, settings: Settings, start: datetime, end: datetime
+) -> list[dict]:
+    """``[{exchange, symbol, last_seen}]`` of the expected symbols with no trade in
+    ``[start, end)`` (``last_seen``: the end of the last base window with a candle before the
+    period, ``None`` for a configured symbol never seen in the lookback)."""
+    base = settings.interval_set.base.name
+    seen = dict.fromkeys(settings.expected)
+    for exchange, symbol, last_seen in conn.execute(
+        "SELECT exchange, symbol, max(window_end) FROM ("
+        "  SELECT exchange, symbol, window_end FROM batch_candles"
+        "  WHERE interval = %(base)s AND window_start >= %(since)s AND window_start < %(start)s"
+        "  UNION ALL"
+        "  SELECT exchange, symbol, window_end FROM stream_candles"
+        "  WHERE interval = %(base)s AND window_start >= %(since)s AND window_start < %(start)s"
+        ") AS c GROUP BY 1, 2",
+        {"base": base, "since": start - settings.expected_lookback, "start": start},
+    ).fetchall():
+        seen[(exchange, symbol)] = last_seen
+    traded = set(
+        conn.execute(
+            "SELECT DISTINCT exchange, symbol FROM batch_candles WHERE interval = %s"
+            " AND window_start >= %s AND window_start < %s",
+            (base, start, end),
+        ).fetchall()
+    )
+    silent = []
+    for (exchange, symbol), last_seen in sorted(seen.items()):
+        if (exchange, symbol) in traded:
+            continue
+        if conn.execute(
+            "SELECT 1 FROM trades WHERE exchange = %s AND symbol = %s AND ts >= %s AND ts < %s"
+            " LIMIT 1",
+            (exchange, symbol, start, end),
+        ).fetchone():
+            continue  # only trades of other kinds (no candle), but trades
+        silent.append({"exchange": exchange, "symbol": symbol, "last_seen": last_seen})
+    return silent
