@@ -15,7 +15,7 @@ from candlekeep.demo import demo
 from candlekeep.errors import UserError, settings_error
 from candlekeep.feed_cmd import feed_group
 from candlekeep.load import load
-from candlekeep.reconcile_cmd import reconcile, report
+from candlekeep.reconcile_cmd import reconcile, repair, report
 from candlekeep.stream_cmd import stream
 from shared.config import Settings
 from shared.errors import CandlekeepError
@@ -43,6 +43,7 @@ cli.add_command(load)
 cli.add_command(stream)
 cli.add_command(feed_group)
 cli.add_command(reconcile)
+cli.add_command(repair)
 cli.add_command(report)
 cli.add_command(demo)
 

@@ -1,4 +1,4 @@
-"""``candlekeep reconcile`` and ``candlekeep report``: the DAG's steps without Airflow."""
+"""``candlekeep reconcile``, ``repair`` and ``report``: the DAG's steps without Airflow."""
 
 from __future__ import annotations
 
@@ -15,10 +15,45 @@ def _echo_summary(summary: ReportSummary, path: str | None) -> None:
         f"{summary.period.start} – {summary.period.end}: status {summary.status.upper()}; "
         + ", ".join(f"{kind} {n}" for kind, n in summary.counts.items())
     )
+    for line in three_way_lines(summary):
+        click.echo(line)
+    if summary.repair is not None:
+        r = summary.repair
+        click.echo(
+            f"repair: {r.gaps} open gap(s) asked for, {r.filled} filled, {r.fetched} trade(s)"
+            f" fetched, {r.stored} stored, {len(r.left_open)} left open"
+        )
+        for left in r.left_open:
+            click.echo(
+                f"  - {left.exchange}:{left.symbol} ids {left.first_missing_id}–"
+                f"{left.last_missing_id} still missing: {left.reason}"
+            )
     for reason in summary.reasons:
         click.echo(f"  - {reason}")
     if path:
         click.echo(f"report: {path}")
+
+
+def three_way_lines(summary: ReportSummary) -> list[str]:
+    """Per interval, the three-way view: stream against batch (match, late, …) and batch
+    against the venue (verified, gap, …); ``-`` where the venue was not asked."""
+    from shared.batch.reconcile import KINDS
+    from shared.core.verification import VERDICTS
+
+    venue = summary.venue.by_interval if summary.venue else {}
+    rows = [["interval", *KINDS, "|", *VERDICTS]]
+    for interval in summary.intervals:
+        stream, checked = summary.by_interval.get(interval, {}), venue.get(interval)
+        rows.append(
+            [interval, *(str(stream.get(k, 0)) for k in KINDS), "|"]
+            + [str(checked.get(v, 0)) if checked else "-" for v in VERDICTS]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    split = len(KINDS) + 1
+    left = sum(widths[:split]) + 2 * (split - 1)
+    title = "  " + "stream vs batch".ljust(left) + "  |  batch vs venue"
+    table = ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return [title, *table]
 
 
 @click.command()
@@ -51,6 +86,31 @@ def reconcile(ctx, start, end, wait_s):
         raise UserError(str(exc)) from None
     from shared.batch.report import report_path
 
+    _echo_summary(summary, str(report_path(settings, summary)))
+    if summary.status == "fail":
+        ctx.exit(3)
+
+
+@click.command()
+@click.option("--start", required=True, help="Period start, ISO-8601 (e.g. 2026-01-01T00:00Z).")
+@click.option("--end", required=True, help="Period end (exclusive), ISO-8601.")
+@click.pass_context
+def repair(ctx, start, end):
+    """Fetch the trades of [START, END)'s open trade-id gaps from the venue, store them, and
+    reconcile the period again (SPEC §6.1)."""
+    from candlekeep.errors import UserError
+    from candlekeep.services import database_url
+    from shared.batch.batch_run import PeriodError, repair_period
+    from shared.batch.outputs import check_output_dir
+    from shared.batch.report import report_path
+
+    settings = ctx.find_root().obj()
+    check_output_dir(settings.report_dir, "CANDLEKEEP_REPORT_DIR")  # before any work
+    url = database_url(ctx)
+    try:
+        summary = repair_period(url, settings, start, end)
+    except PeriodError as exc:
+        raise UserError(str(exc)) from None
     _echo_summary(summary, str(report_path(settings, summary)))
     if summary.status == "fail":
         ctx.exit(3)

@@ -2,8 +2,10 @@
 
 Every hour of market data: wait until the stream's watermark has passed the hour (bounded),
 recompute the hour's candles from the stored trades in SQL, classify every difference between
-stream and batch (late trade, missing candle, unexplained), run the data-quality checks and
-publish the report. The work is in ``shared.batch.batch_run``; this file only wires it up (SPEC §6).
+stream and batch (late trade, missing candle, unexplained), check the stored trades and the
+candles against the venue itself (trade-id gaps, the venue's own candles), repair the gaps from
+the venue (``CANDLEKEEP_REPAIR``), run the data-quality checks and publish the report. The work
+is in ``shared.batch.batch_run``; this file only wires it up (SPEC §6).
 
 A manual run names its period in params (``start``, ``end``); backfills use Airflow's own
 ``airflow backfill create``. Rerunning a period replaces its results.
@@ -84,11 +86,32 @@ def candle_reconciliation():
         return batch_run.reconcile_step(url, settings, run["start"], run["end"])
 
     @task
-    def checks(run: dict, reconciliation: dict, stream: dict) -> dict:
+    def verify(run: dict) -> dict:
+        """Step 3b: trade-id gaps from the stored trades; the venue's candles and a verdict each."""
+        settings, url = _settings()
+        return batch_run.verify_step(url, settings, run["start"], run["end"])
+
+    @task
+    def repair(run: dict, reconciliation: dict, verification: dict) -> dict:
+        """Step 3c: the open gaps' trades from the venue; if any was stored, steps 2-3b again."""
+        settings, url = _settings()
+        return batch_run.repair_step(
+            url, settings, run["start"], run["end"], reconciliation, verification
+        )
+
+    @task
+    def checks(run: dict, repaired: dict, stream: dict) -> dict:
         """Step 4: data-quality checks and the verdict (the report's summary, as JSON)."""
         settings, url = _settings()
         summary = batch_run.checks_step(
-            url, settings, run["start"], run["end"], reconciliation, stream
+            url,
+            settings,
+            run["start"],
+            run["end"],
+            repaired["reconciliation"],
+            stream,
+            repaired["verification"],
+            repaired["repair"],
         )
         return summary.to_json()
 
@@ -117,8 +140,10 @@ def candle_reconciliation():
     stream = wait_for_stream(run)
     recomputed = recompute(run)
     reconciliation = reconcile(run)
-    stream >> recomputed >> reconciliation  # the order of the steps: no data flows here
-    summary = checks(run, reconciliation, stream)
+    verification = verify(run)
+    # The order of the steps where no data flows.
+    stream >> recomputed >> reconciliation >> verification
+    summary = checks(run, repair(run, reconciliation, verification), stream)
     verdict(summary, publish(summary))
 
 

@@ -18,6 +18,7 @@ from shared.batch.outputs import OutputError
 from shared.batch.summary import ReportSummary
 from shared.config import Settings
 from shared.core.trades import datetime_to_ts
+from shared.core.verification import VERDICTS
 from shared.store import db
 
 MAX_MISMATCH_ROWS = 500
@@ -46,6 +47,45 @@ def _mismatches(conn: psycopg.Connection, start: datetime, end: datetime) -> tup
         }
         for r in rows
     ], total
+
+
+def _verifications(conn: psycopg.Connection, start: datetime, end: datetime) -> tuple[list, int]:
+    """The candles of the period the venue contradicts (``exchange_mismatch``, then ``gap``)."""
+    rows = conn.execute(
+        "SELECT exchange, symbol, interval, window_start, verdict, missing_trades, differences,"
+        " reason, count(*) OVER () FROM candle_verifications WHERE window_start >= %s"
+        " AND window_start < %s AND verdict IN ('exchange_mismatch', 'gap') ORDER BY"
+        " verdict DESC,"
+        " exchange, symbol, interval, window_start LIMIT %s",
+        (start, end, MAX_MISMATCH_ROWS),
+    ).fetchall()
+    total = rows[0][8] if rows else 0
+    names = (
+        "exchange",
+        "symbol",
+        "interval",
+        "window_start",
+        "verdict",
+        "missing_trades",
+        "differences",
+        "reason",
+    )
+    out = [dict(zip(names, r[:8], strict=True)) for r in rows]
+    for row in out:
+        row["window_start"] = row["window_start"].astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return out, total
+
+
+def _unverified(conn: psycopg.Connection, start: datetime, end: datetime) -> list[dict]:
+    """The period's unverified candles, counted per symbol, interval and reason."""
+    rows = conn.execute(
+        "SELECT exchange, symbol, interval, reason, count(*) FROM candle_verifications"
+        " WHERE window_start >= %s AND window_start < %s AND verdict = 'unverified'"
+        " GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+        (start, end),
+    ).fetchall()
+    names = ("exchange", "symbol", "interval", "reason", "candles")
+    return [dict(zip(names, r, strict=True)) for r in rows]
 
 
 def _symbol_charts(
@@ -92,6 +132,7 @@ def render_report(conn: psycopg.Connection, summary: ReportSummary) -> str:
     start = datetime.fromisoformat(summary.period.start)
     end = datetime.fromisoformat(summary.period.end)
     mismatches, total = _mismatches(conn, start, end)
+    verifications, verifications_total = _verifications(conn, start, end)
     base = summary.intervals[0]
     lateness = [(b.bucket, b.count) for b in summary.late_trades.lateness]
     reasons = list(summary.invalid_messages.reasons.items())
@@ -99,6 +140,10 @@ def render_report(conn: psycopg.Connection, summary: ReportSummary) -> str:
         s=summary,
         mismatches=mismatches,
         mismatches_total=total,
+        verdicts=VERDICTS,
+        verifications=verifications,
+        verifications_total=verifications_total,
+        unverified=_unverified(conn, start, end),
         base=base,
         symbol_charts=_symbol_charts(conn, start, end, base),
         lateness_chart=bar_chart(lateness, title="lateness of late trades"),
