@@ -1,0 +1,250 @@
+"""The check against the venue (SPEC §6.1) on RECORDED Kraken data, against a real PostgreSQL.
+
+The venue is the replay server (``candlekeep/venue_replay.py``) serving Kraken's own answers
+(tests/data/venues/kraken, with provenance): 1000 XBTUSDT trades and the 1m OHLC of the same
+minutes. The stored trades are those recorded trades, as the venue module reads them; a hole in
+them is what a feed that lost trades leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from candlekeep.venue_replay import Faults, VenueReplay, load_recordings
+from shared.batch import batch_run
+from shared.batch.venues.kraken import trade_from_row
+from shared.config import Settings
+from shared.store import db
+from shared.store.trade_store import store_trades
+
+pytestmark = pytest.mark.integration
+
+DATA = Path(__file__).resolve().parent / "data" / "venues" / "kraken"
+HOUR = ("2025-11-10T19:00:00Z", "2025-11-10T20:00:00Z")
+#: Three consecutive trades inside the minute 19:34 (neighbours 10218570 and 10218574 too).
+LOST = range(10218571, 10218574)
+LOST_MINUTE = "2025-11-10T19:34:00+00:00"
+
+
+def recorded_trades():
+    rows = json.loads((DATA / "trades_XBTUSDT.json").read_text(), parse_float=Decimal)
+    return [trade_from_row(r, "BTC-USDT") for r in rows["result"]["XBTUSDT"]]
+
+
+@pytest.fixture(scope="module")
+def replay():
+    with VenueReplay(load_recordings()) as server:
+        yield server
+
+
+@pytest.fixture
+def settings(replay, monkeypatch, tmp_path):
+    monkeypatch.setenv("CANDLEKEEP_VENUE_CHECKS", "true")
+    monkeypatch.setenv("CANDLEKEEP_KRAKEN_REST_URL", replay.rest_url("kraken"))
+    monkeypatch.setenv("CANDLEKEEP_VENUE_TIMEOUT", "1")
+    monkeypatch.setenv("CANDLEKEEP_VENUE_MAX_RETRY_AFTER", "5")
+    monkeypatch.setenv("CANDLEKEEP_INTERVALS", "1m")  # the recording has Kraken's 1m OHLC
+    monkeypatch.setenv("CANDLEKEEP_REPORT_DIR", str(tmp_path / "reports"))
+    replay.faults = Faults()
+    return Settings()
+
+
+@pytest.fixture
+def url(database_url):
+    db.upgrade(database_url)
+    with db.connect(database_url) as conn:
+        conn.execute(
+            "TRUNCATE trades, stream_candles, stream_candle_parts, batch_candles, late_trades,"
+            " candle_mismatches, stream_progress, dq_reports, trade_gaps, exchange_candles,"
+            " candle_verifications, feed_reconnects"
+        )
+        conn.commit()
+    return database_url
+
+
+def store(url, trades):
+    with db.connect(url) as conn:
+        store_trades(conn, trades)
+        conn.commit()
+
+
+def verdicts(url) -> dict[str, tuple]:
+    with db.connect(url) as conn:
+        return {
+            r[0].isoformat(): r[1:]
+            for r in conn.execute(
+                "SELECT window_start, verdict, differences, missing_trades, reason"
+                " FROM candle_verifications ORDER BY 1"
+            ).fetchall()
+        }
+
+
+def gaps(url) -> list[tuple]:
+    with db.connect(url) as conn:
+        return conn.execute(
+            "SELECT first_missing_id, last_missing_id, detected_by, filled_by, filled_at IS NULL"
+            " FROM trade_gaps ORDER BY 1"
+        ).fetchall()
+
+
+def requests_to(replay, path: str, since: int) -> list[dict]:
+    return [params for where, params, _ in replay.requests[since:] if where == f"kraken{path}"]
+
+
+def test_every_minute_with_trades_is_verified_against_krakens_own_candles(url, settings, replay):
+    store(url, recorded_trades())
+    summary = batch_run.run_period(url, settings, *HOUR)
+    found = verdicts(url)
+    # Kraken's filled minutes (no trade: count 0, the previous close) are not missing candles:
+    # one verdict per minute with trades, and every one agrees, vwap truncated included.
+    with db.connect(url) as conn:
+        minutes = conn.execute(
+            "SELECT count(*) FROM batch_candles WHERE window_start >= %s AND window_end <= %s",
+            HOUR,
+        ).fetchone()[0]
+        filled = conn.execute(
+            "SELECT count(*) FROM exchange_candles WHERE trade_count = 0"
+        ).fetchone()[0]
+    assert minutes == len(found) == 45 and filled == 15
+    assert {v[0] for v in found.values()} == {"verified"}
+    assert summary.venue.counts == {
+        "verified": 45,
+        "gap": 0,
+        "exchange_mismatch": 0,
+        "unverified": 0,
+    }
+    assert summary.trade_gaps == [] and not any("venue" in r for r in summary.reasons)
+
+
+def test_lost_trades_are_a_gap_that_repair_fills_from_the_venue_once(url, settings, replay):
+    store(url, [t for t in recorded_trades() if t.trade_id not in LOST])
+    summary = batch_run.run_period(url, settings, *HOUR)
+    # The batch run finds exactly the lost ids from the stored trades.
+    assert gaps(url) == [(LOST[0], LOST[-1], "batch", None, True)]
+    found = verdicts(url)
+    verdict, differences, missing, _ = found[LOST_MINUTE]
+    assert (verdict, missing) == ("gap", 3)
+    assert differences["trade_count"] == {"batch": "10", "venue": "13"}
+    assert {v[0] for k, v in found.items() if k != LOST_MINUTE} == {"verified"}
+    assert summary.status == "warn"
+    assert "kraken:BTC-USDT: 3 trade(s) missing in trade-id gaps still open" in summary.reasons
+
+    before = len(replay.requests)
+    repaired = batch_run.repair_period(url, settings, *HOUR)
+    asked = requests_to(replay, "/0/public/Trades", before)
+    assert len(asked) == 1  # one page from the time of the trade before the hole
+    assert repaired.repair.fetched == 3 and repaired.repair.stored == 3
+    assert repaired.repair.filled == 1 and repaired.repair.left_open == []
+    assert gaps(url) == [(LOST[0], LOST[-1], "batch", "repair", False)]
+    assert verdicts(url)[LOST_MINUTE][0] == "verified"
+    assert repaired.venue.counts["verified"] == 45 and repaired.venue.counts["gap"] == 0
+    with db.connect(url) as conn:
+        restored = conn.execute(
+            "SELECT trade_id, price, quantity FROM trades WHERE trade_id BETWEEN %s AND %s"
+            " ORDER BY 1",
+            (LOST[0], LOST[-1]),
+        ).fetchall()
+    assert restored == [(t.trade_id, t.price, t.quantity) for t in recorded_trades()[363:366]]
+
+    # A second repair has no open gap: it asks the venue for no trade and stores nothing.
+    before = len(replay.requests)
+    again = batch_run.repair_period(url, settings, *HOUR)
+    assert requests_to(replay, "/0/public/Trades", before) == []
+    assert (again.repair.gaps, again.repair.stored) == (0, 0)
+    assert not any("gap" in r for r in again.reasons)
+
+
+def test_a_trade_stored_wrong_is_an_exchange_mismatch_and_fails(url, settings):
+    trades = recorded_trades()
+    wrong = next(i for i, t in enumerate(trades) if t.trade_id == 10218580)
+    trades[wrong].quantity += Decimal("0.001")  # no id is missing: nothing explains it
+    store(url, trades)
+    summary = batch_run.run_period(url, settings, *HOUR)
+    mismatched = {k: v for k, v in verdicts(url).items() if v[0] != "verified"}
+    assert list(mismatched) == ["2025-11-10T19:35:00+00:00"]
+    verdict, differences, missing, _ = mismatched["2025-11-10T19:35:00+00:00"]
+    assert verdict == "exchange_mismatch" and missing == 0
+    assert "volume" in differences and "trade_count" not in differences
+    assert Decimal(differences["volume"]["batch"]) - Decimal(differences["volume"]["venue"]) == (
+        Decimal("0.001")
+    )
+    assert summary.status == "fail"
+    assert any("exchange_mismatch" in r for r in summary.reasons)
+
+
+def test_a_venue_that_is_down_leaves_candles_unverified_and_warns_in_bounded_time(
+    url, settings, replay
+):
+    store(url, recorded_trades())
+    replay.set_down(True)
+    try:
+        started = time.monotonic()
+        summary = batch_run.run_period(url, settings, *HOUR)
+        took = time.monotonic() - started
+    finally:
+        replay.set_down(False)
+    assert took < 30  # four attempts of at most 1 s, with backoff: asked once, not per minute
+    assert summary.venue.counts["unverified"] == 45 and summary.venue.counts["verified"] == 0
+    assert summary.status == "warn"
+    [problem] = summary.venue.problems
+    assert problem.exchange == "kraken" and "unavailable" in problem.reason
+    assert any("not checked against the venue (kraken)" in r for r in summary.reasons)
+    reasons = {v[3] for v in verdicts(url).values()}
+    assert len(reasons) == 1 and "Kraken" in reasons.pop()
+
+
+def test_a_429_with_retry_after_is_waited_out(url, settings, replay):
+    store(url, recorded_trades())
+    replay.faults = Faults(rate_limit=(429, 1))
+    started = time.monotonic()
+    summary = batch_run.run_period(url, settings, *HOUR)
+    assert time.monotonic() - started >= 1
+    assert summary.venue.counts["verified"] == 45 and summary.venue.problems == []
+
+
+def test_a_malformed_venue_answer_is_reported_not_a_crash(url, settings, replay):
+    store(url, recorded_trades())
+    replay.faults = Faults(malformed=True)
+    summary = batch_run.run_period(url, settings, *HOUR)
+    [problem] = summary.venue.problems
+    assert "not JSON" in problem.reason and problem.symbol == "BTC-USDT"
+    assert summary.venue.counts["unverified"] == 45 and summary.status == "warn"
+
+
+def test_an_hour_without_a_trade_of_a_symbol_that_traded_before_is_not_pass(url, settings):
+    store(url, recorded_trades())  # the recording ends at 00:13
+    batch_run.run_period(url, settings, "2025-11-10T23:00:00Z", "2025-11-11T00:00:00Z")
+    quiet = batch_run.run_period(url, settings, "2025-11-11T01:00:00Z", "2025-11-11T02:00:00Z")
+    assert quiet.venue.counts == dict.fromkeys(quiet.venue.counts, 0)  # 0 candles compared
+    assert quiet.status == "warn"
+    [silent] = quiet.silent_symbols
+    assert (silent.exchange, silent.symbol) == ("kraken", "BTC-USDT")
+    assert any("kraken:BTC-USDT expected but has no trade" in r for r in quiet.reasons)
+
+
+def test_a_configured_symbol_with_no_trade_is_not_pass(url, settings, monkeypatch):
+    monkeypatch.setenv("CANDLEKEEP_EXPECTED_SYMBOLS", "kraken:ETH-USDT")
+    summary = batch_run.run_period(url, Settings(), *HOUR)  # nothing stored at all
+    assert summary.status == "warn"
+    assert [(s.symbol, s.last_seen) for s in summary.silent_symbols] == [("ETH-USDT", None)]
+
+
+def test_an_exchange_without_a_venue_module_is_unverified_without_a_warning(url, settings):
+    store(
+        url,
+        [
+            t.__class__(**{**{f: getattr(t, f) for f in t.__struct_fields__}, "exchange": "sim"})
+            for t in recorded_trades()
+        ],
+    )
+    summary = batch_run.run_period(url, settings, *HOUR)
+    assert summary.venue.counts["unverified"] == 45 and summary.venue.problems == []
+    assert not any("venue" in r for r in summary.reasons)
+    assert {v[3] for v in verdicts(url).values()} == {
+        "candlekeep has no venue module for exchange 'sim': its candles are not checked"
+    }
