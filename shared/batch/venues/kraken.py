@@ -25,12 +25,13 @@ candles and the trades all go through them.
 
 from __future__ import annotations
 
-from decimal import ROUND_DOWN, ROUND_FLOOR, Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
 
 from shared.core.intervals import US_PER_SECOND
 from shared.core.trade_rules import normalise_symbol
 from shared.core.trades import Trade
+from shared.core.verification import truncated_vwap
 
 from .base import (
     FetchedTrades,
@@ -86,10 +87,9 @@ def _split(symbol: str) -> tuple[str, str]:
 
 
 def vwap_agrees(quote_volume: Decimal, volume: Decimal, vwap: Decimal) -> bool:
-    """Whether Kraken's ``vwap`` is ``quote_volume / volume`` truncated to its decimals."""
-    if not volume:
-        return vwap == 0
-    return (quote_volume / volume).quantize(vwap, rounding=ROUND_DOWN) == vwap
+    """Whether Kraken's ``vwap`` is ``quote_volume / volume`` truncated to its decimals (the
+    rule is the core's, which the verdicts use)."""
+    return truncated_vwap(quote_volume, volume, vwap) == vwap
 
 
 def _decimal(value: Any, what: str) -> Decimal:
