@@ -77,14 +77,15 @@ def _verifications(conn: psycopg.Connection, start: datetime, end: datetime) -> 
 
 
 def _unverified(conn: psycopg.Connection, start: datetime, end: datetime) -> list[dict]:
-    """The period's unverified candles, counted per symbol, interval and reason."""
+    """The period's unverified candles, counted per exchange and reason."""
     rows = conn.execute(
-        "SELECT exchange, symbol, interval, reason, count(*) FROM candle_verifications"
+        "SELECT exchange, reason, count(*), count(DISTINCT symbol),"
+        " string_agg(DISTINCT interval, ', ') FROM candle_verifications"
         " WHERE window_start >= %s AND window_start < %s AND verdict = 'unverified'"
-        " GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+        " GROUP BY 1, 2 ORDER BY 1, 2",
         (start, end),
     ).fetchall()
-    names = ("exchange", "symbol", "interval", "reason", "candles")
+    names = ("exchange", "reason", "candles", "symbols", "intervals")
     return [dict(zip(names, r, strict=True)) for r in rows]
 
 
