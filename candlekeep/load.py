@@ -18,9 +18,11 @@ CHUNK = 100_000
 def load_trades(url: str, source: TradeInput, chunk: int = CHUNK) -> dict[str, int]:
     """Load every trade of ``source`` in chunks, one transaction each; memory stays flat."""
     from shared.store import db
+    from shared.store.trade_gaps import gaps_of, mark_filled
     from shared.store.trade_store import InvalidMessage, store_invalid, store_trades
 
     totals = {"read": 0, "stored": 0, "duplicates": 0, "conflicting": 0, "invalid": 0}
+    totals["gaps_filled"] = 0
     trades = source.trades()
     with db.connect(url) as conn:
         db.require_schema(conn, url)
@@ -45,7 +47,11 @@ def load_trades(url: str, source: TradeInput, chunk: int = CHUNK) -> dict[str, i
                     for line in invalid
                 ],
             )
+            # Trade-id gaps whose every trade is now stored are filled (one statement over the
+            # open gaps only, through their partial index: nothing to do in the common case).
+            filled = gaps_of(mark_filled(conn, "load")) if result.stored else []
             conn.commit()
+            totals["gaps_filled"] += len(filled)
             totals["read"] += len(batch)
             totals["stored"] += result.stored
             totals["duplicates"] += result.duplicates
@@ -72,7 +78,12 @@ def load(ctx, files, input_format, symbol, exchange):
         f"duplicated, of which {totals['conflicting']:,} conflicting (kept in trade_conflicts), "
         f"{totals['invalid']:,} invalid lines kept in invalid_trades) from "
         f"{len(files)} file(s) in {elapsed:.1f}s ({totals['read'] / max(elapsed, 1e-9):,.0f} "
-        "rows/s)",
+        "rows/s)"
+        + (
+            f"; {totals['gaps_filled']:,} trade-id gap(s) filled (see trade_gaps)"
+            if totals["gaps_filled"]
+            else ""
+        ),
         highlight=False,
     )
     source.require_trades()

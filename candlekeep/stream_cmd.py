@@ -59,6 +59,9 @@ def stream(ctx, exit_when_idle, metrics_port):
         retries=summary.retries,
         resets=summary.resets,
         skipped=summary.skipped,
+        gaps=summary.gaps,
+        missing=summary.missing,
+        gaps_filled=summary.gaps_filled,
     )
     if sys.stderr.isatty():  # elsewhere stderr is JSON lines only: the event above says it
         click.echo(
@@ -66,6 +69,12 @@ def stream(ctx, exit_when_idle, metrics_port):
             f"{summary.duplicates:,} duplicates ({summary.conflicting:,} conflicting), "
             f"{summary.invalid:,} invalid, "
             f"{summary.late:,} late; {summary.candles:,} candles written"
+            + (
+                f"; {summary.gaps:,} trade-id gap(s) recorded ({summary.missing:,} trades "
+                f"missing), {summary.gaps_filled:,} filled since (see trade_gaps)"
+                if summary.gaps or summary.gaps_filled
+                else ""
+            )
             + (
                 f"; {summary.resets:,} offset reset(s) skipped {summary.skipped:,} messages"
                 if summary.resets

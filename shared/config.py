@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.core.intervals import DEFAULT_INTERVALS, IntervalSet
+from shared.core.trade_rules import normalise_exchange
 from shared.core.windows import WindowSettings
 from shared.store.redaction import remember, remember_secret
 
@@ -67,6 +68,9 @@ class Settings(BaseSettings):
     #: "Offset resets"): ``earliest`` goes on from the log's start, ``fail`` stops. Either way
     #: the reset is recorded in ``offset_resets`` first.
     offset_reset: Literal["earliest", "fail"] = "earliest"
+    #: Exchanges whose trade ids are consecutive per symbol (SPEC §4 "Trade-id continuity"): a
+    #: hole in their ids is a gap, recorded in ``trade_gaps``. Never a gap for any other.
+    consecutive_id_exchanges: str = "binance,binance-usdm,kraken"
     session_timeout: timedelta = timedelta(seconds=10)
     heartbeat_interval: timedelta = timedelta(seconds=3)
     data_dir: str = ".candlekeep"
@@ -88,8 +92,6 @@ class Settings(BaseSettings):
     venue_timeout: timedelta = timedelta(seconds=10)
     #: The longest a venue's ``Retry-After`` is waited out; beyond it the venue is unavailable.
     venue_max_retry_after: timedelta = timedelta(seconds=60)
-    #: Exchanges whose trade ids are consecutive per symbol (SPEC §4: a hole is a gap).
-    consecutive_id_exchanges: str = "binance,binance-usdm,kraken"
     #: Check each period's candles against the venue (SPEC §6.1); off: ``unverified``, no warn.
     venue_checks: bool = True
     #: The DAG's repair task: fetch the period's open gaps from the venue (SPEC §6.1).
@@ -119,6 +121,18 @@ class Settings(BaseSettings):
                 return None
             remember_secret(value.get_secret_value())
         return value
+
+    @field_validator("consecutive_id_exchanges")
+    @classmethod
+    def _check_exchanges(cls, value: str) -> str:
+        names = [name for name in value.split(",") if name.strip()]
+        bad = [name for name in names if normalise_exchange(name) is None]
+        if bad:
+            raise ValueError(
+                f"not exchange names (1-32 of a-z 0-9 . _ -): {', '.join(map(repr, bad))}; give"
+                " a comma-separated list such as binance,binance-usdm,kraken, or nothing"
+            )
+        return ",".join(normalise_exchange(name) for name in names)  # type: ignore[misc]
 
     @field_validator("intervals")
     @classmethod
@@ -175,13 +189,13 @@ class Settings(BaseSettings):
         return frozenset((e.strip().lower(), s.strip().upper()) for e, _, s in pairs)
 
     @property
-    def consecutive_ids(self) -> frozenset[str]:
-        names = self.consecutive_id_exchanges.split(",")
-        return frozenset(n.strip().lower() for n in names if n.strip())
-
-    @property
     def interval_set(self) -> IntervalSet:
         return IntervalSet.parse(self.intervals)
+
+    @property
+    def consecutive_exchanges(self) -> frozenset[str]:
+        """The exchanges of ``CANDLEKEEP_CONSECUTIVE_ID_EXCHANGES``, as trades name them."""
+        return frozenset(filter(None, self.consecutive_id_exchanges.split(",")))
 
     def window_settings(self) -> WindowSettings:
         return WindowSettings(

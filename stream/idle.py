@@ -48,7 +48,9 @@ class IdleTick:
             if not emission.candles and state.windows.watermark_us == before:
                 continue
 
-            async def write(conn, partition=partition, state=state, emission=emission) -> None:
+            gaps = self._gap_check(partition)
+
+            async def write(conn, partition=partition, state=state, emission=emission, gaps=gaps):
                 merged = await asyncio.to_thread(
                     write_tick,
                     conn,
@@ -58,6 +60,7 @@ class IdleTick:
                     state.stored_offset,
                     emission,
                     state.windows,
+                    gaps,
                 )
                 await self._outputs.send_candles(merged)
 
@@ -65,6 +68,8 @@ class IdleTick:
             if not committed:
                 continue
             state.committed_state = state.windows.snapshot()
+            if gaps.snapshot is not None:  # (None: nothing consumed yet, nothing written)
+                self._gaps_committed(partition, gaps)
             self.summary.candles += len(emission.candles)
             for candle in emission.candles:
                 metrics.CANDLES.labels(candle.interval).inc()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:  # (for the signatures only: the writers import this module)
+    from shared.core.continuity import Gap
     from stream.parse import PartitionBatch
     from stream.state import PartitionState, RunSummary
     from stream.writers import BatchResult
@@ -51,6 +52,33 @@ MESSAGES_SKIPPED = Counter(
     "Messages passed over by offset resets, as far as the offsets tell",
     ["partition"],
 )
+
+TRADE_GAPS = Counter(
+    "candlekeep_trade_gaps_total",
+    "Trade-id gaps recorded in trade_gaps: runs of ids a venue with consecutive ids sent and the"
+    " feed never delivered (SPEC §4)",
+    ["exchange"],
+)
+TRADES_MISSING = Counter(
+    "candlekeep_trades_missing_total", "Trades missing in the trade-id gaps recorded", ["exchange"]
+)
+TRADE_GAPS_FILLED = Counter(
+    "candlekeep_trade_gaps_filled_total",
+    "Open trade-id gaps whose every trade got stored later (a late arrival, load)",
+    ["exchange"],
+)
+
+
+def account_gaps(summary: RunSummary, recorded: list[Gap], filled: list[Gap]) -> None:
+    """Count gaps recorded and filled in the run's summary and in the metrics."""
+    for gap in recorded:
+        TRADE_GAPS.labels(gap.exchange).inc()
+        TRADES_MISSING.labels(gap.exchange).inc(gap.missing)
+        summary.gaps += 1
+        summary.missing += gap.missing
+    for gap in filled:
+        TRADE_GAPS_FILLED.labels(gap.exchange).inc()
+        summary.gaps_filled += 1
 
 
 def account(

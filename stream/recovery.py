@@ -17,6 +17,7 @@ import structlog
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
+from shared.core.continuity import IdContinuity
 from shared.core.trades import ts_to_datetime
 from shared.core.windows import PartitionWindows, StateMismatch
 from shared.errors import CandlekeepError
@@ -235,6 +236,9 @@ class Recovery:
                 state.windows = PartitionWindows.restore(
                     self.window_settings, state.committed_state
                 )
+                state.continuity = IdContinuity.restore(
+                    self.settings.consecutive_exchanges, state.committed_continuity
+                )
                 state.position = state.stored_offset
                 await self._seek(partition, state.stored_offset, state.verify)
 
@@ -248,7 +252,10 @@ class Recovery:
         progress = await asyncio.to_thread(load_progress, conn, self.group, self.topic, partition)
         try:
             windows = PartitionWindows.restore(self.window_settings, progress.window_state)
-        except StateMismatch as exc:
+            continuity = IdContinuity.restore(
+                self.settings.consecutive_exchanges, progress.continuity_state
+            )
+        except (StateMismatch, ValueError) as exc:
             raise CandlekeepError(f"partition {partition}: {exc}") from None
         state = PartitionState(
             windows,
@@ -256,6 +263,8 @@ class Recovery:
             progress.next_offset,
             last_digest=progress.last_digest,
             reset_id=progress.pending_reset,
+            continuity=continuity,
+            committed_continuity=progress.continuity_state,
         )
         if progress.next_offset and progress.last_digest is not None:
             state.verify = (progress.next_offset - 1, progress.last_digest)

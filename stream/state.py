@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.core.continuity import IdContinuity
 from shared.core.windows import PartitionWindows
 
 
@@ -22,6 +23,9 @@ class PartitionState:
     inflight: int = 0
     #: record_digest of the message before stored_offset, as committed.
     last_digest: int | None = None
+    #: The partition's trade-id continuity (SPEC §4), and its state as committed.
+    continuity: IdContinuity | None = None
+    committed_continuity: dict | None = None
     #: (offset, digest) of the stored message the first fetch must show again: the log is the
     #: one the worker read (None: nothing to check).
     verify: tuple[int, int] | None = None
@@ -49,4 +53,7 @@ class RunSummary:
     retries: int = 0
     resets: int = 0
     skipped: int = 0  # messages passed over by offset resets (consumed + skipped = read range)
+    gaps: int = 0  # trade-id gaps recorded in trade_gaps
+    missing: int = 0  # the trades missing in them
+    gaps_filled: int = 0  # open gaps whose every trade got stored later
     partitions: set[int] = field(default_factory=set)

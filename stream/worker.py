@@ -39,6 +39,7 @@ from shared.config import Settings
 from shared.errors import CandlekeepError
 from shared.store import db
 from stream import metrics
+from stream.gaps import OpenGapIds
 from stream.idle import IdleTick
 from stream.outputs import Outputs
 from stream.parse import Parser
@@ -111,6 +112,9 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
         max_future_us = int(settings.max_future_skew.total_seconds() * 1_000_000)
         self._parser = Parser(self.topic, max_future_us)
         self._outputs: Outputs | None = None
+        #: The open trade-id gaps as last read (``stream.gaps``), and when (monotonic).
+        self.open_ids = OpenGapIds()
+        self._gaps_refreshed = float("-inf")
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -262,6 +266,7 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
                 await self._reset(partition, "replaced")
             await self._check_log_ends({b.partition for _, b in parsed})
             await self._tick(busy={b.partition for _, b in parsed})
+            await self._refresh_gaps()
             if parsed:
                 self._last_message_at = self.wall_clock()
             await self._hand_out(parsed, fetched_at)  # written and committed in order

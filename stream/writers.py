@@ -41,6 +41,7 @@ from shared.store.trade_store import (
     store_prepared,
 )
 from stream import metrics
+from stream.gaps import GapCheck, GapWatch
 from stream.parse import PartitionBatch
 from stream.state import PartitionState
 
@@ -72,6 +73,7 @@ class BatchResult:
     duplicates: int
     conflicting: int = 0  # of the duplicates, those that differ from the stored first copy
     snapshot: dict | None = None  # the window state written with the batch (by record_batch)
+    gaps: GapCheck | None = None  # its trade-id continuity step (None: not checked)
 
 
 def apply_batch(
@@ -81,13 +83,16 @@ def apply_batch(
     batch: PartitionBatch,
     windows: PartitionWindows,
     now_us: int,
+    gaps: GapCheck | None = None,
 ) -> BatchResult:
     """Apply one partition's batch inside the caller's open transaction, first half: the fence,
-    the trades, and the windows they advance. What it emits (candles, late trades) is known
-    from here on; :func:`record_batch` writes the rest, then the caller commits.
+    the trades, the windows they advance and, with ``gaps``, the trade-id holes now due and
+    the open gaps they may fill. What it emits (candles, late trades) is known from here on;
+    :func:`record_batch` writes the rest, then the caller commits.
 
-    ``windows`` is advanced in memory (folding while the server inserts the fresh trades' COPY);
-    if the transaction fails the caller restores it from the last committed snapshot.
+    ``windows`` (and ``gaps``' continuity) are advanced in memory (folding while the server
+    inserts the fresh trades' COPY); if the transaction fails the caller restores them from the
+    last committed snapshot.
     """
     prepared = batch.prepared
     if prepared is None:
@@ -118,7 +123,9 @@ def apply_batch(
         fold=fold,
     )
     assert emission is not None
-    return BatchResult(emission, stored.stored, stored.duplicates, stored.conflicting)
+    if gaps is not None:
+        gaps.find(conn, group, topic, batch.partition, prepared.unique, windows.watermark_us)
+    return BatchResult(emission, stored.stored, stored.duplicates, stored.conflicting, gaps=gaps)
 
 
 def record_batch(
@@ -131,12 +138,15 @@ def record_batch(
     merge: Sequence[Candle] = (),
 ) -> psycopg.Cursor | None:
     """The second half of a batch (after :func:`apply_batch`): the candles' parts, late and
-    invalid rows, and the progress row with the offsets and window state, sent together (one
-    round trip), with :func:`merge_parts` of ``merge`` last: the candles of every batch of the
-    transaction, given with its last batch, after all of their parts. Returns its cursor."""
+    invalid rows, trade-id gaps, and the progress row with the offsets, window state and
+    continuity, sent together (one round trip), with :func:`merge_parts` of ``merge`` last: the
+    candles of every batch of the transaction, given with its last batch, after all of their
+    parts. Returns its cursor."""
     emission = result.emission
     result.snapshot = windows.snapshot()
+    gaps = result.gaps
     with conn.pipeline():
+        sent = gaps.send(conn, topic, batch.partition) if gaps is not None else None
         if batch.reset_id is not None and batch.trades:
             mark_resumed(conn, batch.reset_id, batch.trades[0].ts_us)
         write_parts(conn, topic, batch.partition, emission.candles)
@@ -159,8 +169,12 @@ def record_batch(
             late=len(emission.late),
             snapshot=result.snapshot,
             last_digest=batch.last_digest,
+            continuity=gaps.snapshot if gaps is not None else None,
         )
-        return merge_parts(conn, merge)
+        cur = merge_parts(conn, merge)
+    if gaps is not None and sent is not None:
+        gaps.receive(sent)
+    return cur
 
 
 def write_tick(
@@ -171,18 +185,25 @@ def write_tick(
     resumed_from: int | None,
     emission: Emission,
     windows: PartitionWindows,
+    gaps: GapCheck | None = None,
 ) -> list[Candle]:
-    """Persist an idle advance: candles it closed, the new watermark and state (no offsets).
-    Returns the merged candles to publish."""
+    """Persist an idle advance: candles it closed, the trade-id gaps its watermark makes due
+    (``gaps``), the new watermark and state (no offsets). Returns the merged candles to
+    publish."""
     if resumed_from is None:
         return []  # nothing consumed yet, nothing to advance
     fence(conn, group, topic, partition, resumed_from)
+    continuity = None
+    if gaps is not None:
+        gaps.find(conn, group, topic, partition, (), windows.watermark_us)
+        gaps.receive(gaps.send(conn, topic, partition))
+        continuity = gaps.snapshot
     merged = write_candles(conn, emission.candles, topic, partition)
-    write_progress(conn, group, topic, partition, resumed_from, windows)
+    write_progress(conn, group, topic, partition, resumed_from, windows, continuity=continuity)
     return merged
 
 
-class BatchWriting:
+class BatchWriting(GapWatch):
     """The stream worker's batches in flight (part of ``StreamWorker``): handed to the writers,
     written and committed in order, drained on a failure, a rebalance or the stop."""
 
@@ -271,9 +292,12 @@ class BatchWriting:
         for batch in batches:
             batch.resumed_from = self.partitions[batch.partition].stored_offset
         windows = [self.partitions[batch.partition].windows for batch in batches]
+        checks = [self._gap_check(batch.partition) for batch in batches]
         loop = asyncio.get_running_loop()
         try:
-            results = await asyncio.to_thread(self._write, conn, batches, windows, now_us, loop)
+            results = await asyncio.to_thread(
+                self._write, conn, batches, list(zip(windows, checks, strict=True)), now_us, loop
+            )
         except Fenced as exc:
             await asyncio.to_thread(conn.rollback)
             log.warning("partition moved to another worker: dropping it", reason=str(exc))
@@ -295,13 +319,15 @@ class BatchWriting:
                 state.reset_id = None
             metrics.account(self.summary, batch, result, self.wall_clock() - fetched_at)
             metrics.set_gauges(batch.partition, state, self.wall_clock())
+            if result.gaps is not None:
+                self._gaps_committed(batch.partition, result.gaps)
         await self._commit_kafka_offsets(batches)
 
     def _write(
         self,
         conn: psycopg.Connection,
         batches: list[PartitionBatch],
-        windows: list[PartitionWindows],
+        windows: list[tuple[PartitionWindows, GapCheck]],
         now_us: int,
         loop: asyncio.AbstractEventLoop,
     ) -> list[tuple[PartitionBatch, BatchResult]]:
@@ -319,15 +345,15 @@ class BatchWriting:
         ``PARSE_CHUNK`` messages), which the writers would spend idle.
         """
         results = [
-            (batch, apply_batch(conn, self.group, self.topic, batch, w, now_us))
-            for batch, w in zip(batches, windows, strict=True)
+            (batch, apply_batch(conn, self.group, self.topic, batch, w, now_us, gaps))
+            for batch, (w, gaps) in zip(batches, windows, strict=True)
         ]
         outputs = self._outputs
         produced = [asyncio.run_coroutine_threadsafe(outputs.send_late_and_invalid(results), loop)]
         try:
             candles = [c for _, result in results for c in result.emission.candles]
             cur = None
-            for n, ((batch, result), w) in enumerate(zip(results, windows, strict=True)):
+            for n, ((batch, result), (w, _)) in enumerate(zip(results, windows, strict=True)):
                 last = n == len(results) - 1
                 merge = candles if last else ()
                 cur = record_batch(conn, self.group, self.topic, batch, w, result, merge)

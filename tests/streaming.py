@@ -32,6 +32,7 @@ STREAM_TABLES = (
     "candle_mismatches",
     "dq_reports",
     "offset_resets",
+    "trade_gaps",
 )
 
 

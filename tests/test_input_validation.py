@@ -114,6 +114,7 @@ def test_load_keeps_the_good_lines_and_names_each_bad_one_by_its_line_in_the_fil
         "duplicates": 0,
         "conflicting": 0,
         "invalid": len(bad_at),
+        "gaps_filled": 0,
     }
     with db.connect(url) as conn:
         stored = {r[0] for r in conn.execute("SELECT trade_id FROM trades")}

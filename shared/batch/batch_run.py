@@ -146,7 +146,7 @@ def verify_step(url: str, settings: Settings, start, end) -> dict:
 
     start, end = parse_period(start, end)
     with db.connect(url) as conn:
-        found = find_gaps(conn, start, end, settings.consecutive_ids)
+        found = find_gaps(conn, start, end, settings.consecutive_exchanges)
         conn.commit()
         silent = [(s["exchange"], s["symbol"]) for s in silent_symbols(conn, settings, start, end)]
         conn.commit()  # no transaction open while the venues are asked
@@ -182,7 +182,7 @@ def _period_facts(conn, settings: Settings, start, end) -> dict:
     silent expected symbols, the feeds' reconnects."""
     from shared.batch.expected import silent_symbols
     from shared.store.feed_reconnects import reconnects_between
-    from shared.store.trade_gaps import gaps_meeting
+    from shared.store.trade_gaps import gaps_between
 
     def iso(row: dict) -> dict:
         return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
@@ -192,7 +192,7 @@ def _period_facts(conn, settings: Settings, start, end) -> dict:
             missing=g["last_missing_id"] - g["first_missing_id"] + 1,
             **{k: v for k, v in iso(g).items() if k in TradeGap.__struct_fields__},
         )
-        for g in gaps_meeting(conn, start, end)
+        for g in gaps_between(conn, start, end)
     ]
     return {
         "trade_gaps": gaps,

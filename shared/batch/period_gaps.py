@@ -7,8 +7,8 @@ stored: among the ids of the trades of ``[start, end)``, and between the period'
 and the stored trade just before it (by id: a feed that was down across the period's start).
 A hole after the period's last trade is the next period's to find. A symbol's first trade ever
 has nothing before it: no gap. Holes go to ``trade_gaps`` (``detected_by = 'batch'``; a hole the
-stream already recorded is that row); rows whose trades have all been stored since (a late
-copy, a ``load``) are closed.
+stream already recorded is that row, through ``shared.store.trade_gaps``, which checks every
+hole against the stored trades and the recorded gaps once more).
 
 The trades never travel into Python: one statement walks each symbol's ids in key order.
 """
@@ -19,8 +19,9 @@ from datetime import datetime
 
 import psycopg
 
+from shared.core.continuity import Gap
 from shared.core.trades import datetime_to_ts
-from shared.store.trade_gaps import close_stored, gaps_meeting, record_gaps
+from shared.store import trade_gaps
 
 _HOLES = """
 WITH period AS (
@@ -51,19 +52,21 @@ ORDER BY 1, 2, 3
 def find_gaps(
     conn: psycopg.Connection, start: datetime, end: datetime, exchanges: frozenset[str]
 ) -> dict[str, int]:
-    """Find and record the period's holes; close rows filled since. Returns ``{"found": n,
-    "new": n, "closed": n}`` (``new``: not recorded before, by the stream or an earlier run)."""
-    holes = conn.execute(
-        _HOLES, {"start": start, "end": end, "exchanges": sorted(exchanges)}
-    ).fetchall()
-    new = record_gaps(conn, holes, "batch")
-    closed = close_stored(conn, start, end)
-    return {"found": len(holes), "new": new, "closed": closed}
+    """Find and record the period's holes. Returns ``{"found": n, "new": n}`` (``new``: not
+    recorded before, by the stream or an earlier run)."""
+    holes = [
+        Gap(exchange, symbol, first, last, datetime_to_ts(before), datetime_to_ts(after))
+        for exchange, symbol, first, last, before, after in conn.execute(
+            _HOLES, {"start": start, "end": end, "exchanges": sorted(exchanges)}
+        ).fetchall()
+    ]
+    recorded = trade_gaps.gaps_of(trade_gaps.record_gaps(conn, holes, detected_by="batch"))
+    return {"found": len(holes), "new": len(recorded)}
 
 
 def open_gaps(conn: psycopg.Connection, start: datetime, end: datetime) -> list[dict]:
     """The open ``trade_gaps`` rows whose missing trades may lie in ``[start, end)``."""
-    return gaps_meeting(conn, start, end, open_only=True)
+    return trade_gaps.open_gaps(conn, start, end)
 
 
 def missing_in(gaps: list[dict], exchange: str, symbol: str, start_us: int, end_us: int) -> int:

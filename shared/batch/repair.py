@@ -23,8 +23,9 @@ import psycopg
 from shared.batch.period_gaps import open_gaps
 from shared.batch.venues import Venue, VenueError, VenueUnavailable, venue_for
 from shared.config import Settings
-from shared.core.trades import Trade, datetime_to_ts, ts_to_datetime
-from shared.store.trade_gaps import leave_open, mark_repaired, narrow_repaired
+from shared.core.continuity import Gap
+from shared.core.trades import Trade, datetime_to_ts
+from shared.store.trade_gaps import gaps_of, mark_filled, narrow_open, note_open
 from shared.store.trade_staging import Source
 from shared.store.trade_store import store_trades
 
@@ -66,7 +67,7 @@ def repair_gaps(
                 except VenueError as exc:
                     reason = str(exc)
             if reason is not None:
-                leave_open(conn, gap["id"], reason)
+                note_open(conn, gap["id"], reason)
                 conn.commit()
                 out["left_open"].append(_left(gap, gap["first_missing_id"], reason))
                 continue
@@ -74,14 +75,16 @@ def repair_gaps(
             out["fetched"] += len(fetched.trades)
             out["stored"] += len(stored.new)
             if not fetched.missing_ids:
-                mark_repaired(conn, gap["id"])
-                out["filled"] += 1
+                filled = mark_filled(conn, "repair", [(exchange, gap["symbol"])])
+                out["filled"] += len(gaps_of(filled))
             elif fetched.trades:
                 runs = _runs(gap, fetched.missing_ids, fetched.trades)
-                narrow_repaired(conn, gap, runs, fetched.reason)
-                out["left_open"] += [_left(gap, a, fetched.reason, b) for a, b, _, _ in runs]
+                narrow_open(conn, gap, runs, fetched.reason)
+                out["left_open"] += [
+                    _left(gap, r.first_missing_id, fetched.reason, r.last_missing_id) for r in runs
+                ]
             else:
-                leave_open(conn, gap["id"], fetched.reason)
+                note_open(conn, gap["id"], fetched.reason)
                 out["left_open"].append(_left(gap, gap["first_missing_id"], fetched.reason))
             conn.commit()
     finally:
@@ -101,15 +104,17 @@ def _left(gap: dict, first: int, reason: str, last: int | None = None) -> dict:
     }
 
 
-def _runs(gap: dict, missing: list[int], served: list[Trade]) -> list[tuple]:
-    """The runs of ids still missing, ``(first, last, before_ts, after_ts)``: the times of the
-    trades on either side (served now, or the hole's own neighbours)."""
-    ts = {t.trade_id: ts_to_datetime(t.ts_us) for t in served}
-    ts[gap["first_missing_id"] - 1] = gap["before_ts"]
-    ts[gap["last_missing_id"] + 1] = gap["after_ts"]
+def _runs(gap: dict, missing: list[int], served: list[Trade]) -> list[Gap]:
+    """The runs of ids still missing, with the times of the trades on either side (served
+    now, or the gap's own neighbours)."""
+    ts = {t.trade_id: t.ts_us for t in served}
+    ts[gap["first_missing_id"] - 1] = datetime_to_ts(gap["before_ts"])
+    ts[gap["last_missing_id"] + 1] = datetime_to_ts(gap["after_ts"])
     runs, first = [], missing[0]
     for prev, current in zip(missing, [*missing[1:], None], strict=True):
         if current != prev + 1:
-            runs.append((first, prev, ts[first - 1], ts[prev + 1]))
+            runs.append(
+                Gap(gap["exchange"], gap["symbol"], first, prev, ts[first - 1], ts[prev + 1])
+            )
             first = current
     return runs

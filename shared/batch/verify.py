@@ -74,12 +74,13 @@ def verify_period(
     span = (min(r.first_start for r in ranges), max(r.last_end for r in ranges)) if ranges else None
     symbols = _period_symbols(conn, span) | set(silent) if span else set()
     fetched, reasons, problems = _fetch(settings, symbols, ranges, make_venue)
+    gaps = open_gaps(conn, *span) if span else []
     with conn.transaction():
         table_ranges = [(r.interval.name, r.first_start, r.last_end) for r in ranges]
         replace_exchange_candles(
             conn, table_ranges, (_row(c) for cs in fetched.values() for c in cs)
         )
-        rows = _verdicts(conn, ranges, fetched, reasons, open_gaps(conn, *span) if span else [])
+        rows = _verdicts(conn, ranges, fetched, reasons, gaps)
         replace_verifications(conn, table_ranges, rows)
     by_interval = {r.interval.name: dict.fromkeys(VERDICTS, 0) for r in ranges}
     for row in rows:

@@ -86,6 +86,8 @@ class StoredProgress:
     last_digest: int | None = None
     #: An ``offset_resets`` row (policy earliest) that no trade has been read after yet.
     pending_reset: int | None = None
+    #: The partition's trade-id continuity (``IdContinuity.snapshot()``; None: none yet).
+    continuity_state: dict | None = None
 
 
 def load_progress(
@@ -94,8 +96,9 @@ def load_progress(
     row = conn.execute(
         "SELECT next_offset, window_state, last_digest, (SELECT max(id) FROM offset_resets r"
         "  WHERE r.consumer_group = p.consumer_group AND r.topic = p.topic"
-        "  AND r.partition = p.partition AND r.policy = 'earliest' AND r.resumed_at IS NULL)"
-        " FROM stream_progress p WHERE consumer_group = %s AND topic = %s AND partition = %s",
+        "  AND r.partition = p.partition AND r.policy = 'earliest' AND r.resumed_at IS NULL),"
+        " continuity_state FROM stream_progress p"
+        " WHERE consumer_group = %s AND topic = %s AND partition = %s",
         (group, topic, partition),
     ).fetchone()
     conn.rollback()
@@ -146,17 +149,19 @@ def write_progress(
     late: int = 0,
     snapshot: dict | None = None,
     last_digest: int | None = None,
+    continuity: dict | None = None,
 ) -> None:
     """Upsert the partition's progress row; ``snapshot``: ``windows.snapshot()`` if already
-    taken; ``last_digest``: that of the message before ``next_offset`` (None: unchanged)."""
+    taken; ``last_digest``: that of the message before ``next_offset`` (None: unchanged);
+    ``continuity``: the partition's ``IdContinuity.snapshot()`` (None: unchanged)."""
     clock = windows.clock
     watermark = None if clock.watermark_us is None else ts_to_datetime(clock.watermark_us)
     max_ts = None if clock.max_ts_us is None else ts_to_datetime(clock.max_ts_us)
     conn.execute(
         "INSERT INTO stream_progress (consumer_group, topic, partition, next_offset, watermark,"
         " max_trade_ts, window_state, consumed, stored, duplicates, conflicting, invalid, late,"
-        " last_digest)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " last_digest, continuity_state)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET"
         " next_offset = EXCLUDED.next_offset, watermark = EXCLUDED.watermark,"
         " max_trade_ts = EXCLUDED.max_trade_ts, window_state = EXCLUDED.window_state,"
@@ -167,6 +172,8 @@ def write_progress(
         " invalid = stream_progress.invalid + EXCLUDED.invalid,"
         " late = stream_progress.late + EXCLUDED.late,"
         " last_digest = coalesce(EXCLUDED.last_digest, stream_progress.last_digest),"
+        " continuity_state = coalesce(EXCLUDED.continuity_state,"
+        "  stream_progress.continuity_state),"
         " updated_at = now()",
         (
             group,
@@ -183,8 +190,23 @@ def write_progress(
             invalid,
             late,
             last_digest,
+            None if continuity is None else Jsonb(continuity),
         ),
     )
+
+
+def least_other_watermark(
+    conn: psycopg.Connection, group: str, topic: str, partition: int, partitions: list[int]
+) -> datetime | None:
+    """The least committed watermark of the topic's other ``partitions`` that have one (None:
+    none has): a symbol's trades may arrive on several partitions (SPEC §4), and one whose
+    watermark has passed a time has committed every on-time trade before it."""
+    row = conn.execute(
+        "SELECT min(watermark) FROM stream_progress WHERE consumer_group = %s AND topic = %s"
+        " AND partition <> %s AND partition = ANY(%s) AND watermark IS NOT NULL",
+        (group, topic, partition, partitions),
+    ).fetchone()
+    return row[0]
 
 
 @dataclass

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    Computed,
     DateTime,
     Identity,
     Index,
@@ -239,7 +240,52 @@ stream_progress = Table(
     # CRC-32 of the key and value of the message before next_offset: a log replaced by another
     # (broker storage lost, topic recreated) has another message there.
     Column("last_digest", BigInteger),
+    # The partition's trade-id continuity (``shared.core.continuity``), committed with its
+    # offsets and window state (migration 0007; NULL before).
+    Column("continuity_state", JSONB),
     PrimaryKeyConstraint("consumer_group", "topic", "partition", name="stream_progress_pkey"),
+)
+
+#: Runs of trade ids never delivered, at venues whose ids are consecutive (SPEC §4, §6.1):
+#: recorded by the stream (with its topic and partition) or the batch side, one row per run
+#: (the ids are the key); filled once every id is stored (``filled_by``: stream, load, repair),
+#: or left open with a ``note`` saying why. Written by ``shared.store.trade_gaps`` only.
+trade_gaps = Table(
+    "trade_gaps",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("exchange", Text, nullable=False),
+    Column("symbol", Text, nullable=False),
+    Column("first_missing_id", BigInteger, nullable=False),
+    Column("last_missing_id", BigInteger, nullable=False),
+    Column(
+        "missing_count",
+        BigInteger,
+        Computed("last_missing_id - first_missing_id + 1", persisted=True),
+    ),
+    # The timestamps of the trades on either side: the missing ones lie in between.
+    _ts("before_ts"),
+    _ts("after_ts"),
+    Column("detected_by", Text, nullable=False),
+    Column("topic", Text),
+    Column("partition", Integer),
+    _ts("detected_at", server_default=func.now()),
+    _ts("filled_at", nullable=True),
+    Column("filled_by", Text),
+    Column("note", Text),
+    UniqueConstraint(
+        "exchange", "symbol", "first_missing_id", "last_missing_id", name="trade_gaps_ids_key"
+    ),
+    CheckConstraint("first_missing_id <= last_missing_id", name="trade_gaps_ids_check"),
+    CheckConstraint("detected_by IN ('stream', 'batch')", name="trade_gaps_detected_by_check"),
+    Index(
+        "trade_gaps_open_idx",
+        "exchange",
+        "symbol",
+        "first_missing_id",
+        postgresql_where=text("filled_at IS NULL"),
+    ),
+    Index("trade_gaps_after_ts_idx", "after_ts"),
 )
 
 offset_resets = Table(

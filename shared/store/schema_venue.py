@@ -17,36 +17,12 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
-    UniqueConstraint,
     func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
 from shared.store.schema import _ts, metadata
-
-#: PLACEHOLDER (branch ``gaps`` owns this table: its migration 0007); ``detected_by``,
-#: ``filled_by`` and ``note`` come from migration 0008.
-trade_gaps = Table(
-    "trade_gaps",
-    metadata,
-    Column("id", BigInteger, Identity(), primary_key=True),
-    Column("exchange", Text, nullable=False),
-    Column("symbol", Text, nullable=False),
-    Column("first_missing_id", BigInteger, nullable=False),
-    Column("last_missing_id", BigInteger, nullable=False),
-    _ts("before_ts"),
-    _ts("after_ts"),
-    _ts("detected_at", server_default=func.now()),
-    _ts("filled_at", nullable=True),
-    # stream (live), batch (from the stored trades) or repair (ids a repair could not fill).
-    Column("detected_by", Text),
-    # repair, or stored (the trades came in another way: a late copy, a load).
-    Column("filled_by", Text),
-    # Why a repair left the gap open (the venue no longer serves those ids, …).
-    Column("note", Text),
-    UniqueConstraint("exchange", "symbol", "first_missing_id", name="trade_gaps_hole_key"),
-)
 
 #: The venue's own closed candles of a period, replaced by each run of the period: quote and
 #: taker-buy volumes where the venue publishes them (Binance), ``vwap`` where it does (Kraken,

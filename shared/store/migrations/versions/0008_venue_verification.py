@@ -1,5 +1,5 @@
-"""Truth against the venue (SPEC §6.1): ``exchange_candles``, ``candle_verifications``,
-``feed_reconnects``, and who found and who filled each ``trade_gaps`` row.
+"""Truth against the venue (SPEC §6.1): ``exchange_candles``, ``candle_verifications`` and
+``feed_reconnects``.
 
 - ``exchange_candles``: the venue's own closed candles of a period (candle key + the venue's
   fields: quote and taker-buy volumes where it gives them, Binance; ``vwap`` where it gives it,
@@ -9,12 +9,7 @@
   the period's gaps may hold in the window, and why a candle is unverified.
 - ``feed_reconnects``: a feed's reconnects, per symbol: the last trade id before and the first
   after (the feeds record them; the report shows the period's).
-- ``trade_gaps``: ``detected_by`` (``stream`` live, ``batch`` from the stored trades, ``repair``
-  what a repair could not fill), ``filled_by`` (``repair``, or ``stored`` when the trades came
-  in another way) and ``note`` (why a repair left it open). ``IF NOT EXISTS``: the stream's
-  migration may already have some of these.
-
-New tables and nullable columns: quick on any size of database.
+New tables: quick on any size of database.
 
 Revision ID: 0008
 Revises: 0007
@@ -85,15 +80,9 @@ def upgrade() -> None:
     op.execute(
         "CREATE INDEX feed_reconnects_disconnected_at_idx ON feed_reconnects (disconnected_at)"
     )
-    op.execute("ALTER TABLE trade_gaps ADD COLUMN IF NOT EXISTS detected_by text")
-    op.execute("ALTER TABLE trade_gaps ADD COLUMN IF NOT EXISTS filled_by text")
-    op.execute("ALTER TABLE trade_gaps ADD COLUMN IF NOT EXISTS note text")
 
 
 def downgrade() -> None:
-    op.execute("ALTER TABLE trade_gaps DROP COLUMN note")
-    op.execute("ALTER TABLE trade_gaps DROP COLUMN filled_by")
-    op.execute("ALTER TABLE trade_gaps DROP COLUMN detected_by")
     op.execute("DROP TABLE feed_reconnects")
     op.execute("DROP TABLE candle_verifications")
     op.execute("DROP TABLE exchange_candles")
