@@ -248,3 +248,71 @@ def test_an_exchange_without_a_venue_module_is_unverified_without_a_warning(url,
     assert {v[3] for v in verdicts(url).values()} == {
         "candlekeep has no venue module for exchange 'sim': its candles are not checked"
     }
+
+
+# -- end to end: feed → broker → stream → reconcile → repair ---------------------------------------
+
+#: The recorded trades from 18:5x to 20:02 (past the hour, so that the stream closes it), as
+#: Kraken's WebSocket v2 frames; the connection drops before trade 10218571 and LOST are lost.
+FRAMES = slice(290, 417)
+
+
+@pytest.mark.parametrize("_", [None], ids=["kraken"])
+def test_a_dropped_feed_connection_is_a_gap_that_repair_makes_verified(
+    _, database_url, kafka_bootstrap, settings, replay, monkeypatch
+):
+    import asyncio
+
+    from candlekeep.venue_replay import Recording
+    from stream.worker import StreamWorker
+
+    from .streaming import reset_tables, stream_settings
+    from .test_feeds import feed
+
+    reset_tables(database_url)
+    recording = load_recordings()["kraken"]
+    frames = recording.frames[FRAMES]
+    rows = recording.trades["XBTUSDT"][FRAMES]
+    drop = next(n for n, r in enumerate(rows) if r[6] == LOST[0])
+    live = stream_settings(intervals="1m")
+    with VenueReplay(
+        {"kraken": Recording(frames=frames)}, Faults(drop_after=drop, skip=len(LOST))
+    ) as ws:
+        result = feed(
+            kafka_bootstrap,
+            live.topic_trades,
+            "kraken",
+            "--symbols",
+            "XBT/USDT",
+            "--url",
+            ws.ws_url("kraken"),
+            "--max-trades",
+            str(len(frames) - len(LOST)),
+        )
+    assert result.exit_code == 0, result.output
+    asyncio.run(StreamWorker(live, database_url, kafka_bootstrap, exit_when_idle_s=3).run())
+
+    # The stream found the hole live; the batch run finds the same one: exactly the lost ids.
+    for name in ("TOPIC_TRADES", "CONSUMER_GROUP"):
+        monkeypatch.setenv(f"CANDLEKEEP_{name}", getattr(live, name.lower()))
+    checked = Settings()
+    summary = batch_run.run_period(database_url, checked, *HOUR)
+    assert [(g[0], g[1], g[4]) for g in gaps(database_url)] == [(LOST[0], LOST[-1], True)]
+    found = verdicts(database_url)
+    assert found[LOST_MINUTE][0] == "gap" and found[LOST_MINUTE][2] == len(LOST)
+    assert {v[0] for k, v in found.items() if k != LOST_MINUTE} == {"verified"}
+    assert summary.counts["match"] == len(found) and summary.status == "warn"
+
+    before = len(replay.requests)
+    repaired = batch_run.repair_period(database_url, checked, *HOUR)
+    assert len(requests_to(replay, "/0/public/Trades", before)) == 1
+    assert (repaired.repair.fetched, repaired.repair.stored) == (len(LOST), len(LOST))
+    assert verdicts(database_url)[LOST_MINUTE][0] == "verified"
+    assert repaired.venue.counts["verified"] == len(found)
+    # The stream never had the lost trades: stream and batch now differ by exactly them.
+    assert repaired.counts["repaired"] == 1 and repaired.counts["unexplained"] == 0
+    assert repaired.status == "pass", repaired.reasons
+
+    before = len(replay.requests)
+    again = batch_run.repair_period(database_url, checked, *HOUR)
+    assert requests_to(replay, "/0/public/Trades", before) == [] and again.repair.stored == 0

@@ -6,6 +6,10 @@ For every candle key a run owns (see ``shared.batch.recompute.owned_windows``), 
 - ``missing_in_batch``: a stream candle and no stored trade behind it;
 - ``late``: they differ, and recomputing the window from its trades *without the late ones*
   gives exactly the stream's candle (or, where every trade of the window was late, no candle);
+- ``repaired``: they differ, and recomputing the window without the trades a repair fetched
+  from the venue (the ids of ``trade_gaps`` rows filled by ``repair``: trades the feed never
+  delivered, so the stream never had them), and without its late ones, gives exactly the
+  stream's candle (or no candle, where the stream has none);
 - ``missing_in_stream``: a batch candle, no stream candle, and late trades do not explain it;
 - ``unexplained``: any other difference: a bug or lost data.
 
@@ -68,7 +72,7 @@ def _windows_sql(start: datetime, end: datetime, intervals: IntervalSet) -> tupl
     for n, window_range in enumerate(ranges):
         params[f"name{n}"] = window_range.interval.name
         params[f"len{n}"] = timedelta(microseconds=window_range.interval.length_us)
-        merged = rollup(f"%(len{n})s", "states", sums=("late_trades",))
+        merged = rollup(f"%(len{n})s", "states", sums=("late_trades", "repaired_trades"))
         selects.append(f"SELECT %(name{n})s::text AS interval, r.* FROM ({merged}) AS r")
     return " UNION ALL ".join(selects), params
 
@@ -103,12 +107,17 @@ _LATE = (
     "EXISTS (SELECT 1 FROM late_trades AS l WHERE l.exchange = t.exchange"
     " AND l.symbol = t.symbol AND l.trade_id = t.trade_id AND l.ts = t.ts)"
 )
+_REPAIRED = (
+    "EXISTS (SELECT 1 FROM trade_gaps AS g WHERE g.exchange = t.exchange"
+    " AND g.symbol = t.symbol AND g.filled_by = 'repair'"
+    " AND t.trade_id BETWEEN g.first_missing_id AND g.last_missing_id)"
+)
 _DIFFERING = "(t.exchange, t.symbol) IN (SELECT exchange, symbol FROM differing)"
 _STATE_NULLS = ", ".join(f"NULL AS {col}" for col in STATE)
 _WITHOUT_LATE = f"""
 CREATE TEMP TABLE reconcile_without_late ON COMMIT DROP AS
 WITH differing AS (SELECT DISTINCT exchange, symbol FROM reconcile_pairs WHERE NOT equal),
-{base_fold(scan=_DIFFERING, kept="NOT " + _LATE)},
+{base_fold(scan=_DIFFERING, kept=f"NOT {_LATE} AND NOT {_REPAIRED}")},
 late AS (
     SELECT l.exchange, l.symbol, date_bin(%(base_len)s, l.ts, timestamptz 'epoch') AS window_start,
            count(*) AS late_trades
@@ -119,14 +128,24 @@ late AS (
                   AND t.symbol = l.symbol AND t.trade_id = l.trade_id AND t.ts = l.ts)
     GROUP BY 1, 2, 3
 ),
+repaired AS (
+    SELECT t.exchange, t.symbol, date_bin(%(base_len)s, t.ts, timestamptz 'epoch') AS window_start,
+           count(*) AS repaired_trades
+    FROM trades AS t
+    WHERE t.ts >= %(scan_start)s AND t.ts < %(scan_end)s AND {_DIFFERING} AND {_REPAIRED}
+    GROUP BY 1, 2, 3
+),
 states AS (
-    SELECT exchange, symbol, window_start, {", ".join(STATE)}, 0 AS late_trades FROM base
+    SELECT exchange, symbol, window_start, {", ".join(STATE)}, 0 AS late_trades,
+           0 AS repaired_trades FROM base
     UNION ALL
-    SELECT exchange, symbol, window_start, {_STATE_NULLS}, late_trades FROM late
+    SELECT exchange, symbol, window_start, {_STATE_NULLS}, late_trades, 0 FROM late
+    UNION ALL
+    SELECT exchange, symbol, window_start, {_STATE_NULLS}, 0, repaired_trades FROM repaired
 ),
 windows AS ({{windows}})
 SELECT p.exchange, p.symbol, p.interval, p.window_start, x.first IS NOT NULL AS on_time,
-       x.late_trades, {candle_columns()}
+       x.late_trades, x.repaired_trades, {candle_columns()}
 FROM reconcile_pairs p
 JOIN windows x USING (exchange, symbol, interval, window_start)
 WHERE NOT p.equal
@@ -138,10 +157,10 @@ SELECT p.exchange, p.symbol, p.interval, p.window_start, coalesce(w.late_trades,
        CASE
            WHEN p.equal AND p.in_batch AND p.in_stream THEN 'match'
            WHEN p.in_stream AND NOT p.in_batch THEN 'missing_in_batch'
-           WHEN w.late_trades > 0 AND (
+           WHEN (w.late_trades > 0 OR w.repaired_trades > 0) AND (
                 (NOT w.on_time AND NOT p.in_stream)
                 OR (w.on_time AND p.in_stream AND {same_ws})
-           ) THEN 'late'
+           ) THEN CASE WHEN w.repaired_trades > 0 THEN 'repaired' ELSE 'late' END
            WHEN NOT p.in_stream THEN 'missing_in_stream'
            ELSE 'unexplained'
        END AS kind

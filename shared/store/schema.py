@@ -47,7 +47,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 metadata = MetaData()
 
 
-MISMATCH_KINDS = ("late", "missing_in_stream", "missing_in_batch", "unexplained")
+MISMATCH_KINDS = ("late", "repaired", "missing_in_stream", "missing_in_batch", "unexplained")
 
 
 def _ts(name: str, nullable: bool = False, **kw) -> Column:
@@ -338,7 +338,7 @@ candle_mismatches = Table(
         "exchange", "symbol", "interval", "window_start", name="candle_mismatches_pkey"
     ),
     CheckConstraint(
-        "kind IN ('late', 'missing_in_stream', 'missing_in_batch', 'unexplained')",
+        "kind IN ('late', 'repaired', 'missing_in_stream', 'missing_in_batch', 'unexplained')",
         name="candle_mismatches_kind_check",
     ),
 )

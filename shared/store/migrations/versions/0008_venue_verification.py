@@ -9,7 +9,10 @@
   the period's gaps may hold in the window, and why a candle is unverified.
 - ``feed_reconnects``: a feed's reconnects, per symbol: the last trade id before and the first
   after (the feeds record them; the report shows the period's).
-New tables: quick on any size of database.
+- ``candle_mismatches.kind`` may also be ``repaired``: stream and batch differ by trades a
+  repair fetched from the venue (the feed never delivered them, so the stream never had them).
+
+New tables and a check constraint: quick on any size of database.
 
 Revision ID: 0008
 Revises: 0007
@@ -81,8 +84,20 @@ def upgrade() -> None:
         "CREATE INDEX feed_reconnects_disconnected_at_idx ON feed_reconnects (disconnected_at)"
     )
 
+    op.execute("ALTER TABLE candle_mismatches DROP CONSTRAINT candle_mismatches_kind_check")
+    op.execute(
+        "ALTER TABLE candle_mismatches ADD CONSTRAINT candle_mismatches_kind_check CHECK (kind IN"
+        " ('late', 'repaired', 'missing_in_stream', 'missing_in_batch', 'unexplained'))"
+    )
+
 
 def downgrade() -> None:
+    op.execute("DELETE FROM candle_mismatches WHERE kind = 'repaired'")
+    op.execute("ALTER TABLE candle_mismatches DROP CONSTRAINT candle_mismatches_kind_check")
+    op.execute(
+        "ALTER TABLE candle_mismatches ADD CONSTRAINT candle_mismatches_kind_check CHECK (kind IN"
+        " ('late', 'missing_in_stream', 'missing_in_batch', 'unexplained'))"
+    )
     op.execute("DROP TABLE feed_reconnects")
     op.execute("DROP TABLE candle_verifications")
     op.execute("DROP TABLE exchange_candles")
