@@ -316,3 +316,58 @@ def test_a_dropped_feed_connection_is_a_gap_that_repair_makes_verified(
     before = len(replay.requests)
     again = batch_run.repair_period(database_url, checked, *HOUR)
     assert requests_to(replay, "/0/public/Trades", before) == [] and again.repair.stored == 0
+
+
+# -- Binance spot (recorded trades and hourly klines, tests/data/venues/binance) ---------------
+
+
+def test_binance_gap_is_repaired_by_id_and_an_open_kline_is_not_a_candle(
+    url, settings, replay, monkeypatch
+):
+    from shared.batch.venues.binance import trade_from_row as binance_trade
+
+    monkeypatch.setenv("CANDLEKEEP_BINANCE_REST_URL", replay.rest_url("binance"))
+    monkeypatch.setenv("CANDLEKEEP_INTERVALS", "1h")  # the recording has Binance's 1h klines
+    checked = Settings()
+    rows = json.loads((DATA.parent / "binance" / "trades_BTCUSDT.json").read_text())
+    trades = [binance_trade(r, "binance", "BTCUSDT") for r in rows]
+    lost = range(499110500, 499110505)
+    store(url, [t for t in trades if t.trade_id not in lost])
+    hour = ("2020-12-06T17:00:00Z", "2020-12-06T18:00:00Z")
+    summary = batch_run.run_period(url, checked, *hour)
+    assert gaps(url) == [(lost[0], lost[-1], "batch", None, True)]
+    # The 17:00 kline was still open at the venue's clock (the answer's Date, 17:55:16): only
+    # closed candles are the venue's word, so the hour is not verified, and the report says so.
+    [(verdict, _, _, reason)] = verdicts(url).values()
+    assert verdict == "unverified" and reason == "binance has no candle for this window"
+    assert summary.status == "warn"
+    assert any("no candle for 1 window(s)" in r for r in summary.reasons)
+
+    before = len(replay.requests)
+    repaired = batch_run.repair_period(url, checked, *hour)
+    asked = [p for where, p, _ in replay.requests[before:] if where.endswith("historicalTrades")]
+    assert asked == [{"symbol": "BTCUSDT", "fromId": str(lost[0]), "limit": str(len(lost))}]
+    assert (repaired.repair.stored, repaired.repair.filled) == (len(lost), 1)
+    assert gaps(url) == [(lost[0], lost[-1], "batch", "repair", False)]
+    before = len(replay.requests)
+    batch_run.repair_period(url, checked, *hour)
+    assert not [w for w, _, _ in replay.requests[before:] if w.endswith("historicalTrades")]
+
+
+def test_a_venue_candle_before_the_first_stored_trade_is_unverified_not_a_mismatch(
+    url, settings, replay, monkeypatch
+):
+    from shared.batch.venues.binance import trade_from_row as binance_trade
+
+    monkeypatch.setenv("CANDLEKEEP_BINANCE_REST_URL", replay.rest_url("binance"))
+    monkeypatch.setenv("CANDLEKEEP_INTERVALS", "1h")
+    monkeypatch.setenv("CANDLEKEEP_EXPECTED_SYMBOLS", "binance:BTCUSDT")
+    rows = json.loads((DATA.parent / "binance" / "trades_BTCUSDT.json").read_text())
+    store(url, [binance_trade(r, "binance", "BTCUSDT") for r in rows])
+    # 16:00 traded at Binance (its closed kline), before candlekeep's first trade (17:52): the
+    # feed had not started, so no trade of that hour is expected to be stored.
+    summary = batch_run.run_period(url, Settings(), "2020-12-06T16:00Z", "2020-12-06T17:00Z")
+    [(verdict, _, _, reason)] = verdicts(url).values()
+    assert verdict == "unverified" and "before candlekeep's first stored trade" in reason
+    assert summary.venue.problems == [] and not any("venue" in r for r in summary.reasons)
+    assert any("binance:BTCUSDT expected but has no trade" in r for r in summary.reasons)
