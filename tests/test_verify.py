@@ -371,3 +371,70 @@ def test_a_venue_candle_before_the_first_stored_trade_is_unverified_not_a_mismat
     assert verdict == "unverified" and "before candlekeep's first stored trade" in reason
     assert summary.venue.problems == [] and not any("venue" in r for r in summary.reasons)
     assert any("binance:BTCUSDT expected but has no trade" in r for r in summary.reasons)
+
+
+def test_ids_the_venue_no_longer_serves_stay_open_with_the_reason(url, settings, monkeypatch):
+    from candlekeep.venue_replay import Recording
+    from shared.batch.venues.binance import trade_from_row as binance_trade
+
+    recorded = load_recordings()["binance"]
+    rows = recorded.trades["BTCUSDT"]
+    lost = range(499110500, 499110506)
+    gone = {499110502, 499110503}  # the venue no longer serves these two (withheld rows)
+    served = Recording(
+        klines=recorded.klines,
+        trades={"BTCUSDT": [r for r in rows if r["id"] not in gone]},
+        date=recorded.date,
+    )
+    with VenueReplay({"binance": served}) as venue:
+        monkeypatch.setenv("CANDLEKEEP_BINANCE_REST_URL", venue.rest_url("binance"))
+        monkeypatch.setenv("CANDLEKEEP_INTERVALS", "1h")
+        checked = Settings()
+        trades = [binance_trade(r, "binance", "BTCUSDT") for r in rows]
+        store(url, [t for t in trades if t.trade_id not in lost])
+        hour = ("2020-12-06T17:00:00Z", "2020-12-06T18:00:00Z")
+        repaired = batch_run.repair_period(url, checked, *hour)
+        assert (repaired.repair.fetched, repaired.repair.stored) == (4, 4)
+        assert [(o.first_missing_id, o.last_missing_id) for o in repaired.repair.left_open] == [
+            (499110502, 499110503)
+        ]
+        # The gap narrows to what is still missing, open, saying why; the report says it too.
+        with db.connect(url) as conn:
+            rows_now = conn.execute(
+                "SELECT first_missing_id, last_missing_id, filled_at IS NULL, note"
+                " FROM trade_gaps ORDER BY 1"
+            ).fetchall()
+        [(first, last, still_open, note)] = rows_now
+        assert (first, last, still_open) == (499110502, 499110503, True)
+        assert "served no trade with these ids" in note
+        assert "binance:BTCUSDT: 2 trade(s) missing in trade-id gaps still open" in (
+            repaired.reasons
+        )
+        # Asked again, the venue still does not serve them: nothing more is stored.
+        again = batch_run.repair_period(url, checked, *hour)
+        assert (again.repair.gaps, again.repair.stored, len(again.repair.left_open)) == (1, 0, 1)
+
+
+def test_reconcile_prints_the_three_way_table_and_repair_what_it_did(url, settings):
+    from click.testing import CliRunner
+
+    from candlekeep.cli import cli
+
+    store(url, [t for t in recorded_trades() if t.trade_id not in LOST])
+    env = {"DATABASE_URL": url}
+    result = CliRunner().invoke(cli, ["reconcile", "--start", HOUR[0], "--end", HOUR[1]], env=env)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(line for line in lines if "interval" in line and "verified" in line)
+    minute = next(line for line in lines if line.split()[:1] == ["1m"])
+    assert "stream vs batch" in result.output and "batch vs venue" in result.output
+    cells = dict(zip(header.split(), minute.split(), strict=True))
+    assert (cells["verified"], cells["gap"], cells["exchange_mismatch"]) == ("44", "1", "0")
+    assert cells["missing_in_stream"] == "45"  # no stream ran: every batch candle
+    result = CliRunner().invoke(cli, ["repair", "--start", HOUR[0], "--end", HOUR[1]], env=env)
+    assert result.exit_code == 0, result.output
+    assert "repair: 1 open gap(s) asked for, 1 filled, 3 trade(s) fetched, 3 stored" in (
+        result.output
+    )
+    minute = next(line for line in result.output.splitlines() if line.split()[:1] == ["1m"])
+    assert dict(zip(header.split(), minute.split(), strict=True))["verified"] == "45"

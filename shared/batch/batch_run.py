@@ -26,17 +26,8 @@ from shared.batch.quality import (
 )
 from shared.batch.recompute import recompute_batch_candles
 from shared.batch.reconcile import classify
-from shared.batch.summary import (
-    ByTable,
-    Period,
-    Reconnect,
-    Repair,
-    ReportSummary,
-    SilentSymbol,
-    StreamProgress,
-    TradeGap,
-    VenueCheck,
-)
+from shared.batch.summary import ByTable, Period, Repair, ReportSummary, StreamProgress, VenueCheck
+from shared.batch.verify import period_facts, stored_verification
 from shared.config import Settings
 from shared.core.intervals import IntervalSet
 from shared.core.trades import parse_timestamp, ts_to_datetime
@@ -177,32 +168,6 @@ def repair_step(
     return out
 
 
-def _period_facts(conn, settings: Settings, start, end) -> dict:
-    """The report's lists of the check against the venue: the gaps meeting the period, the
-    silent expected symbols, the feeds' reconnects."""
-    from shared.batch.expected import silent_symbols
-    from shared.store.feed_reconnects import reconnects_between
-    from shared.store.trade_gaps import gaps_between
-
-    def iso(row: dict) -> dict:
-        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
-
-    gaps = [
-        TradeGap(
-            missing=g["last_missing_id"] - g["first_missing_id"] + 1,
-            **{k: v for k, v in iso(g).items() if k in TradeGap.__struct_fields__},
-        )
-        for g in gaps_between(conn, start, end)
-    ]
-    return {
-        "trade_gaps": gaps,
-        "silent_symbols": [
-            SilentSymbol(**iso(s)) for s in silent_symbols(conn, settings, start, end)
-        ],
-        "reconnects": [Reconnect(**iso(r)) for r in reconnects_between(conn, start, end)],
-    }
-
-
 def checks_step(
     url: str,
     settings: Settings,
@@ -258,7 +223,7 @@ def checks_step(
             ),
             venue=msgspec.convert(verification, VenueCheck) if verification else None,
             repair=msgspec.convert(repair, Repair) if repair else None,
-            **_period_facts(conn, settings, start, end),
+            **period_facts(conn, settings, start, end),
         )
     summary.status, summary.reasons = verdict(summary, Thresholds.of(settings))
     return summary
@@ -294,13 +259,17 @@ def run_period(
 
 def repair_period(url: str, settings: Settings, start, end) -> ReportSummary:
     """``candlekeep repair``: the period's open gaps fetched from the venue and stored, then
-    the period reconciled again (recompute, reconcile, verify, report). Without open gaps, the
-    venue is not asked and nothing is stored (the period is still reported afresh)."""
+    the period reconciled again (recompute, reconcile, verify, report). The period's gaps are
+    found first, so a period never reconciled is repaired too. Without open gaps, the venue is
+    not asked for trades and nothing is stored (the period is still reported afresh)."""
+    from shared.batch.period_gaps import find_gaps
     from shared.batch.repair import repair_gaps
 
     start, end = parse_period(start, end)
     with db.connect(url) as conn:
         db.require_schema(conn, url)
+        find_gaps(conn, start, end, settings.consecutive_exchanges)  # not reconciled yet, say
+        conn.commit()
         repaired = repair_gaps(conn, settings, start, end)
     return run_period(url, settings, start, end, repair=repaired)
 
@@ -358,27 +327,8 @@ def report_summary(url: str, settings: Settings, start, end) -> ReportSummary:
         end,
         stored_counts(url, settings, start, end),
         stream,
-        stored_verification(url, settings, start, end),
+        stored_verification(url, start, end),
     )
-
-
-def stored_verification(url: str, settings: Settings, start, end) -> dict | None:
-    """Verdict counts of any range from ``candle_verifications`` as it is (``None``: none)."""
-    from shared.core.verification import VERDICTS
-
-    start, end = parse_period(start, end)
-    by_interval: dict[str, dict[str, int]] = {}
-    with db.connect(url) as conn:
-        for interval, verdict_, n in conn.execute(
-            "SELECT interval, verdict, count(*) FROM candle_verifications"
-            " WHERE window_start >= %s AND window_start < %s GROUP BY 1, 2",
-            (start, end),
-        ).fetchall():
-            by_interval.setdefault(interval, dict.fromkeys(VERDICTS, 0))[verdict_] = n
-    if not by_interval:
-        return None
-    counts = {v: sum(c[v] for c in by_interval.values()) for v in VERDICTS}
-    return {"counts": counts, "by_interval": by_interval}
 
 
 def run_period_of(params: dict | None, data_interval_start=None, data_interval_end=None):

@@ -25,12 +25,17 @@ from datetime import datetime
 
 import psycopg
 
+from shared.batch.expected import silent_symbols
 from shared.batch.period_gaps import missing_in, open_gaps
 from shared.batch.recompute import owned_windows
+from shared.batch.summary import Reconnect, SilentSymbol, TradeGap
 from shared.batch.venues import Venue, VenueCandle, VenueError, VenueUnavailable, venue_for
 from shared.config import Settings
 from shared.core.trades import datetime_to_ts, ts_to_datetime
 from shared.core.verification import VERDICTS, differences, verdict
+from shared.store import db
+from shared.store.feed_reconnects import reconnects_between
+from shared.store.trade_gaps import gaps_between
 from shared.store.venue_checks import replace_exchange_candles, replace_verifications
 
 COMPARED = (
@@ -258,3 +263,42 @@ def _first_trade_ts(conn: psycopg.Connection) -> Callable[[str, str], datetime |
         return cache[(exchange, symbol)]
 
     return first
+
+
+def period_facts(conn: psycopg.Connection, settings: Settings, start, end) -> dict:
+    """The report's lists of the check against the venue: the gaps meeting the period, the
+    silent expected symbols, the feeds' reconnects."""
+
+    def iso(row: dict) -> dict:
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+    gaps = [
+        TradeGap(
+            missing=g["last_missing_id"] - g["first_missing_id"] + 1,
+            **{k: v for k, v in iso(g).items() if k in TradeGap.__struct_fields__},
+        )
+        for g in gaps_between(conn, start, end)
+    ]
+    return {
+        "trade_gaps": gaps,
+        "silent_symbols": [
+            SilentSymbol(**iso(s)) for s in silent_symbols(conn, settings, start, end)
+        ],
+        "reconnects": [Reconnect(**iso(r)) for r in reconnects_between(conn, start, end)],
+    }
+
+
+def stored_verification(url: str, start: datetime, end: datetime) -> dict | None:
+    """Verdict counts of any range from ``candle_verifications`` as it is (``None``: none)."""
+    by_interval: dict[str, dict[str, int]] = {}
+    with db.connect(url) as conn:
+        for interval, verdict_, n in conn.execute(
+            "SELECT interval, verdict, count(*) FROM candle_verifications"
+            " WHERE window_start >= %s AND window_start < %s GROUP BY 1, 2",
+            (start, end),
+        ).fetchall():
+            by_interval.setdefault(interval, dict.fromkeys(VERDICTS, 0))[verdict_] = n
+    if not by_interval:
+        return None
+    counts = {v: sum(c[v] for c in by_interval.values()) for v in VERDICTS}
+    return {"counts": counts, "by_interval": by_interval}
