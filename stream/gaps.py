@@ -190,15 +190,17 @@ class GapWatch:
         self.open_ids = self.open_ids.changed(check.recorded, check.filled)
         account_gaps(self.summary, check, partition)
 
-    async def _refresh_gaps(self) -> None:
-        """Every ``OPEN_GAPS_REFRESH_S``: mark the gaps recorded lately that stored trades
-        fill, and re-read the open gaps' ids (under the lock, on the loop's connection)."""
+    async def _refresh_gaps(self, force: bool = False) -> None:
+        """Every ``OPEN_GAPS_REFRESH_S`` (``force``: now): mark the gaps recorded lately that
+        stored trades fill, and re-read the open gaps' ids (on the loop's connection, under the
+        lock or with nothing in flight)."""
         now = time.monotonic()
-        if now - self._gaps_refreshed < OPEN_GAPS_REFRESH_S:
+        if not force and now - self._gaps_refreshed < OPEN_GAPS_REFRESH_S:
             return
         self._gaps_refreshed = now
         conn = self._conn
-        assert conn is not None
+        if conn is None or conn.closed or conn.broken:
+            return  # (reconnected by the loop's next step)
 
         def refresh() -> tuple[list[Gap], dict]:
             filled = gaps_of(mark_filled(conn, "stream", detected_within=RECENT_GAPS))

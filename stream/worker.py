@@ -182,6 +182,7 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
                     break
             try:
                 await self._drain()  # the last batch commits before the worker leaves
+                await self._refresh_gaps(force=True)  # gaps the last batches filled
             except RETRYABLE as exc:
                 log.warning("last batch failed: not committed", error=str(exc))
         finally:
