@@ -438,3 +438,41 @@ def test_reconcile_prints_the_three_way_table_and_repair_what_it_did(url, settin
     )
     minute = next(line for line in result.output.splitlines() if line.split()[:1] == ["1m"])
     assert dict(zip(header.split(), minute.split(), strict=True))["verified"] == "45"
+
+
+def test_the_report_page_shows_the_three_way_table_the_gaps_and_the_reconnects(
+    url, settings, tmp_path
+):
+    from datetime import datetime
+
+    from shared.batch.report import report_path
+    from shared.store.feed_reconnects import record_reconnect
+
+    from .browser import dump_dom
+
+    store(url, [t for t in recorded_trades() if t.trade_id not in LOST])
+    with db.connect(url) as conn:
+        record_reconnect(
+            conn,
+            "kraken",
+            "BTC-USDT",
+            LOST[0] - 1,
+            LOST[-1] + 1,
+            datetime.fromisoformat("2025-11-10T19:34:39.9+00:00"),
+            datetime.fromisoformat("2025-11-10T19:34:40.7+00:00"),
+        )
+        conn.commit()
+    summary = batch_run.run_period(url, settings, *HOUR)
+    [reconnect] = summary.reconnects
+    assert (reconnect.last_id_before, reconnect.first_id_after) == (LOST[0] - 1, LOST[-1] + 1)
+    dom = dump_dom(report_path(settings, summary).as_uri(), tmp_path / "profile")
+    three_way = dom[
+        dom.index('id="three-way"') : dom.index("</table>", dom.index('id="three-way"'))
+    ]
+    assert "batch vs venue" in three_way and ">44<" in three_way  # 44 verified, 1 gap
+    gaps_table = dom[dom.index('id="trade-gaps"') :]
+    assert f"{LOST[0]} – {LOST[-1]}" in gaps_table and "<b>open</b>" in gaps_table
+    reconnects = dom[dom.index('id="reconnects"') :]
+    assert f">{len(LOST)}</td>" in reconnects  # the ids the reconnect skipped
+    contradicted = dom[dom.index('id="verifications"') :]
+    assert "trade_count</code>: 10 → 13" in contradicted
