@@ -27,13 +27,14 @@ from datetime import timedelta
 
 import psycopg
 import structlog
+from aiokafka import TopicPartition
 
 from shared.core.continuity import Gap, IdContinuity
-from shared.core.trades import Trade, datetime_to_ts, ts_to_datetime
-from shared.store.progress import least_other_watermark
+from shared.core.trades import Trade, ts_to_datetime
+from shared.store.progress import others_watermark_us
 from shared.store.trade_gaps import gaps_of, mark_filled, open_gap_ids, record_gaps
 from stream import metrics
-from stream.state import RunSummary
+from stream.state import PartitionState, RunSummary
 
 log = structlog.get_logger("candlekeep.stream")
 
@@ -42,6 +43,9 @@ log = structlog.get_logger("candlekeep.stream")
 #: this one stored the trade that fills it).
 OPEN_GAPS_REFRESH_S = 10.0
 RECENT_GAPS = timedelta(minutes=2)
+#: How often the worker reads the logs' bounds of the topic's partitions (two small requests):
+#: a partition that has committed its whole log holds back no gap.
+LOG_BOUNDS_EVERY_S = 1.0
 
 Key = tuple[str, str]
 
@@ -101,7 +105,8 @@ class GapCheck:
 
     continuity: IdContinuity
     open_ids: OpenGapIds
-    partitions: list[int]  # the topic's partitions
+    #: The topic's partitions: their logs' start and end, as last read (None: not yet).
+    log_bounds: dict[int, tuple[int, int]] | None
     candidates: list[Gap] = field(default_factory=list)
     fills: set[Key] = field(default_factory=set)
     recorded: list[Gap] = field(default_factory=list)
@@ -122,12 +127,10 @@ class GapCheck:
         continuity = self.continuity
         continuity.observe(trades)
         due = continuity.next_due_us()
-        if due is not None and watermark_us is not None and due < watermark_us:
-            limit = watermark_us
-            if len(self.partitions) > 1:
-                others = least_other_watermark(conn, group, topic, partition, self.partitions)
-                if others is not None:
-                    limit = min(limit, datetime_to_ts(others))
+        due_now = due is not None and watermark_us is not None and due < watermark_us
+        if due_now and self.log_bounds is not None:  # (None: other partitions not known yet)
+            others = others_watermark_us(conn, group, topic, partition, self.log_bounds)
+            limit = watermark_us if others is None else min(watermark_us, others)
             self.candidates = continuity.gaps(limit)
         self.fills = self.open_ids.filling(trades)
         self.snapshot = continuity.snapshot()
@@ -175,12 +178,48 @@ class GapWatch:
 
     open_ids: OpenGapIds
     _gaps_refreshed: float
+    _topic_bounds: dict[int, tuple[int, int]] | None
+    _bounds_read: float
 
     def _gap_check(self, partition: int) -> GapCheck:
         """The continuity step of a partition's next transaction (on the loop)."""
+        continuity = self.partitions[partition].continuity
+        assert continuity is not None
+        return GapCheck(continuity, self.open_ids, self._topic_bounds)
+
+    def _gaps_waiting(self, state: PartitionState) -> bool:
+        """A hole of the partition is past its watermark, held back by another partition: an
+        idle tick looks again (the partition may have no batch left to do it)."""
+        due = state.continuity.next_due_us() if state.continuity is not None else None
+        watermark = state.windows.watermark_us
+        return due is not None and watermark is not None and due < watermark
+
+    async def _read_log_bounds(self) -> None:
+        """Every ``LOG_BOUNDS_EVERY_S``: the start and end of every partition's log (a topic of
+        several partitions), for :func:`others_watermark_us` (on the loop, under the lock)."""
         assert self._consumer is not None
-        partitions = sorted(self._consumer.partitions_for_topic(self.topic) or {partition})
-        return GapCheck(self.partitions[partition].continuity, self.open_ids, partitions)
+        now = time.monotonic()
+        if now - self._bounds_read < LOG_BOUNDS_EVERY_S:
+            return
+        self._bounds_read = now
+        numbers = self._consumer.partitions_for_topic(self.topic)
+        if not numbers:
+            return
+        tps = [TopicPartition(self.topic, p) for p in sorted(numbers)]
+        if len(tps) == 1:
+            self._topic_bounds = {tps[0].partition: (0, 0)}  # (no other partition to wait for)
+            return
+        starts = await self._consumer.beginning_offsets(tps)
+        ends = await self._consumer.end_offsets(tps)
+        assigned = self._consumer.assignment()
+        self._topic_bounds = {
+            tp.partition: (
+                starts[tp],
+                # (a fetch answer's high watermark can be ahead of ListOffsets' end)
+                max(ends[tp], (self._consumer.highwater(tp) or 0) if tp in assigned else 0),
+            )
+            for tp in tps
+        }
 
     def _gaps_committed(self, partition: int, check: GapCheck) -> None:
         """After the commit of a transaction that ran ``check`` (on the loop)."""

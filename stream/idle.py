@@ -45,7 +45,11 @@ class IdleTick:
             before = state.windows.watermark_us
             emission = state.windows.advance(int(now * 1_000_000), caught_up)
             metrics.set_gauges(partition, state, now)
-            if not emission.candles and state.windows.watermark_us == before:
+            if (
+                not emission.candles
+                and state.windows.watermark_us == before
+                and not self._gaps_waiting(state)
+            ):
                 continue
 
             gaps = self._gap_check(partition)

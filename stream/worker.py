@@ -115,6 +115,9 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
         #: The open trade-id gaps as last read (``stream.gaps``), and when (monotonic).
         self.open_ids = OpenGapIds()
         self._gaps_refreshed = float("-inf")
+        #: The topic's partitions' log bounds (``stream.gaps``), and when they were read.
+        self._topic_bounds: dict[int, tuple[int, int]] | None = None
+        self._bounds_read = float("-inf")
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -267,6 +270,7 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
                 await self._reset(partition, "replaced")
             await self._check_log_ends({b.partition for _, b in parsed})
             await self._tick(busy={b.partition for _, b in parsed})
+            await self._read_log_bounds()
             await self._refresh_gaps()
             if parsed:
                 self._last_message_at = self.wall_clock()

@@ -195,16 +195,42 @@ def write_progress(
     )
 
 
-def least_other_watermark(
-    conn: psycopg.Connection, group: str, topic: str, partition: int, partitions: list[int]
-) -> datetime | None:
-    """The least committed watermark of the topic's other ``partitions`` that have one (None:
-    none has): a symbol's trades may arrive on several partitions (SPEC §4), and one whose
-    watermark has passed a time has committed every on-time trade before it."""
+#: What :func:`others_watermark_us` returns for a partition that holds trades not committed yet
+#: and has no watermark: nothing is known to be past.
+NOTHING_PAST_US = -(2**62)
+
+
+def others_watermark_us(
+    conn: psycopg.Connection,
+    group: str,
+    topic: str,
+    partition: int,
+    log_bounds: dict[int, tuple[int, int]],
+) -> int | None:
+    """How far the topic's other partitions have committed every on-time trade (epoch µs): the
+    least committed watermark of those (of ``log_bounds``: partition -> its log's start and
+    end) that have not committed their whole log; None when all have (nothing of theirs is
+    still to come). A symbol's trades may arrive on several partitions (SPEC §4): one of them
+    may still hold what another seems to miss. A partition with messages and no watermark yet
+    (nothing committed: a backlog just started) holds everything back."""
+    others = sorted(p for p in log_bounds if p != partition)
+    if not others:
+        return None
     row = conn.execute(
-        "SELECT min(watermark) FROM stream_progress WHERE consumer_group = %s AND topic = %s"
-        " AND partition <> %s AND partition = ANY(%s) AND watermark IS NOT NULL",
-        (group, topic, partition, partitions),
+        "SELECT min(CASE WHEN coalesce(s.next_offset, b.log_start) >= b.log_end THEN NULL"
+        "  WHEN s.watermark IS NULL THEN %s"
+        "  ELSE (extract(epoch FROM s.watermark) * 1000000)::int8 END)"
+        " FROM unnest(%s::int4[], %s::int8[], %s::int8[]) AS b(partition, log_start, log_end)"
+        " LEFT JOIN stream_progress s ON s.consumer_group = %s AND s.topic = %s"
+        "  AND s.partition = b.partition",
+        (
+            NOTHING_PAST_US,
+            others,
+            [log_bounds[p][0] for p in others],
+            [log_bounds[p][1] for p in others],
+            group,
+            topic,
+        ),
     ).fetchone()
     return row[0]
 
