@@ -218,13 +218,17 @@ def test_a_worker_killed_between_a_holes_neighbours_records_it_once_after_restar
     a.process.wait()
     assert not [e for e in a.events("trade gap") if e["symbol"] == "BTCUSDT"]
     with db.connect(database_url) as conn:
-        for row in conn.execute("SELECT partition, next_offset, watermark, continuity_state FROM stream_progress"):
+        for row in conn.execute(
+            "SELECT partition, next_offset, watermark, continuity_state FROM stream_progress"
+        ):
             print("DEBUG A", row)
     rest = produce_all(kafka_bootstrap, settings.topic_trades, messages[split:])
     b = workers(env, "--exit-when-idle", "3")
     b_summary = b.finish()
     with db.connect(database_url) as conn:
-        for row in conn.execute("SELECT partition, next_offset, watermark, continuity_state FROM stream_progress"):
+        for row in conn.execute(
+            "SELECT partition, next_offset, watermark, continuity_state FROM stream_progress"
+        ):
             print("DEBUG B", row)
     print("DEBUG A events", a.events("trade gap"))
     print("DEBUG rows", gap_rows(database_url))

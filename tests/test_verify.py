@@ -476,3 +476,14 @@ def test_the_report_page_shows_the_three_way_table_the_gaps_and_the_reconnects(
     assert f">{len(LOST)}</td>" in reconnects  # the ids the reconnect skipped
     contradicted = dom[dom.index('id="verifications"') :]
     assert "trade_count</code>: 10 → 13" in contradicted
+
+
+def test_a_period_older_than_the_venue_serves_is_unverified_for_that_request_only(
+    url, settings, monkeypatch
+):
+    monkeypatch.setenv("CANDLEKEEP_EXPECTED_SYMBOLS", "kraken:BTC-USDT")
+    # Kraken serves its latest 720 1m candles: 11:00 is before the recording's oldest (12:17).
+    summary = batch_run.run_period(url, Settings(), "2025-11-10T11:00Z", "2025-11-10T12:00Z")
+    [problem] = summary.venue.problems
+    assert (problem.exchange, problem.symbol, problem.interval) == ("kraken", "BTC-USDT", "1m")
+    assert "latest 720" in problem.reason and summary.status == "warn"

@@ -29,7 +29,14 @@ from shared.batch.expected import silent_symbols
 from shared.batch.period_gaps import missing_in, open_gaps
 from shared.batch.recompute import owned_windows
 from shared.batch.summary import Reconnect, SilentSymbol, TradeGap
-from shared.batch.venues import Venue, VenueCandle, VenueError, VenueUnavailable, venue_for
+from shared.batch.venues import (
+    PeriodNotServed,
+    Venue,
+    VenueCandle,
+    VenueError,
+    VenueUnavailable,
+    venue_for,
+)
 from shared.config import Settings
 from shared.core.trades import datetime_to_ts, ts_to_datetime
 from shared.core.verification import VERDICTS, differences, verdict
@@ -154,6 +161,16 @@ def _fetch(settings, symbols, ranges, make_venue):
                         key[2],
                         datetime_to_ts(window_range.first_start),
                         datetime_to_ts(window_range.last_end),
+                    )
+                except PeriodNotServed as exc:  # this request only: the venue is up
+                    reasons[key] = str(exc)
+                    problems.append(
+                        {
+                            "exchange": exchange,
+                            "symbol": symbol,
+                            "interval": key[2],
+                            "reason": str(exc),
+                        }
                     )
                 except VenueUnavailable as exc:
                     down = reasons[key] = str(exc)

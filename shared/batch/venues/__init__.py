@@ -18,7 +18,8 @@ candlekeep knows no venue for (its candles stay ``unverified``). Every venue has
 
 Every call raises only :class:`~shared.batch.venues.base.VenueError` subclasses:
 ``VenueUnavailable`` (down, timed out, rate-limited past ``CANDLEKEEP_VENUE_MAX_RETRY_AFTER``,
-the period too old for the venue: record ``unverified``, warn, go on), ``VenueRejected`` (the
+the period too old for the venue (``PeriodNotServed``, a subclass: that request only): record
+``unverified``, warn, go on), ``VenueRejected`` (the
 venue refused the request: an unknown symbol, an interval it does not publish) and
 ``VenueResponseError`` (an answer that is not what the venue documents). Each message says
 what was wrong; none carries the API key. Each call is bounded in time: at most
@@ -38,6 +39,7 @@ from shared.config import Settings
 
 from .base import (
     FetchedTrades,
+    PeriodNotServed,
     Venue,
     VenueCandle,
     VenueError,
@@ -53,6 +55,7 @@ __all__ = [
     "CONSECUTIVE_IDS",
     "VENUES",
     "FetchedTrades",
+    "PeriodNotServed",
     "Venue",
     "VenueCandle",
     "VenueError",

@@ -16,10 +16,17 @@ from typing import Protocol
 from shared.core.intervals import interval as interval_named
 from shared.core.trades import Trade
 
-from .http import VenueError, VenueRejected, VenueResponseError, VenueUnavailable
+from .http import (
+    PeriodNotServed,
+    VenueError,
+    VenueRejected,
+    VenueResponseError,
+    VenueUnavailable,
+)
 
 __all__ = [
     "FetchedTrades",
+    "PeriodNotServed",
     "Venue",
     "VenueCandle",
     "VenueError",

@@ -46,6 +46,11 @@ class VenueUnavailable(VenueError):
     longer serving the data): the caller records ``unverified`` and goes on."""
 
 
+class PeriodNotServed(VenueUnavailable):
+    """The venue is up, but no longer serves that period (Kraken keeps its latest 720 candles of
+    an interval): only that request's candles are unverified, the venue can still be asked."""
+
+
 class VenueRejected(VenueError):
     """The venue refused the request (unknown symbol, bad parameter): a configuration mistake."""
 

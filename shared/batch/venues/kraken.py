@@ -35,6 +35,7 @@ from shared.core.verification import truncated_vwap
 
 from .base import (
     FetchedTrades,
+    PeriodNotServed,
     VenueCandle,
     VenueRejected,
     VenueResponseError,
@@ -212,7 +213,7 @@ class KrakenVenue:
             raise VenueResponseError(f"Kraken OHLC 'last' is not whole seconds: {last!r}")
         candles = [candle_from_row(r, symbol, interval) for r in rows]
         if candles and candles[0].window_start_us > start_us:
-            raise VenueUnavailable(
+            raise PeriodNotServed(
                 f"Kraken serves only its latest {MAX_CANDLES} {interval} candles; its oldest "
                 f"now starts after the period's start: the period can no longer be verified"
             )
