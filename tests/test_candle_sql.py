@@ -39,7 +39,7 @@ def store_url(database_url):
 def _reset(conn):
     conn.execute(
         "TRUNCATE trades, batch_candles, stream_candles, late_trades, candle_mismatches,"
-        " trade_conflicts"
+        " trade_conflicts, trade_gaps"
     )
 
 

@@ -37,7 +37,7 @@ def conn(database_url):
     with db.connect(database_url) as connection:
         connection.execute(
             "TRUNCATE trades, stream_candles, stream_candle_parts, batch_candles, late_trades,"
-            " candle_mismatches, stream_progress"
+            " candle_mismatches, stream_progress, trade_gaps"
         )
         connection.commit()
         yield connection

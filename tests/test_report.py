@@ -30,7 +30,7 @@ def reported(database_url, tmp_path):
     with db.connect(database_url) as conn:
         conn.execute(
             "TRUNCATE trades, stream_candles, stream_candle_parts, batch_candles, late_trades,"
-            " candle_mismatches, dq_reports, stream_progress, invalid_trades"
+            " candle_mismatches, dq_reports, stream_progress, invalid_trades, trade_gaps"
         )
         conn.commit()
         simulate_stream(conn, seed=4)
