@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
@@ -35,7 +36,18 @@ def redact_event(_logger, _name, event_dict: dict) -> dict:
     return {key: _redact_value(value) for key, value in event_dict.items()}
 
 
-def configure_logging(level: str = "INFO") -> None:
+def _leave_out(events: frozenset[str]):
+    def processor(_logger, _name, event_dict: dict) -> dict:
+        if event_dict.get("event") in events:
+            raise structlog.DropEvent
+        return event_dict
+
+    return processor
+
+
+def configure_logging(level: str = "INFO", quiet: Iterable[str] = ()) -> None:
+    """Render every log line the same way (see the module docstring), at ``level`` and above;
+    ``quiet``: events left out (the demo says what they count in its own summary)."""
     renderer = (
         structlog.dev.ConsoleRenderer()
         if sys.stderr.isatty()
@@ -48,9 +60,10 @@ def configure_logging(level: str = "INFO") -> None:
         structlog.processors.format_exc_info,
         redact_event,
     ]
+    ours = [_leave_out(frozenset(quiet))] if quiet else []
     threshold = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*ours, *shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     )
