@@ -322,3 +322,7 @@ def include_in_migrations(name: str | None, type_: str, parent_names: dict) -> b
         return False
     table = parent_names.get("table_name") or ""
     return not _PARTITION.fullmatch(table)
+
+
+# Finality's tables (SPEC §6.2) join ``metadata`` from their own module.
+from shared.store import schema_finality  # noqa: E402, F401
