@@ -14,6 +14,12 @@ from datetime import datetime
 
 import msgspec
 
+from shared.batch.finality import (
+    lateness_advice,
+    prepare_corrections,
+    recount,
+    status_counts,
+)
 from shared.batch.quality import (
     Thresholds,
     gaps,
@@ -32,6 +38,12 @@ from shared.core.intervals import IntervalSet
 from shared.core.trades import parse_timestamp, ts_to_datetime
 from shared.store import db
 from shared.store.progress import wait_for_watermark
+from shared.store.stale_periods import (
+    clear_stale,
+    is_stale,
+    start_reconciling,
+    stays_stale,
+)
 
 
 class PeriodError(ValueError):
@@ -107,24 +119,29 @@ def wait_step(
 
 
 def recompute_step(url: str, settings: Settings, start, end) -> dict:
-    """Step 2: recompute every candle of the period from ``trades``, in SQL."""
+    """Step 2: recompute every candle of the period from ``trades``, in SQL. The period counts
+    as reconciled from before ``trades`` is read: a trade stored from then on marks it stale."""
     start, end = parse_period(start, end)
     with db.connect(url) as conn:
         db.require_schema(conn, url)
+        start_reconciling(conn, start, end)
+        conn.commit()
         counts = recompute_batch_candles(conn, start, end, settings.interval_set)
         conn.commit()
     return counts
 
 
 def reconcile_step(url: str, settings: Settings, start, end) -> dict:
-    """Step 3: classify every candle key; mismatches into ``candle_mismatches``."""
+    """Step 3: classify every candle key; mismatches into ``candle_mismatches``, and the batch
+    candles that correct the stream's into the corrections' outbox, in the same transaction."""
     start, end = parse_period(start, end)
     with db.connect(url) as conn:
         result = classify(conn, start, end, settings.interval_set)
+        corrections = prepare_corrections(conn, start, end, settings.interval_set)
         conn.commit()
     order = settings.interval_set.names
     by_interval = {i: result.by_interval[i] for i in order if i in result.by_interval}
-    return {"counts": result.counts, "by_interval": by_interval}
+    return {"counts": result.counts, "by_interval": by_interval, "corrections": corrections}
 
 
 def checks_step(
@@ -138,6 +155,8 @@ def checks_step(
         ts_to_datetime(parse_timestamp(stream["watermark"])) if stream.get("watermark") else start
     )
     with db.connect(url) as conn:
+        recount(conn, start, end, intervals)  # a trade the recomputation just missed
+        conn.commit()
         gap_counts = gaps(conn, start, end, intervals)
         base_windows = conn.execute(
             "SELECT count(DISTINCT (exchange, symbol)) FROM batch_candles WHERE interval = %s"
@@ -173,6 +192,16 @@ def checks_step(
             offset_resets=offset_resets(
                 conn, settings.consumer_group, settings.topic_trades, start, end
             ),
+            lateness_advice=lateness_advice(
+                conn,
+                start,
+                end,
+                max_rate=settings.dq_max_late_rate,
+                max_delay_us=_us(settings.max_delay),
+                allowed_lateness_us=_us(settings.allowed_lateness),
+            ),
+            statuses=status_counts(conn, start, end),
+            stale=stays_stale(conn, start, end),
         )
     summary.status, summary.reasons = verdict(summary, Thresholds.of(settings))
     return summary
@@ -182,7 +211,16 @@ def publish_step(url: str, settings: Settings, summary: ReportSummary) -> dict:
     """Step 5: the ``dq_reports`` row and its self-contained HTML page."""
     from shared.batch.report import publish_report
 
-    return publish_report(url, settings, summary)
+    published = publish_report(url, settings, summary)
+    start, end = parse_period(summary.period.start, summary.period.end)
+    with db.connect(url) as conn:  # stale until now: this run's report has replaced it
+        clear_stale(conn, start, end)
+        conn.commit()
+    return published
+
+
+def _us(delta) -> int:
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def run_period(
@@ -241,7 +279,10 @@ def report_summary(url: str, settings: Settings, start, end) -> ReportSummary:
             (start, end),
         ).fetchone()
     if row:
-        return ReportSummary.from_json(row[0])
+        summary = ReportSummary.from_json(row[0])
+        with db.connect(url) as conn:  # marked stale since it was stored?
+            summary.stale = summary.stale or is_stale(conn, start, end)
+        return summary
     stream = wait_step(url, settings, start, end, timeout_s=0)
     return checks_step(url, settings, start, end, stored_counts(url, settings, start, end), stream)
 

@@ -80,6 +80,24 @@ class OffsetReset(msgspec.Struct):
     detected_at: str
 
 
+class SymbolLateness(msgspec.Struct):
+    """One symbol's late trades and the settings that would have kept them under the rate
+    (``shared.core.lateness``); times in seconds."""
+
+    exchange: str
+    symbol: str
+    trades: int
+    late: int
+    rate: float
+    p50_s: float
+    p90_s: float
+    p99_s: float
+    max_s: float
+    extra_s: float  # 0: the settings kept the symbol under the rate
+    max_delay_s: float  # with allowed_lateness unchanged
+    allowed_lateness_s: float  # with max_delay unchanged
+
+
 class ReportSummary(msgspec.Struct):
     """Everything a report says, and its verdict (``status``, ``reasons``)."""
 
@@ -96,6 +114,13 @@ class ReportSummary(msgspec.Struct):
     invalid_messages: InvalidMessages
     stream: StreamProgress
     offset_resets: list[OffsetReset] = []  # reports stored before offset resets were checked
+    #: SPEC §6.2: per symbol, how late the late trades were and the settings that would have
+    #: kept them under CANDLEKEEP_DQ_MAX_LATE_RATE (symbols with late trades only).
+    lateness_advice: list[SymbolLateness] = []
+    #: The period's candles in the view ``candles``, by status.
+    statuses: dict[str, int] = {}
+    #: Trades were stored for the period after this run read them: stale until reconciled again.
+    stale: bool = False
     status: str = ""  # the verdict: pass, warn or fail ("" until ``verdict`` has been asked)
     reasons: list[str] = []
 

@@ -76,6 +76,18 @@ def mark_stale(
     return len(older)
 
 
+def mark_stale_period(
+    conn: psycopg.Connection, start: datetime, end: datetime, trades: int
+) -> None:
+    """Mark one reconciled period stale (``trades``: how many trades it is known to lack)."""
+    conn.execute(
+        'INSERT INTO stale_periods ("start", "end", marked_at, trades)'
+        ' VALUES (%s, %s, clock_timestamp(), %s) ON CONFLICT ("start", "end") DO UPDATE'
+        " SET marked_at = EXCLUDED.marked_at, trades = stale_periods.trades + EXCLUDED.trades",
+        (start, end, trades),
+    )
+
+
 def start_reconciling(conn: psycopg.Connection, start: datetime, end: datetime) -> datetime:
     """Register ``[start, end)`` as reconciled from now on (the caller commits before it reads
     ``trades``); return the time its recomputation starts."""
@@ -87,16 +99,28 @@ def start_reconciling(conn: psycopg.Connection, start: datetime, end: datetime) 
     ).fetchone()[0]
 
 
-def clear_stale(conn: psycopg.Connection, start: datetime, end: datetime) -> bool:
+#: A mark that the period's last recomputation already took into account.
+_SEEN = (
+    ' s."start" = %(start)s AND s."end" = %(end)s AND EXISTS (SELECT 1 FROM reconciled_periods r'
+    ' WHERE r.period_start = s."start" AND r.period_end = s."end"'
+    " AND s.marked_at < r.recomputed_at)"
+)
+
+
+def clear_stale(conn: psycopg.Connection, start: datetime, end: datetime) -> None:
     """Clear the period's mark if it is older than the period's last recomputation (a trade
-    stored since then keeps it); True if the period is still stale."""
-    conn.execute(
-        'DELETE FROM stale_periods s USING reconciled_periods r WHERE s."start" = %s'
-        ' AND s."end" = %s AND r.period_start = s."start" AND r.period_end = s."end"'
-        " AND s.marked_at < r.recomputed_at",
-        (start, end),
-    )
-    return is_stale(conn, start, end)
+    stored since then keeps it)."""
+    conn.execute(f"DELETE FROM stale_periods s WHERE {_SEEN}", {"start": start, "end": end})
+
+
+def stays_stale(conn: psycopg.Connection, start: datetime, end: datetime) -> bool:
+    """Whether ``[start, end)`` is stale even after its last recomputation: trades stored
+    since it started, or a stale period overlapping it."""
+    return conn.execute(
+        'SELECT EXISTS (SELECT 1 FROM stale_periods s WHERE s."start" < %(end)s'
+        f' AND s."end" > %(start)s AND NOT ({_SEEN}))',
+        {"start": start, "end": end},
+    ).fetchone()[0]
 
 
 def is_stale(conn: psycopg.Connection, start: datetime, end: datetime) -> bool:
