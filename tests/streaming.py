@@ -32,6 +32,10 @@ STREAM_TABLES = (
     "candle_mismatches",
     "dq_reports",
     "offset_resets",
+    "reconciled_periods",
+    "stale_periods",
+    "candle_corrections",
+    "candle_verifications",
 )
 
 

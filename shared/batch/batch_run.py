@@ -41,6 +41,7 @@ from shared.store.progress import wait_for_watermark
 from shared.store.stale_periods import (
     clear_stale,
     is_stale,
+    stale_periods,
     start_reconciling,
     stays_stale,
 )
@@ -233,6 +234,22 @@ def run_period(
     summary = checks_step(url, settings, start, end, reconciliation, stream)
     publish_step(url, settings, summary)
     return summary
+
+
+def reconcile_stale_step(url: str, settings: Settings, exclude=None) -> list[dict]:
+    """Reconcile again the stale periods (the oldest marks first, at most
+    ``CANDLEKEEP_DQ_STALE_PER_RUN``), each as a run of its own would; ``exclude``: a period
+    reconciled just now. Returns each period with its new status."""
+    skip = parse_period(*exclude) if exclude else None
+    with db.connect(url) as conn:
+        periods = stale_periods(conn, settings.dq_stale_per_run + 1)
+    done = []
+    for start, end in periods:
+        if (start, end) == skip or len(done) == settings.dq_stale_per_run:
+            continue
+        summary = run_period(url, settings, start, end)
+        done.append({"start": start.isoformat(), "end": end.isoformat(), "status": summary.status})
+    return done
 
 
 def stored_counts(url: str, settings: Settings, start, end) -> dict:
