@@ -256,11 +256,13 @@ def _print_finality(settings, start_us: int, hours: int) -> None:
     out.print("candles (view): " + ", ".join(f"{s} {counts[s]}" for s in STATUSES), highlight=False)
     seen = asyncio.run(_candle_messages(settings))
     for key, revisions in sorted(seen.items()):
-        if len(revisions) > 1 and revisions[0]["close"] != revisions[-1]["close"]:
-            first, last = revisions[0], revisions[-1]
+        first, last = revisions[0], revisions[-1]
+        changed = [f for f in first if f != "revision" and first[f] != last.get(f)]
+        if changed:
             out.print(
-                f"candles topic: {key} close {first['close']} (revision {first['revision']},"
-                f" stream) → {last['close']} (revision {last['revision']}, batch correction)",
+                f"candles topic: {key} revision {first['revision']} (stream) → revision"
+                f" {last['revision']} (batch correction): "
+                + ", ".join(f"{f} {first[f]} → {last[f]}" for f in changed),
                 highlight=False,
             )
             break

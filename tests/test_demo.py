@@ -53,8 +53,7 @@ def test_demo_runs_the_whole_pipeline_and_explains_every_difference(tmp_path):
     assert statuses["certified"] == int(match)
     assert statuses["provisional"] == 0 == statuses["disputed"]
     correction = re.search(
-        r"candles topic: (\S+) close \S+ \(revision (\d+), stream\) → "
-        r"\S+ \(revision (\d+), batch correction\)",
+        r"candles topic: (\S+) revision (\d+) \(stream\) → revision (\d+) \(batch correction\)",
         proc.stdout,
     )
     assert correction and int(correction.group(3)) > int(correction.group(2))
