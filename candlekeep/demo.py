@@ -2,7 +2,8 @@
 
 Embedded PostgreSQL and an embedded Kafka-protocol broker; a synthetic market (with disorder,
 late, duplicate and invalid messages) produced while the streaming worker consumes it; then the
-Airflow DAG, run with ``dag.test()``, over every hour the feed covered; then the reports.
+Airflow DAG, run with ``dag.test()``, over every hour the feed covered; then the reports, the
+statuses of the view ``candles`` and one correction as a consumer of the ``candles`` topic sees it.
 Each demo works in a fresh database (``candlekeep_demo``) so that it always tells the same story.
 """
 
@@ -97,6 +98,7 @@ def demo(ctx, hours, rate, keep_running, airflow_port):
         _stream(console, started, demo_settings, start_us, count, rate)
         _reconcile(console, started, demo_settings, airflow_url, start_us, hours)
         _print_reports(demo_settings)
+        _print_finality(demo_settings, start_us, hours)
         console.print(f"demo finished in {time.monotonic() - started:.0f}s")
         if keep_running:
             from candlekeep.demo_live import keep_running as live
@@ -249,3 +251,58 @@ def _print_reports(settings) -> None:
     out.print(table)
     for path in paths:
         out.print(f"report: {path}", highlight=False)
+
+
+def _print_finality(settings, start_us: int, hours: int) -> None:
+    """The statuses of the view ``candles`` over the demo's hours, and one correction as a
+    consumer of the ``candles`` topic (a new group, keeping the highest revision) received it."""
+    from shared.batch.finality import STATUSES, status_counts
+    from shared.store import db
+
+    start, end = ts_to_datetime(start_us), ts_to_datetime(start_us + hours * HOUR_US)
+    with db.connect(settings.database_url) as conn:
+        counts = status_counts(conn, start, end)
+    out = Console(soft_wrap=True, width=max(Console().width, 110))
+    out.print("candles (view): " + ", ".join(f"{s} {counts[s]}" for s in STATUSES), highlight=False)
+    seen = asyncio.run(_candle_messages(settings))
+    for key, revisions in sorted(seen.items()):
+        first, last = revisions[0], revisions[-1]
+        changed = [f for f in first if f != "revision" and first[f] != last.get(f)]
+        if changed:
+            out.print(
+                f"candles topic: {key} revision {first['revision']} (stream) → revision"
+                f" {last['revision']} (batch correction): "
+                + ", ".join(f"{f} {first[f]} → {last[f]}" for f in changed),
+                highlight=False,
+            )
+            break
+
+
+async def _candle_messages(settings) -> dict[str, list[dict]]:
+    """Every message of the ``candles`` topic, per key, in the order a consumer gets them."""
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        settings.topic_candles,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=f"demo-reader-{uuid.uuid4().hex[:6]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    seen: dict[str, list[dict]] = {}
+    try:
+        async with asyncio.timeout(30):
+            while not consumer.assignment():
+                await asyncio.sleep(0.05)
+            parts = list(consumer.assignment())
+            ends = await consumer.end_offsets(parts)
+            while any([await consumer.position(tp) < ends[tp] for tp in parts]):
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    for r in records:
+                        seen.setdefault(r.key.decode(), []).append(json.loads(r.value))
+    finally:
+        await consumer.stop()
+    return seen

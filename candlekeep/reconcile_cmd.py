@@ -30,6 +30,23 @@ def _echo_summary(summary: ReportSummary, path: str | None) -> None:
             )
     for reason in summary.reasons:
         click.echo(f"  - {reason}")
+    if summary.statuses:
+        click.echo(
+            "candles: " + ", ".join(f"{status} {n}" for status, n in summary.statuses.items())
+        )
+    if summary.stale:
+        click.echo("STALE: trades were stored for this period after it was reconciled")
+    for a in summary.lateness_advice:
+        advice = (
+            f"max_delay {a.max_delay_s:g}s or allowed_lateness {a.allowed_lateness_s:g}s would"
+            " have kept it under the late-trade rate"
+            if a.extra_s
+            else "under the late-trade rate"
+        )
+        click.echo(
+            f"late {a.exchange}:{a.symbol}: {a.late} of {a.trades} ({a.rate:.2%}), lateness"
+            f" p50 {a.p50_s:g}s p90 {a.p90_s:g}s p99 {a.p99_s:g}s max {a.max_s:g}s; {advice}"
+        )
     if path:
         click.echo(f"report: {path}")
 
@@ -87,8 +104,31 @@ def reconcile(ctx, start, end, wait_s):
     from shared.batch.report import report_path
 
     _echo_summary(summary, str(report_path(settings, summary)))
+    _send_corrections(url, settings)
     if summary.status == "fail":
         ctx.exit(3)
+
+
+def _send_corrections(url: str, settings) -> None:
+    """The corrections on the ``candles`` topic (SPEC §6.2), where the stream's brokers are
+    configured; otherwise they stay pending for the DAG or a later run (never an embedded
+    broker: nobody would read them there)."""
+    from stream.corrections import CorrectionsNotSent, pending_count, publish_corrections
+
+    if not settings.kafka_bootstrap_servers:
+        pending = pending_count(url)
+        if pending:
+            click.echo(
+                f"corrections: {pending} pending (KAFKA_BOOTSTRAP_SERVERS is not set; a run with"
+                " it set sends them)"
+            )
+        return
+    try:
+        sent = publish_corrections(url, settings)
+    except CorrectionsNotSent as exc:
+        click.echo(f"corrections: {exc}", err=True)
+        return
+    click.echo(f"corrections: {sent} sent on {settings.topic_candles!r}")
 
 
 @click.command()

@@ -9,6 +9,11 @@ is in ``shared.batch.batch_run``; this file only wires it up (SPEC §6).
 
 A manual run names its period in params (``start``, ``end``); backfills use Airflow's own
 ``airflow backfill create``. Rerunning a period replaces its results.
+
+Finality (SPEC §6.2): the wait is a sensor that frees its slot between looks; each run also
+reconciles the periods marked stale since they were reconciled, sends the batch's corrections on
+the ``candles`` topic and emits an asset event naming the periods it certified. A failed run
+calls the notifier named by the Airflow Variable ``candlekeep_failure_notifier`` (docs/airflow.md).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, PokeReturnValue, Variable, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.timetables.interval import CronDataIntervalTimetable
 
@@ -26,6 +31,11 @@ from shared.config import Settings
 
 #: Updated by every published report; the event's extra carries the summary's headline.
 DQ_REPORTS = Asset(name="candlekeep_dq_reports", uri="candlekeep://dq_reports")
+#: One event per run, naming the periods it certified (its own and the stale ones it redid).
+CERTIFIED = Asset(name="candlekeep_certified_periods", uri="candlekeep://certified_periods")
+#: An Airflow Variable: ``{"class": "dotted.path.Notifier", "kwargs": {...}}``.
+NOTIFIER_VARIABLE = "candlekeep_failure_notifier"
+_PARSED = Settings()  # the sensor's timing, read when the DAG is parsed
 
 
 def _settings() -> tuple[Settings, str]:
@@ -36,6 +46,26 @@ def _settings() -> tuple[Settings, str]:
             "the candlekeep market-data database"
         )
     return settings, settings.database_url
+
+
+def notify_failure(context) -> None:
+    """The DAG's failure callback: the notifier configured in Airflow, none by default. The DAG
+    names no vendor: any ``BaseNotifier`` (Slack, SMTP, a webhook: Airflow's providers) is
+    named, with its arguments, by the Variable ``candlekeep_failure_notifier``."""
+    import importlib
+    import logging
+
+    spec = Variable.get(NOTIFIER_VARIABLE, default=None, deserialize_json=True)
+    if not spec:
+        logging.getLogger(__name__).info("no %s Variable: nobody to notify", NOTIFIER_VARIABLE)
+        return
+    module, _, name = spec["class"].rpartition(".")
+    notifier = getattr(importlib.import_module(module), name)(**spec.get("kwargs", {}))
+    if not hasattr(context.get("dag"), "get_template_env"):
+        # dag.test() hands DAG callbacks the serialized DAG, which cannot render a notifier's
+        # templates: this file's DAG can.
+        context = {**context, "dag": DAG}
+    notifier(context)
 
 
 @dag(
@@ -51,6 +81,7 @@ def _settings() -> tuple[Settings, str]:
     },
     tags=["candlekeep", "data-quality"],
     doc_md=__doc__,
+    on_failure_callback=notify_failure,
 )
 def candle_reconciliation():
     @task(retries=0)
@@ -65,13 +96,34 @@ def candle_reconciliation():
             raise AirflowFailException(str(exc)) from None
         return {"start": start.isoformat(), "end": end.isoformat()}
 
-    @task
-    def wait_for_stream(run: dict) -> dict:
-        """Step 1: bounded wait for the stream's watermark to pass the period's end."""
+    @task.sensor(
+        mode="reschedule",  # the slot is free between looks (state up_for_reschedule)
+        poke_interval=_PARSED.dq_wait_poke_interval.total_seconds(),
+        # A backstop only: the sensor itself goes on after CANDLEKEEP_DQ_WAIT_TIMEOUT.
+        timeout=2 * _PARSED.dq_wait_timeout.total_seconds() + 600,
+    )
+    def wait_for_stream(run: dict) -> PokeReturnValue:
+        """Step 1: wait for the stream's watermark to pass the period's end; after
+        CANDLEKEEP_DQ_WAIT_TIMEOUT go on, and the report says the stream lagged."""
         settings, url = _settings()
-        return batch_run.wait_step(
-            url, settings, run["start"], run["end"], settings.dq_wait_timeout.total_seconds()
-        )
+        position = batch_run.wait_step(url, settings, run["start"], run["end"], 0)
+        if position["passed"]:
+            return PokeReturnValue(is_done=True, xcom_value=position)
+        ctx = get_current_context()
+        first = ctx["ti"].get_first_reschedule_date(ctx)
+        waited = 0.0 if first is None else (pendulum.now("UTC") - first).total_seconds()
+        if waited >= settings.dq_wait_timeout.total_seconds():
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "the stream's watermark (%s) has not passed %s after %.0f s: going on, the"
+                " report says the stream lagged",
+                position["watermark"],
+                run["end"],
+                waited,
+            )
+            return PokeReturnValue(is_done=True, xcom_value=position)
+        return PokeReturnValue(is_done=False)
 
     @task
     def recompute(run: dict) -> dict:
@@ -124,6 +176,38 @@ def candle_reconciliation():
         get_current_context()["outlet_events"][DQ_REPORTS].extra = report.headline()
         return published
 
+    @task
+    def reconcile_stale(run: dict, published: dict) -> list[dict]:
+        """Reconcile again the periods marked stale (trades stored after they were reconciled)."""
+        settings, url = _settings()
+        return batch_run.reconcile_stale_step(url, settings, exclude=(run["start"], run["end"]))
+
+    @task
+    def send_corrections(stale: list[dict]) -> dict:
+        """The batch candles that correct the stream's, on the `candles` topic."""
+        from stream.corrections import CorrectionsNotSent, pending_count, publish_corrections
+
+        settings, url = _settings()
+        if not settings.kafka_bootstrap_servers:
+            return {"sent": 0, "pending": pending_count(url), "kafka": "not configured"}
+        try:
+            return {"sent": publish_corrections(url, settings), "pending": 0}
+        except CorrectionsNotSent as exc:
+            raise RuntimeError(str(exc)) from None  # retried; the next run sends them too
+
+    @task(outlets=[CERTIFIED])
+    def certify(summary: dict, stale: list[dict], corrections: dict) -> list[dict]:
+        """An asset event naming the periods this run certified (not failed)."""
+        report = ReportSummary.from_json(summary)
+        own = {"start": report.period.start, "end": report.period.end, "status": report.status}
+        periods = [own, *stale]
+        certified = [p for p in periods if p["status"] != "fail"]
+        get_current_context()["outlet_events"][CERTIFIED].extra = {
+            "periods": certified,
+            "corrections_sent": corrections["sent"],
+        }
+        return certified
+
     @task(retries=0)
     def verdict(summary: dict, published: dict) -> str:
         """Fail the run when the report fails (e.g. any unexplained difference)."""
@@ -144,7 +228,11 @@ def candle_reconciliation():
     # The order of the steps where no data flows.
     stream >> recomputed >> reconciliation >> verification
     summary = checks(run, repair(run, reconciliation, verification), stream)
-    verdict(summary, publish(summary))
+    published = publish(summary)
+    stale = reconcile_stale(run, published)
+    corrections = send_corrections(stale)
+    certified = certify(summary, stale, corrections)
+    certified >> verdict(summary, published)
 
 
-candle_reconciliation()
+DAG = candle_reconciliation()

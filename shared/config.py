@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     dq_max_missing_in_stream: int = 0
     dq_max_gap_rate: float = 0.5
     dq_wait_timeout: timedelta = timedelta(minutes=10)
+    #: How often the DAG's sensor looks at the watermark; between looks it frees its slot.
+    dq_wait_poke_interval: timedelta = timedelta(seconds=30)
+    #: Stale periods the DAG reconciles again in each run (the oldest marks first).
+    dq_stale_per_run: int = Field(24, ge=0)
     report_dir: str = "reports"
     log_level: str = "INFO"
     #: The venues' REST base URLs (SPEC §9): tests and the demo point them at a replay server.
@@ -151,6 +155,7 @@ class Settings(BaseSettings):
         "venue_timeout",
         "venue_max_retry_after",
         "expected_lookback",
+        "dq_wait_poke_interval",
         mode="before",
     )
     @classmethod

@@ -97,7 +97,7 @@ def apply_batch(
     prepared = batch.prepared
     if prepared is None:
         prepared = batch.prepared = prepare_trades(batch.trades)
-    fence(
+    reconciled_until = fence(
         conn,
         group,
         topic,
@@ -121,6 +121,7 @@ def apply_batch(
         lambda trades: Source(name, batch.partition, batch.offsets_of(trades)),
         savepoint_taken=True,
         fold=fold,
+        reconciled_until=reconciled_until,
     )
     assert emission is not None
     if gaps is not None:

@@ -33,6 +33,11 @@ STREAM_TABLES = (
     "dq_reports",
     "offset_resets",
     "trade_gaps",
+    "reconciled_periods",
+    "stale_periods",
+    "candle_corrections",
+    "candle_verifications",
+    "exchange_candles",
 )
 
 

@@ -34,10 +34,26 @@ def test_demo_runs_the_whole_pipeline_and_explains_every_difference(tmp_path):
     assert "DAG run 2026-01-01T00:00Z: success" in proc.stderr
     row = next(line for line in proc.stdout.splitlines() if "2026-01-01 00:00" in line)
     cells = [c.strip() for c in row.strip("│ \n").split("│")]
-    status, match, late, _missing_in_stream, missing_batch, unexplained = cells[1:7]
+    status, match, late, missing_in_stream, missing_batch, unexplained = cells[1:7]
     assert status in ("pass", "warn")
     assert int(late) > 0 and int(match) > 0
     assert (missing_batch, unexplained) == ("0", "0")
     report = re.search(r"report: (\S+\.html)", proc.stdout).group(1)
     assert os.path.exists(report)
     assert (tmp_path / ".candlekeep" / "postgres").is_dir()  # the embedded server's data
+    # Finality: the view's statuses (every late window corrected, nothing provisional left),
+    # and a correction as a consumer of the candles topic received it.
+    statuses = dict(
+        (name, int(n))
+        for name, n in re.findall(
+            r"(\w+) (\d+)", re.search(r"candles \(view\): (.*)", proc.stdout).group(1)
+        )
+    )
+    assert statuses["corrected"] == int(late) + int(missing_in_stream)
+    assert statuses["certified"] == int(match)
+    assert statuses["provisional"] == 0 == statuses["disputed"]
+    correction = re.search(
+        r"candles topic: (\S+) revision (\d+) \(stream\) → revision (\d+) \(batch correction\)",
+        proc.stdout,
+    )
+    assert correction and int(correction.group(3)) > int(correction.group(2))

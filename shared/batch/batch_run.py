@@ -8,12 +8,23 @@ step is idempotent: rerunning a period replaces its results.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
-from datetime import datetime
 
 import msgspec
 
+from shared.batch.finality import (
+    lateness_advice,
+    prepare_corrections,
+    recount,
+    status_counts,
+)
+from shared.batch.periods import (  # noqa: F401 (the shells' names for them)
+    TIME_EXAMPLES,
+    PeriodError,
+    parse_instant,
+    parse_period,
+    run_period_of,
+)
 from shared.batch.quality import (
     Thresholds,
     gaps,
@@ -33,62 +44,13 @@ from shared.core.intervals import IntervalSet
 from shared.core.trades import parse_timestamp, ts_to_datetime
 from shared.store import db
 from shared.store.progress import wait_for_watermark
-
-
-class PeriodError(ValueError):
-    """A run's period ``[start, end)`` that is missing, reversed, or not made of times."""
-
-
-TIME_EXAMPLES = "e.g. 2026-01-01T00:00Z, 2026-01-01T00:00:00+00:00 or 2026-01-01T02:00+02:00"
-
-
-def parse_instant(name: str, text: str) -> int:
-    """A time given on a command line or in a run's params, in epoch microseconds.
-
-    Python's own words for a bad time ("Invalid isoformat string", "offset must be a timedelta
-    strictly between…") are not for a person: the error says what the value is not and shows
-    the forms that work.
-    """
-    value = text.strip()
-    try:
-        return parse_timestamp(value)
-    except ValueError as exc:
-        if value.lstrip("-").isdigit():
-            why = "a number, not a time (epoch numbers are not taken: say which instant)"
-        elif "no UTC offset" in str(exc):
-            why = "a time without a UTC offset"
-        elif re.search(r"[+-](\d\d):?(\d\d)$", value) and not _offset_ok(value):
-            why = "a time whose UTC offset is not between -23:59 and +23:59"
-        else:
-            why = "not a valid ISO-8601 time"
-        raise PeriodError(
-            f"{name} {text!r} is {why}: write ISO-8601 with an offset, {TIME_EXAMPLES}"
-        ) from None
-
-
-def _offset_ok(value: str) -> bool:
-    hours, minutes = re.search(r"[+-](\d\d):?(\d\d)$", value).groups()
-    return int(hours) < 24 and int(minutes) < 60
-
-
-def parse_period(start: str | datetime | None, end: str | datetime | None) -> tuple:
-    """``(start, end)`` as aware datetimes; a clear error when missing or reversed."""
-    if start is None or end is None or start == "" or end == "":
-        raise PeriodError(
-            "no period to reconcile: give both start and end (ISO-8601, e.g. "
-            "start=2026-01-01T00:00:00Z end=2026-01-01T01:00:00Z)"
-        )
-    values = []
-    for name, value in (("start", start), ("end", end)):
-        if isinstance(value, datetime):
-            if value.tzinfo is None:
-                raise PeriodError(f"{name} {value.isoformat()} has no UTC offset")
-            values.append(value)
-            continue
-        values.append(ts_to_datetime(parse_instant(name, str(value))))
-    if values[1] <= values[0]:
-        raise PeriodError(f"end {values[1].isoformat()} is not after start {values[0].isoformat()}")
-    return values[0], values[1]
+from shared.store.stale_periods import (
+    clear_stale,
+    is_stale,
+    stale_periods,
+    start_reconciling,
+    stays_stale,
+)
 
 
 def wait_step(
@@ -108,24 +70,29 @@ def wait_step(
 
 
 def recompute_step(url: str, settings: Settings, start, end) -> dict:
-    """Step 2: recompute every candle of the period from ``trades``, in SQL."""
+    """Step 2: recompute every candle of the period from ``trades``, in SQL. The period counts
+    as reconciled from before ``trades`` is read: a trade stored from then on marks it stale."""
     start, end = parse_period(start, end)
     with db.connect(url) as conn:
         db.require_schema(conn, url)
+        start_reconciling(conn, start, end)
+        conn.commit()
         counts = recompute_batch_candles(conn, start, end, settings.interval_set)
         conn.commit()
     return counts
 
 
 def reconcile_step(url: str, settings: Settings, start, end) -> dict:
-    """Step 3: classify every candle key; mismatches into ``candle_mismatches``."""
+    """Step 3: classify every candle key; mismatches into ``candle_mismatches``, and the batch
+    candles that correct the stream's into the corrections' outbox, in the same transaction."""
     start, end = parse_period(start, end)
     with db.connect(url) as conn:
         result = classify(conn, start, end, settings.interval_set)
+        corrections = prepare_corrections(conn, start, end, settings.interval_set)
         conn.commit()
     order = settings.interval_set.names
     by_interval = {i: result.by_interval[i] for i in order if i in result.by_interval}
-    return {"counts": result.counts, "by_interval": by_interval}
+    return {"counts": result.counts, "by_interval": by_interval, "corrections": corrections}
 
 
 def verify_step(url: str, settings: Settings, start, end) -> dict:
@@ -186,6 +153,8 @@ def checks_step(
         ts_to_datetime(parse_timestamp(stream["watermark"])) if stream.get("watermark") else start
     )
     with db.connect(url) as conn:
+        recount(conn, start, end, intervals)  # a trade the recomputation just missed
+        conn.commit()
         gap_counts = gaps(conn, start, end, intervals)
         base_windows = conn.execute(
             "SELECT count(DISTINCT (exchange, symbol)) FROM batch_candles WHERE interval = %s"
@@ -224,6 +193,16 @@ def checks_step(
             venue=msgspec.convert(verification, VenueCheck) if verification else None,
             repair=msgspec.convert(repair, Repair) if repair else None,
             **period_facts(conn, settings, start, end),
+            lateness_advice=lateness_advice(
+                conn,
+                start,
+                end,
+                max_rate=settings.dq_max_late_rate,
+                max_delay_us=_us(settings.max_delay),
+                allowed_lateness_us=_us(settings.allowed_lateness),
+            ),
+            statuses=status_counts(conn, start, end),
+            stale=stays_stale(conn, start, end),
         )
     summary.status, summary.reasons = verdict(summary, Thresholds.of(settings))
     return summary
@@ -233,7 +212,16 @@ def publish_step(url: str, settings: Settings, summary: ReportSummary) -> dict:
     """Step 5: the ``dq_reports`` row and its self-contained HTML page."""
     from shared.batch.report import publish_report
 
-    return publish_report(url, settings, summary)
+    published = publish_report(url, settings, summary)
+    start, end = parse_period(summary.period.start, summary.period.end)
+    with db.connect(url) as conn:  # stale until now: this run's report has replaced it
+        clear_stale(conn, start, end)
+        conn.commit()
+    return published
+
+
+def _us(delta) -> int:
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def run_period(
@@ -272,6 +260,22 @@ def repair_period(url: str, settings: Settings, start, end) -> ReportSummary:
         conn.commit()
         repaired = repair_gaps(conn, settings, start, end)
     return run_period(url, settings, start, end, repair=repaired)
+
+
+def reconcile_stale_step(url: str, settings: Settings, exclude=None) -> list[dict]:
+    """Reconcile again the stale periods (the oldest marks first, at most
+    ``CANDLEKEEP_DQ_STALE_PER_RUN``), each as a run of its own would; ``exclude``: a period
+    reconciled just now. Returns each period with its new status."""
+    skip = parse_period(*exclude) if exclude else None
+    with db.connect(url) as conn:
+        periods = stale_periods(conn, settings.dq_stale_per_run + 1)
+    done = []
+    for start, end in periods:
+        if (start, end) == skip or len(done) == settings.dq_stale_per_run:
+            continue
+        summary = run_period(url, settings, start, end)
+        done.append({"start": start.isoformat(), "end": end.isoformat(), "status": summary.status})
+    return done
 
 
 def stored_counts(url: str, settings: Settings, start, end) -> dict:
@@ -318,7 +322,10 @@ def report_summary(url: str, settings: Settings, start, end) -> ReportSummary:
             (start, end),
         ).fetchone()
     if row:
-        return ReportSummary.from_json(row[0])
+        summary = ReportSummary.from_json(row[0])
+        with db.connect(url) as conn:  # marked stale since it was stored?
+            summary.stale = summary.stale or is_stale(conn, start, end)
+        return summary
     stream = wait_step(url, settings, start, end, timeout_s=0)
     return checks_step(
         url,
@@ -329,19 +336,3 @@ def report_summary(url: str, settings: Settings, start, end) -> ReportSummary:
         stream,
         stored_verification(url, start, end),
     )
-
-
-def run_period_of(params: dict | None, data_interval_start=None, data_interval_end=None):
-    """The period a DAG run reconciles: ``start``/``end`` params when a manual run names
-    them, else the run's data interval. Neither (a manual run with no logical date and no
-    params) is an error, never a guess."""
-    params = params or {}
-    if params.get("start") or params.get("end"):
-        return parse_period(params.get("start"), params.get("end"))
-    if data_interval_start is None or data_interval_end is None:
-        raise PeriodError(
-            "this run has no interval: trigger it with params start and end (ISO-8601), e.g. "
-            '{"start": "2026-01-01T00:00:00Z", "end": "2026-01-01T01:00:00Z"}, '
-            "or let the schedule run it"
-        )
-    return parse_period(data_interval_start, data_interval_end)

@@ -20,6 +20,7 @@ from shared.config import Settings
 from shared.core.trades import datetime_to_ts
 from shared.core.verification import VERDICTS
 from shared.store import db
+from shared.store.stale_periods import is_stale
 
 MAX_MISMATCH_ROWS = 500
 _env = Environment(
@@ -191,10 +192,22 @@ def publish_report(url: str, settings: Settings, summary: ReportSummary) -> dict
 
 def stored_report_html(url: str, start: datetime, end: datetime) -> str | None:
     """The HTML of the ``dq_reports`` row of exactly ``[start, end)``; ``None`` when that
-    period has no report (yet). What the Airflow "Data quality" view shows."""
+    period has no report (yet). What the Airflow "Data quality" view shows; a period marked
+    stale since the report was stored says so at the top (SPEC §6.2)."""
     with db.connect(url) as conn:
         row = conn.execute(
             "SELECT html FROM dq_reports WHERE interval_start = %s AND interval_end = %s",
             (start, end),
         ).fetchone()
+        stale = row is not None and is_stale(conn, start, end)
+    if row and stale and 'id="stale"' not in row[0]:
+        return row[0].replace("<body>", "<body>\n" + STALE_BANNER, 1)
     return row[0] if row else None
+
+
+#: Shown on a stored report whose period was marked stale after it was stored.
+STALE_BANNER = (
+    '<p id="stale" style="background:#fef3c7;padding:8px"><b>stale</b>: trades were stored for'
+    " this period after this report was made; it and the period's batch candles are out of"
+    " date until the period is reconciled again (the next run of the DAG does it).</p>"
+)

@@ -98,9 +98,9 @@ class VenueCheck(msgspec.Struct):
     by_interval: dict[str, dict[str, int]]
     problems: list[VenueProblem] = []
     fetched: int = 0
-    #: Trade-id gaps the batch run found in the stored trades (``new``: not recorded before).
+    #: Trade-id gaps the batch run found in the stored trades (how many of them were new to
+    #: ``trade_gaps`` is the step's log's, not the report's: a rerun must give the same report).
     gaps_found: int = 0
-    gaps_new: int = 0
 
 
 class TradeGap(msgspec.Struct):
@@ -156,6 +156,24 @@ class Repair(msgspec.Struct):
     left_open: list[GapLeftOpen] = []
 
 
+class SymbolLateness(msgspec.Struct):
+    """One symbol's late trades and the settings that would have kept them under the rate
+    (``shared.core.lateness``); times in seconds."""
+
+    exchange: str
+    symbol: str
+    trades: int
+    late: int
+    rate: float
+    p50_s: float
+    p90_s: float
+    p99_s: float
+    max_s: float
+    extra_s: float  # 0: the settings kept the symbol under the rate
+    max_delay_s: float  # with allowed_lateness unchanged
+    allowed_lateness_s: float  # with max_delay unchanged
+
+
 class ReportSummary(msgspec.Struct):
     """Everything a report says, and its verdict (``status``, ``reasons``)."""
 
@@ -178,6 +196,13 @@ class ReportSummary(msgspec.Struct):
     silent_symbols: list[SilentSymbol] = []
     reconnects: list[Reconnect] = []
     repair: Repair | None = None
+    #: SPEC §6.2: per symbol, how late the late trades were and the settings that would have
+    #: kept them under CANDLEKEEP_DQ_MAX_LATE_RATE (symbols with late trades only).
+    lateness_advice: list[SymbolLateness] = []
+    #: The period's candles in the view ``candles``, by status.
+    statuses: dict[str, int] = {}
+    #: Trades were stored for the period after this run read them: stale until reconciled again.
+    stale: bool = False
     status: str = ""  # the verdict: pass, warn or fail ("" until ``verdict`` has been asked)
     reasons: list[str] = []
 

@@ -15,6 +15,7 @@ from psycopg.types.json import Jsonb
 
 from shared.core.trades import ts_to_datetime
 from shared.core.windows import PartitionWindows
+from shared.store.stale_periods import RECONCILED_UNTIL, UNKNOWN
 
 
 @dataclass
@@ -112,13 +113,18 @@ def fence(
     partition: int,
     resumed_from: int | None,
     savepoint: str | None = None,
-) -> None:
+):
     """Lock the partition's progress row and check that its offset is ``resumed_from`` (None: no
     row yet), else raise :class:`Fenced`; ``savepoint``: also take that savepoint, in the same
-    round trip (as the transaction's ``BEGIN``)."""
+    round trip (as the transaction's ``BEGIN``).
+
+    Returns the end of the newest reconciled period as this transaction first sees it (None:
+    none; ``stale_periods.UNKNOWN`` without a progress row), read in the same statement, so
+    that storing the batch's trades marks stale periods without a statement of its own.
+    """
     with conn.pipeline():
         cur = conn.execute(
-            "SELECT next_offset FROM stream_progress"
+            f"SELECT next_offset, {RECONCILED_UNTIL} FROM stream_progress"
             " WHERE consumer_group = %s AND topic = %s AND partition = %s FOR UPDATE",
             (group, topic, partition),
         )
@@ -131,6 +137,7 @@ def fence(
             f"partition {partition}: stored offset {stored}, this worker resumed from "
             f"{resumed_from}"
         )
+    return row[1] if row else UNKNOWN
 
 
 def write_progress(

@@ -370,5 +370,7 @@ def include_in_migrations(name: str | None, type_: str, parent_names: dict) -> b
     return not _PARTITION.fullmatch(table)
 
 
-# The check against the venue's tables (SPEC §6.1) join ``metadata`` from their own module.
-from shared.store import schema_venue  # noqa: E402, F401
+# The check against the venue's tables (SPEC §6.1) and finality's (§6.2) join ``metadata`` from
+# their own modules (finality's view reads the venue's ``candle_verifications``).
+from shared.store import schema_venue  # noqa: E402, F401, I001
+from shared.store import schema_finality  # noqa: E402, F401

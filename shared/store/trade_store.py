@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from shared.core.trades import Trade, ts_to_datetime
+from shared.store.stale_periods import UNKNOWN, mark_stale
 from shared.store.trade_staging import Source, StoreResult, count_conflicts, store_staged
 
 #: The one COPY into ``trades`` (its rows: :func:`copy_rows`, or :func:`_copy_all_new`).
@@ -186,7 +187,9 @@ def store_trades(
     tried: dict[tuple[str, str], int] | None = None,
 ) -> StoreResult:
     """Store trades, first copy wins, in the caller's open transaction (the caller commits);
-    ``source``: where they came from (offsets parallel to ``trades``).
+    ``source``: where they came from (offsets parallel to ``trades``). The reconciled periods
+    the new trades fall in are marked stale in the same transaction
+    (``shared.store.stale_periods``).
 
     ``tried`` (a stream worker's, see :func:`prepare_trades`): the batch is prepared and stored
     by :func:`store_prepared`. Without it (``load``'s large chunks, where nothing is known
@@ -197,8 +200,11 @@ def store_trades(
         return StoreResult([], 0)
     if tried is None:
         if _copy_all_new(conn, trades):
-            return StoreResult(list(trades), 0)
-        return store_staged(conn, trades, source)
+            stored = StoreResult(list(trades), 0)
+        else:
+            stored = store_staged(conn, trades, source)
+        mark_stale(conn, stored.new)
+        return stored
     source_of = None
     if source is not None:
         offset_of = dict(zip(map(id, trades), source.offsets or (), strict=False))
@@ -215,6 +221,7 @@ def store_prepared(
     *,
     savepoint_taken: bool = False,
     fold: Callable[[list[Trade]], object] | None = None,
+    reconciled_until=UNKNOWN,
 ) -> StoreResult:
     """Store prepared trades (see the module's docstring) in the caller's open transaction.
 
@@ -223,7 +230,9 @@ def store_prepared(
     they are presumed known: the stream worker folds them into its windows while the server
     inserts the fresh ones' COPY (the client has sent it all by then). If that COPY meets a
     stored trade, ``fold`` is called again with the new trades as they turn out, and the caller
-    must let that call replace the first.
+    must let that call replace the first. ``reconciled_until``: the end of the newest reconciled
+    period, if the caller read it in this transaction already (the stream's fence does): then
+    only a trade older than it costs a statement (``shared.store.stale_periods.mark_stale``).
     """
     unique, fresh, others = prepared.unique, prepared.fresh, prepared.others
     of = source_of or (lambda trades: None)
@@ -248,6 +257,7 @@ def store_prepared(
         fold(new)
     # Repeats inside the batch last: their first copies are stored by now.
     conflicting = stored.conflicting + _repeats_conflicting(conn, prepared, new, of)
+    mark_stale(conn, new, reconciled_until)
     return StoreResult(new, len(prepared.repeats) + len(unique) - len(new), conflicting)
 
 
