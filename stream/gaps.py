@@ -5,10 +5,13 @@ batch's own transaction, with the continuity state committed beside the offsets 
 state: effectively once, across restarts and rebalances.
 
 A hole is a candidate once its upper neighbour is past the partition's watermark *and* past the
-committed watermark of the topic's other partitions: a symbol's trades may arrive on several
-partitions (SPEC §4), and one that has not got that far yet may still hold the missing trades.
-The candidates' ids are then checked against the stored trades (``record_gaps``), so what was
-stored another way (another partition, ``load``) is never a gap.
+committed watermark of each of the topic's other partitions that has not committed its whole
+log (``others_watermark_us``, with the logs' bounds read every ``LOG_BOUNDS_EVERY_S``): a
+symbol's trades may arrive on several partitions (SPEC §4), and one that has not got that far
+yet may still hold the missing trades. A hole held back so is looked at again by the batches
+after, or by an idle tick when there is none. The candidates' ids are then checked against the
+stored trades (``record_gaps``), so what was stored another way (another partition, ``load``)
+is never a gap.
 
 Nothing of this costs a statement when there is nothing to check: a batch reads the other
 partitions' watermarks only when one of its holes is due, records only candidates, and marks
