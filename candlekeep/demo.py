@@ -95,8 +95,21 @@ def demo(ctx, hours, rate, keep_running, airflow_port):
         _step(console, started, "schema migrated (candlekeep db upgrade)")
         start_us = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
         count = int(hours * 3600 * rate * 1.04)  # a little past the last hour, so it closes
-        _stream(console, started, demo_settings, start_us, count, rate)
-        _reconcile(console, started, demo_settings, airflow_url, start_us, hours)
+        dials = _market(start_us, count, rate)
+        from candlekeep.demo_venue import demo_venue
+
+        with demo_venue(dials, demo_settings.interval_set) as venue:
+            _step(
+                console,
+                started,
+                f"venue: the synthetic market as Binance serves it, on {venue.rest_url('binance')}"
+                f" (the feed loses {dials.lost[2]} {dials.lost[0]} trades on the way)",
+            )
+            _stream(console, started, demo_settings, dials)
+            _reconcile(
+                console, started, demo_settings, airflow_url, start_us, hours,
+                venue_url=venue.rest_url("binance"),
+            )  # fmt: skip
         _print_reports(demo_settings)
         _print_finality(demo_settings, start_us, hours)
         console.print(f"demo finished in {time.monotonic() - started:.0f}s")
@@ -135,13 +148,13 @@ def _fresh_database(server, name: str) -> str:
     return server.url_for(name)
 
 
-def _stream(console, started, settings, start_us, count, rate):
-    """Produce the synthetic market while the worker consumes it."""
-    from stream.feeds.produce import ensure_topic, produce
-    from stream.feeds.synthetic import MarketDials, synthetic_messages
-    from stream.worker import StreamWorker
+def _market(start_us: int, count: int, rate: float):
+    """The demo's synthetic market: disorder, late, duplicate and invalid messages, and six
+    ETHUSDT trades in its first hour that the feed loses (the venue has them: the DAG repairs
+    the gap)."""
+    from stream.feeds.synthetic import MarketDials
 
-    dials = MarketDials(
+    return MarketDials(
         start_us=start_us,
         count=count,
         rate=rate,
@@ -149,7 +162,17 @@ def _stream(console, started, settings, start_us, count, rate):
         disorder=0.05,
         duplicates=0.01,
         invalid=0.004,
+        lost=("ETHUSDT", 500, 6),
     )
+
+
+def _stream(console, started, settings, dials):
+    """Produce the synthetic market while the worker consumes it."""
+    from stream.feeds.produce import ensure_topic, produce
+    from stream.feeds.synthetic import synthetic_messages
+    from stream.worker import StreamWorker
+
+    count = dials.count
     servers = settings.kafka_bootstrap_servers
 
     async def run():
@@ -176,7 +199,7 @@ def _stream(console, started, settings, start_us, count, rate):
     )
 
 
-def _reconcile(console, started, settings, airflow_url, start_us, hours):
+def _reconcile(console, started, settings, airflow_url, start_us, hours, venue_url):
     """The DAG over every covered hour, with dag.test() in a process of its own."""
     from candlekeep.airflow_runner import airflow_env
 
@@ -186,9 +209,11 @@ def _reconcile(console, started, settings, airflow_url, start_us, hours):
         KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
         CANDLEKEEP_REPORT_DIR=settings.report_dir,
         CANDLEKEEP_DQ_WAIT_TIMEOUT="30",
-        # The synthetic market's trades are named ``binance`` but are not Binance's: the real
-        # venue would only contradict them (until the demo brings a venue of its own).
-        CANDLEKEEP_VENUE_CHECKS=os.environ.get("CANDLEKEEP_VENUE_CHECKS", "false"),
+        # The synthetic market's trades are named ``binance`` but are not Binance's: they are
+        # checked against the demo's own venue (candlekeep/demo_venue.py), never the real one.
+        CANDLEKEEP_VENUE_CHECKS="true",
+        CANDLEKEEP_REPAIR="true",
+        CANDLEKEEP_BINANCE_REST_URL=venue_url,
     )
     for hour in range(hours):
         start = ts_to_datetime(start_us + hour * HOUR_US).isoformat()
@@ -211,23 +236,25 @@ def _reconcile(console, started, settings, airflow_url, start_us, hours):
         _step(console, started, f"DAG run {start[:16]}Z: {state}")
 
 
+_HEADINGS = ("hour (UTC)", "status")
+_KINDS = ("match", "late", "repaired", "missing_in_stream", "missing_in_batch", "unexplained")
+_VERDICTS = ("verified", "gap", "exchange_mismatch", "unverified")
+
+
 def _print_reports(settings) -> None:
     """The summary of every report, and where its HTML page is (on standard output)."""
     from shared.batch.report import report_path
     from shared.batch.summary import ReportSummary
     from shared.store import db
 
-    table = Table(title="data-quality reports")
-    for column in (
-        "hour (UTC)",
-        "status",
-        "match",
-        "late",
-        "missing_in_stream",
-        "missing_in_batch",
-        "unexplained",
-    ):
-        table.add_column(column, justify="right" if column not in ("status",) else "left")
+    table = Table(title="data-quality reports: stream vs batch, and batch vs the venue")
+    for column in _HEADINGS:
+        table.add_column(column, no_wrap=column != "status")
+    for kind in _KINDS:  # stream vs batch (SPEC §6 step 3)
+        table.add_column(kind.replace("missing_in_", "missing in\n"), justify="right")
+    for verdict in _VERDICTS:  # batch vs the venue (SPEC §6.1)
+        table.add_column(f"venue:\n{verdict.replace('exchange_', '')}", justify="right")
+    table.add_column("repaired:\ngaps/trades", justify="right")
     paths = []
     with db.connect(settings.database_url) as conn:
         stored = conn.execute(
@@ -236,18 +263,19 @@ def _print_reports(settings) -> None:
     for period_start, status, stored_summary in stored:
         summary = ReportSummary.from_json(stored_summary)
         counts = summary.counts
+        verdicts = summary.venue.counts if summary.venue else {}
+        repair = summary.repair
         table.add_row(
             period_start.strftime("%Y-%m-%d %H:%M"),
             status,
-            *(
-                str(counts[k])
-                for k in ("match", "late", "missing_in_stream", "missing_in_batch", "unexplained")
-            ),
+            *(str(counts.get(k, 0)) for k in _KINDS),
+            *(str(verdicts.get(v, 0)) if summary.venue else "—" for v in _VERDICTS),
+            f"{repair.filled}/{repair.stored}" if repair else "—",
         )
         paths.append(report_path(settings, summary))
         for reason in summary.reasons:
-            table.add_row("", f"  {reason}", *[""] * 5)
-    out = Console(soft_wrap=True, width=max(Console().width, 110))
+            table.add_row("", f"  {reason}", *[""] * (len(_KINDS) + len(_VERDICTS) + 1))
+    out = Console(soft_wrap=True, width=max(Console().width, 160))
     out.print(table)
     for path in paths:
         out.print(f"report: {path}", highlight=False)

@@ -45,13 +45,30 @@ class MarketDials:
     invalid: float = 0.005
     seed: int = 42
     exchange: str = "binance"
+    #: (symbol, first trade id, how many): trades the feed loses on the way, as a WebSocket
+    #: reconnect does (with their duplicates). Every other message is the same as without it.
+    lost: tuple[str, int, int] | None = None
 
 
 _START_PRICES = {"BTC": Decimal("65000.00"), "ETH": Decimal("3200.00"), "SOL": Decimal("150.000")}
 
 
 def synthetic_messages(dials: MarketDials) -> Iterator[FeedMessage]:
-    """Every message of the synthetic market, in send order."""
+    """Every message of the synthetic market, in send order (less the ``lost`` trades)."""
+    messages = _market_messages(dials)
+    if dials.lost is None:
+        return messages
+    symbol, first, count = dials.lost
+    key = symbol.encode()
+    return (
+        m
+        for m in messages
+        if not (m.key == key and m.trade_id is not None and 0 <= m.trade_id - first < count)
+    )
+
+
+def _market_messages(dials: MarketDials) -> Iterator[FeedMessage]:
+    """Every message of the market: the RNG's draws never depend on what a feed loses."""
     rnd = random.Random(dials.seed)
     prices = {s: _START_PRICES.get(s[:3], Decimal("10.0000")) for s in dials.symbols}
     next_id = dict.fromkeys(dials.symbols, 1)
@@ -92,7 +109,7 @@ def synthetic_messages(dials: MarketDials) -> Iterator[FeedMessage]:
             send_at, kind = event_s + rnd.uniform(0, dials.disorder_max_s), "disordered"
         else:
             send_at, kind = event_s, "trade"
-        message = FeedMessage(send_at, symbol.encode(), value, kind)
+        message = FeedMessage(send_at, symbol.encode(), value, kind, trade_id)
         heapq.heappush(pending, (send_at, seq, message))
         seq += 1
         if rnd.random() < dials.invalid:
@@ -112,7 +129,12 @@ def synthetic_messages(dials: MarketDials) -> Iterator[FeedMessage]:
                 if copy.kind != "invalid":
                     again = event_s + rnd.uniform(0, 5)
                     heapq.heappush(
-                        pending, (again, seq, FeedMessage(again, copy.key, copy.value, "duplicate"))
+                        pending,
+                        (
+                            again,
+                            seq,
+                            FeedMessage(again, copy.key, copy.value, "duplicate", copy.trade_id),
+                        ),
                     )
                     seq += 1
     while pending:
