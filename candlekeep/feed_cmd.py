@@ -209,6 +209,7 @@ def binance(ctx, symbols, market, url, partitions, max_trades):
         exchange=exchange,
         stats=stats,
         max_trades=max_trades,
+        record_reconnect=_reconnect_recorder(ctx, exchange),
     )
     sent, destination = _send(ctx, partitions, messages)
     click.echo(
@@ -241,7 +242,13 @@ def kraken(ctx, symbols, url, partitions, max_trades):
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--symbols") from None
     stats = KrakenStats()
-    messages = kraken_messages(url or KRAKEN_URL, wanted, stats=stats, max_trades=max_trades)
+    messages = kraken_messages(
+        url or KRAKEN_URL,
+        wanted,
+        stats=stats,
+        max_trades=max_trades,
+        record_reconnect=_reconnect_recorder(ctx, "kraken"),
+    )
     sent, destination = _send(ctx, partitions, messages)
     click.echo(
         f"produced {sent.delivered:,} trades of {', '.join(wanted)} to {destination}: "
@@ -285,6 +292,33 @@ def replay(ctx, files, input_format, symbol, exchange, speed, as_fast_as_possibl
         + (f"; {source.invalid:,} invalid lines skipped" if source.invalid else ""),
         err=True,
     )
+
+
+def _reconnect_recorder(ctx: click.Context, exchange: str):
+    """With ``DATABASE_URL`` set, a feed records each reconnect in ``feed_reconnects`` (the
+    report shows them next to the period's trade-id gaps); without it, it only logs them. A
+    database that cannot take the row costs a warning, never the feed."""
+    url = ctx.find_root().obj().database_url
+    if not url:
+        return None
+    import structlog
+
+    from shared.store import db
+    from shared.store.feed_reconnects import record_reconnect
+    from shared.store.redaction import redact
+
+    log = structlog.get_logger("candlekeep.feed")
+
+    def record(symbol, before, after, disconnected_at, reconnected_at) -> None:
+        try:
+            with db.connect(url, autocommit=True) as conn:
+                record_reconnect(
+                    conn, exchange, symbol, before, after, disconnected_at, reconnected_at
+                )
+        except Exception as exc:
+            log.warning("reconnect not recorded in feed_reconnects", error=redact(str(exc)))
+
+    return record
 
 
 def _send(

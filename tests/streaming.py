@@ -38,6 +38,7 @@ STREAM_TABLES = (
     "candle_corrections",
     "candle_verifications",
     "exchange_candles",
+    "feed_reconnects",
 )
 
 

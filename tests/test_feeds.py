@@ -266,8 +266,10 @@ def read_topic(
     return asyncio.run(run())
 
 
-def feed(bootstrap: str, topic: str, *args: str):
+def feed(bootstrap: str, topic: str, *args: str, database_url: str | None = None):
     env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "CANDLEKEEP_TOPIC_TRADES": topic}
+    if database_url:
+        env["DATABASE_URL"] = database_url  # the feed records its reconnects there
     return CliRunner(env=env).invoke(cli, ["feed", *args], catch_exceptions=False)
 
 

@@ -12,9 +12,11 @@ import pytest
 
 from candlekeep.venue_replay import Faults, Recording, VenueReplay, load_recordings
 from shared.core.trade_messages import parse_trade_message
+from shared.store import db
 from stream.feeds.binance import Skipped, normalise_frame
 from stream.feeds.kraken import normalise_message, parse_pairs
 
+from .streaming import reset_tables
 from .test_feeds import by_key, feed, read_topic
 from .test_feeds import restore_logging as restore_logging  # the fixture, used by name
 
@@ -63,7 +65,9 @@ def logged(output: str, event: str) -> list[dict]:
     return [line for line in lines if line.get("event") == event]
 
 
-def run_binance(kafka_bootstrap, venue: str, market: str, symbol: str, frames, drop, skip):
+def run_binance(
+    kafka_bootstrap, venue: str, market: str, symbol: str, frames, drop, skip, database_url=None
+):
     topic = f"t{uuid.uuid4().hex[:8]}.trades"
     with VenueReplay(
         {venue: Recording(frames=frames)}, Faults(drop_after=drop, skip=skip)
@@ -80,6 +84,7 @@ def run_binance(kafka_bootstrap, venue: str, market: str, symbol: str, frames, d
             server.ws_url(venue),
             "--max-trades",
             str(len(frames) - skip),
+            database_url=database_url,
         )
     assert result.exit_code == 0, result.output
     assert server.ws_paths == [f"/{venue}/stream?streams={symbol.lower()}@trade"] * 2
@@ -98,14 +103,17 @@ def run_binance(kafka_bootstrap, venue: str, market: str, symbol: str, frames, d
     ],
 )
 def test_binance_markets_through_a_dropped_connection(
-    kafka_bootstrap, restore_logging, venue, market, symbol, exchange
+    kafka_bootstrap, database_url, restore_logging, venue, market, symbol, exchange
 ):
     if market == "usdm":
         frames = usdm_trade_frames(symbol)
     else:
         frames = load_recordings()["binance"].frames[:60]
     drop, skip = 10, 3
-    result, got = run_binance(kafka_bootstrap, venue, market, symbol, frames, drop, skip)
+    reset_tables(database_url)
+    result, got = run_binance(
+        kafka_bootstrap, venue, market, symbol, frames, drop, skip, database_url
+    )
     assert got == expected(frames, range(drop, drop + skip), exchange)
     for message in got:
         trade = parse_trade_message(json.dumps(message))
@@ -117,6 +125,13 @@ def test_binance_markets_through_a_dropped_connection(
     [back] = logged(result.output, "first trade after reconnect")
     assert (back["symbol"], back["last_trade_id_before"]) == (symbol, before)
     assert back["first_trade_id_after"] == after
+    # ... and recorded for the report of its period (DATABASE_URL set).
+    with db.connect(database_url) as conn:
+        recorded = conn.execute(
+            "SELECT exchange, symbol, last_id_before, first_id_after,"
+            " reconnected_at >= disconnected_at FROM feed_reconnects"
+        ).fetchall()
+    assert recorded == [(exchange, symbol, before, after, True)]
 
 
 @pytest.mark.integration

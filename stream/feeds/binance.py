@@ -41,7 +41,7 @@ from shared.core.trade_messages import canonical_timestamp, encode_trade, parse_
 from shared.core.trade_rules import normalise_symbol
 from shared.core.trades import Rejection
 from stream.feeds.produce import FeedError, FeedMessage
-from stream.feeds.reconnects import ReconnectLog
+from stream.feeds.reconnects import ReconnectLog, Record
 
 log = structlog.get_logger("candlekeep.feed.binance")
 
@@ -190,11 +190,12 @@ async def binance_messages(
     max_backoff_s: float = 60.0,
     open_timeout_s: float = 10.0,
     seed: int | None = None,
+    record_reconnect: Record | None = None,
 ) -> AsyncIterator[FeedMessage]:
     """Canonical trade messages from the WebSocket at ``url``, reconnecting for ever (or until
     ``max_trades`` trades). Malformed frames are logged and skipped."""
     stats = stats if stats is not None else BinanceStats()
-    reconnects = ReconnectLog(log)
+    reconnects = ReconnectLog(log, record_reconnect)
     rnd = random.Random(seed)
     attempt = 0  # failed connections in a row
     where = _redacted(url)

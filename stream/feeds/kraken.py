@@ -38,7 +38,7 @@ from shared.core.trade_messages import encode_trade, parse_trade_object
 from shared.core.trades import Rejection
 from stream.feeds.binance import BinanceStats, Skipped, _redacted, _skipped, backoff_delay
 from stream.feeds.produce import FeedError, FeedMessage
-from stream.feeds.reconnects import ReconnectLog
+from stream.feeds.reconnects import ReconnectLog, Record
 
 log = structlog.get_logger("candlekeep.feed.kraken")
 
@@ -129,11 +129,12 @@ async def kraken_messages(
     max_backoff_s: float = 60.0,
     open_timeout_s: float = 10.0,
     seed: int | None = None,
+    record_reconnect: Record | None = None,
 ) -> AsyncIterator[FeedMessage]:
     """Canonical trade messages of ``symbols`` (stored names) from Kraken's v2 WebSocket at
     ``url``, reconnecting for ever (or until ``max_trades`` trades)."""
     stats = stats if stats is not None else BinanceStats()
-    reconnects = ReconnectLog(log)
+    reconnects = ReconnectLog(log, record_reconnect)
     rnd = random.Random(seed)
     attempt = 0
     where = _redacted(url)
