@@ -21,15 +21,9 @@ from candlekeep.cli import cli
 from candlekeep.feed_cmd import BINANCE_URL
 from shared.core.trade_messages import canonical_timestamp, encode_trade, parse_trade_message
 from shared.core.trades import Rejection, Trade
-from stream.feeds.binance import (
-    DEFAULT_URL,
-    Skipped,
-    backoff_delay,
-    normalise_frame,
-    parse_symbols,
-    stream_url,
-)
+from stream.feeds.binance import DEFAULT_URL, normalise_frame, parse_symbols, stream_url
 from stream.feeds.replay import replay_messages
+from stream.feeds.websocket import Skipped, backoff_delay
 
 RECORDED = Path(__file__).resolve().parent / "data" / "binance_trade_ws.jsonl"
 

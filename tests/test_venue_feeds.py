@@ -13,8 +13,9 @@ import pytest
 from candlekeep.venue_replay import Faults, Recording, VenueReplay, load_recordings
 from shared.core.trade_messages import parse_trade_message
 from shared.store import db
-from stream.feeds.binance import Skipped, normalise_frame
+from stream.feeds.binance import normalise_frame
 from stream.feeds.kraken import normalise_message, parse_pairs
+from stream.feeds.websocket import Skipped
 
 from .streaming import reset_tables
 from .test_feeds import by_key, feed, read_topic

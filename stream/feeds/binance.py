@@ -22,26 +22,21 @@ wanted; ``candlekeep feed binance`` sends its messages through :mod:`stream.feed
 
 from __future__ import annotations
 
-import asyncio
-import random
 import re
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 import structlog
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from shared.core.trade_files import MICROSECOND_THRESHOLD
 from shared.core.trade_messages import canonical_timestamp, encode_trade, parse_trade_object
 from shared.core.trade_rules import normalise_symbol
 from shared.core.trades import Rejection
-from stream.feeds.produce import FeedError, FeedMessage
-from stream.feeds.reconnects import ReconnectLog, Record
+from stream.feeds.produce import FeedMessage
+from stream.feeds.reconnects import Record
+from stream.feeds.websocket import FeedStats, Skipped, websocket_trades
 
 log = structlog.get_logger("candlekeep.feed.binance")
 
@@ -54,15 +49,6 @@ MARKETS = {
 }
 _SYMBOL_RE = re.compile(r"[A-Za-z0-9]{1,32}")
 _decode = msgspec.json.Decoder(float_hook=Decimal)
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A frame that is not a trade: ``ignored`` (another event, a control reply) or
-    ``malformed`` (not what Binance documents), with the reason."""
-
-    kind: str
-    reason: str
 
 
 def parse_symbols(text: str) -> list[str]:
@@ -162,25 +148,11 @@ def _message_fields(data: dict, exchange: str) -> dict:
     }
 
 
-@dataclass
-class BinanceStats:
-    frames: int = 0
-    trades: int = 0
-    ignored: int = 0
-    malformed: int = 0
-    connects: int = 0
-    reconnects: int = 0
-    skipped_reasons: dict[str, int] = field(default_factory=dict)
+#: (A feed's counters, by the name the CLI and the tests know.)
+BinanceStats = FeedStats
 
 
-def backoff_delay(attempt: int, initial_s: float, max_s: float, rnd: random.Random) -> float:
-    """Exponential backoff with jitter: half the capped exponential step, plus a random part
-    of the other half (so reconnecting clients spread out, and no delay is ever zero)."""
-    step = min(max_s, initial_s * 2 ** max(0, attempt - 1))
-    return step / 2 + rnd.uniform(0, step / 2)
-
-
-async def binance_messages(
+def binance_messages(
     url: str,
     *,
     exchange: str = EXCHANGE,
@@ -194,64 +166,15 @@ async def binance_messages(
 ) -> AsyncIterator[FeedMessage]:
     """Canonical trade messages from the WebSocket at ``url``, reconnecting for ever (or until
     ``max_trades`` trades). Malformed frames are logged and skipped."""
-    stats = stats if stats is not None else BinanceStats()
-    reconnects = ReconnectLog(log, record_reconnect)
-    rnd = random.Random(seed)
-    attempt = 0  # failed connections in a row
-    where = _redacted(url)
-    while True:
-        error: str
-        try:
-            async with connect(
-                url, open_timeout=open_timeout_s, max_size=1 << 20, ping_interval=20
-            ) as ws:
-                stats.connects += 1
-                log.info("websocket connected", url=where, connects=stats.connects)
-                async for frame in ws:
-                    stats.frames += 1
-                    result = normalise_frame(frame, exchange)
-                    if isinstance(result, Skipped):
-                        _skipped(stats, result, frame)
-                        continue
-                    attempt = 0  # a trade came through: the connection is healthy
-                    stats.trades += 1
-                    reconnects.trade(result.key.decode(), result.trade_id)
-                    yield result
-                    if max_trades is not None and stats.trades >= max_trades:
-                        return
-                error = "closed by the server"
-        except InvalidURI as exc:
-            raise FeedError(f"{where} is not a WebSocket URL: {exc}") from None
-        except ConnectionClosed as exc:
-            error = f"connection lost: {exc}"
-        except (OSError, InvalidHandshake, TimeoutError) as exc:
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        attempt += 1
-        stats.reconnects += 1
-        delay = backoff_delay(attempt, initial_backoff_s, max_backoff_s, rnd)
-        log.warning(
-            "websocket disconnected: reconnecting",
-            url=where,
-            error=error,
-            last_trade_ids=reconnects.reconnecting(reconnects.last_ids),
-            attempt=attempt,
-            delay_s=round(delay, 3),
-            reconnects=stats.reconnects,
-        )
-        await asyncio.sleep(delay)
-
-
-def _skipped(stats: BinanceStats, skipped: Skipped, frame: str | bytes) -> None:
-    if skipped.kind == "ignored":
-        stats.ignored += 1
-        log.debug("frame ignored", reason=skipped.reason)
-        return
-    stats.malformed += 1
-    stats.skipped_reasons[skipped.reason] = stats.skipped_reasons.get(skipped.reason, 0) + 1
-    text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
-    log.warning("malformed frame skipped", reason=skipped.reason, frame=text[:200])
-
-
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else url
+    return websocket_trades(
+        url,
+        lambda frame: (normalise_frame(frame, exchange),),
+        log=log,
+        stats=stats,
+        max_trades=max_trades,
+        initial_backoff_s=initial_backoff_s,
+        max_backoff_s=max_backoff_s,
+        open_timeout_s=open_timeout_s,
+        seed=seed,
+        record_reconnect=record_reconnect,
+    )

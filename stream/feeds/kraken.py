@@ -22,31 +22,27 @@ Reconnects are logged like Binance's, with the last id before and the first afte
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 
 import msgspec
 import structlog
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from shared.batch.venues.kraken import stored_symbol, ws_symbol
 from shared.core.trade_messages import encode_trade, parse_trade_object
 from shared.core.trades import Rejection
-from stream.feeds.binance import BinanceStats, Skipped, _redacted, _skipped, backoff_delay
 from stream.feeds.produce import FeedError, FeedMessage
-from stream.feeds.reconnects import ReconnectLog, Record
+from stream.feeds.reconnects import Record
+from stream.feeds.websocket import FeedStats, Skipped, websocket_trades
 
 log = structlog.get_logger("candlekeep.feed.kraken")
 
 DEFAULT_URL = "wss://ws.kraken.com/v2"
 EXCHANGE = "kraken"
 _decode = msgspec.json.Decoder(float_hook=Decimal)
-#: The same counters as Binance's feed.
-KrakenStats = BinanceStats
+#: The counters every venue feed keeps.
+KrakenStats = FeedStats
 
 
 def parse_pairs(text: str) -> list[str]:
@@ -119,11 +115,11 @@ def _entry(entry: object) -> FeedMessage | Skipped:
     return FeedMessage(0.0, trade.symbol.encode(), encode_trade(trade), "trade", trade.trade_id)
 
 
-async def kraken_messages(
+def kraken_messages(
     url: str,
     symbols: Sequence[str],
     *,
-    stats: BinanceStats | None = None,
+    stats: FeedStats | None = None,
     max_trades: int | None = None,
     initial_backoff_s: float = 1.0,
     max_backoff_s: float = 60.0,
@@ -133,46 +129,18 @@ async def kraken_messages(
 ) -> AsyncIterator[FeedMessage]:
     """Canonical trade messages of ``symbols`` (stored names) from Kraken's v2 WebSocket at
     ``url``, reconnecting for ever (or until ``max_trades`` trades)."""
-    stats = stats if stats is not None else BinanceStats()
-    reconnects = ReconnectLog(log, record_reconnect)
-    rnd = random.Random(seed)
-    attempt = 0
-    where = _redacted(url)
-    while True:
-        try:
-            async with connect(url, open_timeout=open_timeout_s, max_size=1 << 22) as ws:
-                stats.connects += 1
-                await ws.send(subscribe_message(symbols))
-                log.info("websocket connected", url=where, symbols=list(symbols))
-                async for frame in ws:
-                    stats.frames += 1
-                    for result in normalise_message(frame):
-                        if isinstance(result, Skipped):
-                            _skipped(stats, result, frame)
-                            continue
-                        attempt = 0
-                        stats.trades += 1
-                        reconnects.trade(result.key.decode(), result.trade_id)
-                        yield result
-                        if max_trades is not None and stats.trades >= max_trades:
-                            return
-                error = "closed by the server"
-        except InvalidURI as exc:
-            raise FeedError(f"{where} is not a WebSocket URL: {exc}") from None
-        except ConnectionClosed as exc:
-            error = f"connection lost: {exc}"
-        except (OSError, InvalidHandshake, TimeoutError) as exc:
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        attempt += 1
-        stats.reconnects += 1
-        delay = backoff_delay(attempt, initial_backoff_s, max_backoff_s, rnd)
-        log.warning(
-            "websocket disconnected: reconnecting",
-            url=where,
-            error=error,
-            last_trade_ids=reconnects.reconnecting(symbols),
-            attempt=attempt,
-            delay_s=round(delay, 3),
-            reconnects=stats.reconnects,
-        )
-        await asyncio.sleep(delay)
+    return websocket_trades(
+        url,
+        normalise_message,
+        log=log,
+        subscribe=subscribe_message(symbols),
+        symbols=symbols,
+        stats=stats,
+        max_trades=max_trades,
+        initial_backoff_s=initial_backoff_s,
+        max_backoff_s=max_backoff_s,
+        open_timeout_s=open_timeout_s,
+        max_size=1 << 22,
+        seed=seed,
+        record_reconnect=record_reconnect,
+    )
