@@ -9,10 +9,14 @@ ends after the watermark at its arrival.
 
 - 1m, and candlekeep's larger candles: the core's fold over the trades on time in 1m (candlekeep
   merges larger candles from its 1m candles, so a trade late for 1m is in none of them).
-- The peers' larger candles: each interval's windows run independently, so a trade that missed
-  its 1m window still counts in a 5m, 15m or 1h window that is open: the core's fold over the
-  trades on time in that interval. The two meanings differ only for windows holding such trades;
-  the report counts them.
+- Quix Streams' larger candles: each interval's windows run independently, so a trade that
+  missed its 1m window still counts in a 5m, 15m or 1h window that is still open: the core's fold
+  over the trades on time in that interval (``independent``).
+- bytewax's: its ``fold_window`` calls a trade late when its time is behind the watermark,
+  whatever window it falls in, so a trade late for one interval is late for all: the core's fold
+  over the trades not behind the watermark at arrival (``behind``). On this topic (disorder up to
+  2 s, late trades minutes late) that is the same set as candlekeep's late for 1m.
+The meanings differ only for windows holding such trades; the report counts them.
 
 Compared are the windows that end at least 5 s before every busy partition's last trade: every
 system must have closed those (bytewax also closes the rest at the end of the topic; candlekeep
@@ -41,8 +45,10 @@ class Reference:
     messages: int
     #: (symbol, interval, window_start_us) -> candle values, candlekeep's meaning (1m merged up).
     candlekeep: dict = field(default_factory=dict)
-    #: The same keys, each interval's windows on their own (the peers' meaning).
+    #: Each interval's windows on their own (Quix Streams' meaning).
     independent: dict = field(default_factory=dict)
+    #: Late = behind the watermark, in every interval (bytewax's meaning).
+    behind: dict = field(default_factory=dict)
     late_1m: int = 0
     compared_1m: int = 0
     last_start_us: int = 0  # of the last compared 1m window
@@ -76,6 +82,7 @@ def reference(path) -> Reference:
     ref = Reference(messages=position)
     cutoff = min(greatest.values()) - MAX_DELAY_US  # windows ending by then are closed everywhere
     on_time = {name: [] for name in NAMES}
+    not_behind = [t for t, watermark in arrivals if watermark is None or t.ts_us >= watermark]
     for trade, watermark in arrivals:
         for name in NAMES:
             length = IntervalSet.parse(name).base.length_us
@@ -89,10 +96,11 @@ def reference(path) -> Reference:
                 candle.values()
             )
     for name in NAMES:
-        for candle in aggregate(on_time[name], IntervalSet.parse(name)):
-            if candle.window_end_us <= cutoff:
-                key = (candle.symbol, candle.interval, candle.window_start_us)
-                ref.independent[key] = candle.values()
+        for meaning, trades in ((ref.independent, on_time[name]), (ref.behind, not_behind)):
+            for candle in aggregate(trades, IntervalSet.parse(name)):
+                if candle.window_end_us <= cutoff:
+                    key = (candle.symbol, candle.interval, candle.window_start_us)
+                    meaning[key] = candle.values()
     starts = sorted(k[2] for k in ref.candlekeep if k[1] == "1m")
     ref.compared_1m = len(starts)
     ref.last_start_us = starts[-1]
@@ -107,13 +115,14 @@ def reference(path) -> Reference:
     return ref
 
 
-def compare(found: dict, ref: Reference, intervals: str, independent: bool) -> tuple[int, int]:
+def compare(found: dict, ref: Reference, intervals: str, meaning: str) -> tuple[int, int]:
     """Check ``found`` (one system's table) against the reference: every compared 1m candle
-    equal, and, for a four-interval run, every compared larger candle equal to its meaning.
-    Returns (1m candles checked, larger candles checked); raises AssertionError on a difference."""
+    equal to candlekeep's, and, for a four-interval run, every compared larger candle equal to
+    the system's ``meaning`` (``candlekeep``, ``independent`` or ``behind``). Returns (1m
+    candles checked, larger candles checked); raises AssertionError on a difference."""
     checked = {"1m": 0, "larger": 0}
     for name in intervals.split(","):
-        expected = ref.independent if (independent and name != "1m") else ref.candlekeep
+        expected = getattr(ref, "candlekeep" if name == "1m" else meaning)
         wanted = {k: v for k, v in expected.items() if k[1] == name}
         got = {k: found[k] for k in wanted if k in found}
         missing = wanted.keys() - got.keys()
@@ -128,12 +137,11 @@ def compare(found: dict, ref: Reference, intervals: str, independent: bool) -> t
     return checked["1m"], checked["larger"]
 
 
-def meanings_differ(ref: Reference) -> dict[str, int]:
-    """Per larger interval: how many compared candles differ between the two meanings."""
+def meanings_differ(ref: Reference, meaning: str) -> dict[str, int]:
+    """Per larger interval: how many compared candles of ``meaning`` differ from candlekeep's."""
+    other = getattr(ref, meaning)
     out = {}
     for name in NAMES[1:]:
-        keys = {k for k in ref.candlekeep if k[1] == name} | {
-            k for k in ref.independent if k[1] == name
-        }
-        out[name] = sum(ref.candlekeep.get(k) != ref.independent.get(k) for k in keys)
+        keys = {k for k in ref.candlekeep if k[1] == name} | {k for k in other if k[1] == name}
+        out[name] = sum(ref.candlekeep.get(k) != other.get(k) for k in keys)
     return out
