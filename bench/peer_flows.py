@@ -29,7 +29,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aggregate_vs_bytewax import Ohlcv, fold_trade, merge_candles  # noqa: E402
+from aggregate_vs_bytewax import Ohlcv, fold_trade, merge_candles
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: candlekeep's default ``max_delay``: the windows' grace in both peers.
@@ -216,7 +216,7 @@ def _bytewax_sink_classes():
     return Sink
 
 
-def PostgresUpsert(database_url: str):  # noqa: N802 (a class, built lazily: bytewax is optional)
+def PostgresUpsert(database_url: str):  # (a class, built lazily: bytewax is optional)
     return _bytewax_sink_classes()(database_url)
 
 

@@ -128,7 +128,9 @@ def compare(found: dict, ref: Reference, intervals: str, meaning: str) -> tuple[
         missing = wanted.keys() - got.keys()
         assert not missing, f"{len(missing)} {name} candles missing (first: {min(missing)})"
         extra = [
-            k for k in found if k[1] == name and k[2] <= max(w[2] for w in wanted) and k not in wanted
+            k
+            for k in found
+            if k[1] == name and k[2] <= max(w[2] for w in wanted) and k not in wanted
         ]
         assert not extra, f"{len(extra)} {name} candles that should not exist (first: {extra[0]})"
         for key, values in wanted.items():

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -61,8 +60,8 @@ from stream_throughput import (  # noqa: E402
     bare_consumer,
     generate,
     machine,
+    messages_path,
     produce_file,
-    messages_path as messages_dir,
     vm_hwm_mb,
 )
 
@@ -145,7 +144,9 @@ def fresh_database(postgres: EmbeddedPostgres, kind: str) -> str:
 def drop_database(postgres: EmbeddedPostgres, url: str) -> None:
     name = url.rsplit("/", 1)[1].split("?")[0]
     with psycopg.connect(postgres.url_for("postgres"), autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 def command_for(kind: str, intervals: str, bootstrap: str, topic: str, url: str, scratch: Path):
@@ -240,14 +241,18 @@ def read_candles(conn: psycopg.Connection, table: str) -> dict:
 
 
 def run_bare(bootstrap: str, topic: str, total: int) -> Run:
-    """The stream benchmark's bare loop, in a process of its own (its CPU and peak RSS alone)."""
+    """The stream benchmark's bare loop, in a process of its own (its CPU and peak RSS alone;
+    ``VmHWM``, as wait4's figure starts from this process's size at the fork)."""
     argv = [sys.executable, __file__, "--bare", bootstrap, topic, str(total)]
+    peak = 0.0
     with tempfile.TemporaryFile() as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+        while process.poll() is None:
+            peak = max(peak, vm_hwm_mb(process.pid) or 0.0)
+            time.sleep(POLL_S)
         out.seek(0)
         text = out.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
+    if process.returncode != 0:
         raise SystemExit(f"the bare loop failed:\n{text}")
     result = json.loads(text.strip().splitlines()[-1])
     return Run(
@@ -255,7 +260,7 @@ def run_bare(bootstrap: str, topic: str, total: int) -> Run:
         result["consumed"] / result["seconds"],
         1e6 * result["cpu_s"] / result["consumed"],
         None,
-        usage.ru_maxrss / 1024,
+        peak,
     )
 
 
@@ -279,7 +284,7 @@ class StreamResult:
 
 def run_stream(trades: int, systems: list[str], rounds: int) -> StreamResult:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    messages_dir(trades).parent.mkdir(parents=True, exist_ok=True)
+    messages_path(trades).parent.mkdir(parents=True, exist_ok=True)
     path = generate(trades)
     print(f"== stream: {trades:,} trades, systems {', '.join(systems)}, {rounds} round(s)")
     ref = reference(path)
@@ -322,20 +327,289 @@ def run_stream(trades: int, systems: list[str], rounds: int) -> StreamResult:
     return StreamResult(trades, ref, rounds, runs, checked, (load_start, os.getloadavg()[0]))
 
 
+# --- aggregate: candlekeep, bytewax and DuckDB on one trades file ------------------------------
+
+#: DuckDB's query: one thread, exact DECIMAL. Prices and quantities are read as DECIMAL(18,8)
+#: (the file has at most 8 decimals); their product is taken in DECIMAL(38,8) × DECIMAL(38,8) =
+#: DECIMAL(38,16), since DECIMAL(18,8) × DECIMAL(18,8) overflows DuckDB's 18-digit
+#: intermediate. Open and close are the prices with the least and greatest (time, id).
+DUCKDB_QUERY = """
+COPY (
+  SELECT time // 60000 * 60000 AS window_start_ms,
+    arg_min(price, {'t': time, 'i': id})::VARCHAR AS open, max(price)::VARCHAR AS high,
+    min(price)::VARCHAR AS low, arg_max(price, {'t': time, 'i': id})::VARCHAR AS close,
+    sum(quantity)::VARCHAR AS volume,
+    sum(price::DECIMAL(38, 8) * quantity::DECIMAL(38, 8))::VARCHAR AS quote_volume,
+    count(*) AS trade_count,
+    arg_min(id, {'t': time, 'i': id}) AS first_trade_id,
+    arg_max(id, {'t': time, 'i': id}) AS last_trade_id,
+    coalesce(sum(quantity) FILTER (WHERE NOT maker), 0)::VARCHAR AS taker_buy_volume,
+    coalesce(sum(price::DECIMAL(38, 8) * quantity::DECIMAL(38, 8)) FILTER (WHERE NOT maker), 0)
+      ::VARCHAR AS taker_buy_quote_volume
+  FROM read_csv('{path}', header = false, columns = {
+    'id': 'BIGINT', 'price': 'DECIMAL(18,8)', 'quantity': 'DECIMAL(18,8)',
+    'quote': 'VARCHAR', 'time': 'BIGINT', 'maker': 'BOOLEAN', 'best': 'VARCHAR'})
+  GROUP BY 1 ORDER BY 1
+) TO '{out}' (FORMAT json)
+"""
+
+
+def duckdb_main(csv_path: str, out_path: str) -> None:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET threads TO 1")
+    con.execute(DUCKDB_QUERY.replace("{path}", csv_path).replace("{out}", out_path))
+
+
+@dataclass
+class AggregateResult:
+    trades: int
+    rounds: int
+    runs: dict  # name -> [aggregate_vs_bytewax.Run]
+    windows: int
+
+
+def run_aggregate(trades: int, rounds: int) -> AggregateResult:
+    import aggregate_vs_bytewax as avb
+    from make_trades import cached_trades
+
+    out = BENCH_DIR / "out"
+    print(f"== aggregate: {trades:,} trades, {rounds} round(s)")
+    csv_path = cached_trades(out, trades)
+    ck, ck1 = out / "peers-candlekeep.jsonl", out / "peers-candlekeep-w1.jsonl"
+    bw, bw_late, duck = (
+        out / "peers-bytewax.jsonl",
+        out / "peers-bytewax-late.txt",
+        out / "peers-duckdb.jsonl",
+    )
+    commands = {
+        AGG_CK: avb.candlekeep_command(csv_path, ck),
+        AGG_CK1: avb.candlekeep_command(csv_path, ck1, workers=1),
+        AGG_BW: avb.bytewax_command(csv_path, bw, bw_late),
+        AGG_DUCK: [sys.executable, __file__, "--duckdb", str(csv_path), str(duck)],
+    }
+    outputs = {AGG_CK: [ck], AGG_CK1: [ck1], AGG_BW: [bw, bw_late], AGG_DUCK: [duck]}
+    runs: dict = {name: [] for name in commands}
+    names = list(commands)
+    for round_number in range(rounds):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            for stale in outputs[name]:
+                stale.unlink(missing_ok=True)
+            run = avb.timed(commands[name])
+            runs[name].append(run)
+            print(
+                f"  round {round_number + 1}: {name:<24} {run.wall_s:6.2f} s wall,"
+                f" {1e6 * run.cpu_s / trades:5.2f} µs CPU a trade",
+                flush=True,
+            )
+    assert ck.read_bytes() == ck1.read_bytes(), "candlekeep: all cores != --workers 1"
+    windows = avb.check_agreement(ck, bw, bw_late)
+    ours, theirs = avb.candlekeep_candles(ck), avb.bytewax_candles(duck)
+    assert ours == theirs, "DuckDB's candles differ from candlekeep's"
+    print(f"  checked: {windows} 1m candles, equal in candlekeep, bytewax and DuckDB")
+    return AggregateResult(trades, rounds, runs, windows)
+
+
+AGG_CK, AGG_CK1 = "candlekeep (all cores)", "candlekeep --workers 1"
+AGG_BW, AGG_DUCK = "bytewax -w 1", "DuckDB 2.0, 1 thread"
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def target_line(label: str, value: float, target: float, more_is_better: bool = True) -> str:
+    met = value >= target if more_is_better else value <= target
+    sign = "≥" if more_is_better else "≤"
+    return (
+        f"- {label}: **{value:.2f}** (target {sign} {target:g}): **{'met' if met else 'not met'}**"
+    )
+
+
+STREAM_HEADER = (
+    "| system | trades/s | CPU µs a message (process) | PostgreSQL CPU µs a message"
+    " | peak RSS (MB) | rounds | guarantees |\n|---|---:|---:|---:|---:|---|---|"
+)
+
+
+def render_stream(result: StreamResult) -> tuple[str, list[str]]:
+    runs, ref = result.runs, result.ref
+    rows = []
+    for system, system_runs in runs.items():
+        label, kind, _ = SYSTEMS[system]
+        pg = [r.pg_cpu_us for r in system_runs if r.pg_cpu_us is not None]
+        rows.append(
+            f"| {label} | {median(r.rate for r in system_runs):,.0f}"
+            f" | {median(r.cpu_us for r in system_runs):.1f}"
+            f" | {f'{median(pg):.1f}' if pg else '–'}"
+            f" | {max(r.peak_rss_mb for r in system_runs):.0f}"
+            f" | {', '.join(f'{r.rate / 1000:.1f}k' for r in system_runs)}"
+            f" | {GUARANTEES[kind]} |"
+        )
+    rate = {s: median(r.rate for r in rs) for s, rs in runs.items()}
+    targets = []
+    for ours, theirs, target in (
+        ("candlekeep", "bytewax", 3.0),
+        ("candlekeep", "quix", 10.0),
+        ("candlekeep-1m", "bytewax-1m", 2.0),
+    ):
+        if ours in rate and theirs in rate:
+            targets.append(
+                target_line(
+                    f"{SYSTEMS[ours][0]} / {SYSTEMS[theirs][0]}",
+                    rate[ours] / rate[theirs],
+                    target,
+                )
+            )
+    for system in ("candlekeep", "candlekeep-1m"):
+        if system not in runs:
+            continue
+        cpu = median(r.cpu_us + (r.pg_cpu_us or 0) for r in runs[system])
+        label = SYSTEMS[system][0]
+        targets.append(
+            target_line(f"{label}: worker + PostgreSQL CPU µs a message", cpu, 10.0, False)
+        )
+        if "bare" in runs:
+            bare = median(r.cpu_us for r in runs["bare"])
+            targets.append(
+                target_line(f"{label}: the same / the bare loop's", cpu / bare, 4.5, False)
+            )
+    checked = "; ".join(
+        f"{SYSTEMS[s][0]}: {one:,} 1m" + (f" and {larger:,} larger" if larger else "")
+        for s, (one, larger) in result.checked.items()
+    )
+    differ = {m: meanings_differ(ref, m) for m in ("independent", "behind")}
+    text = f"""Stream: {result.trades:,} trades, {ref.messages:,} messages on 4 partitions,
+{result.rounds} round(s); load average {result.load[0]:.1f} at the start and {result.load[1]:.1f}
+at the end. Rates over the {ref.span_messages:,} messages between the first and the last compared
+1m window; medians of the rounds (each round's rate in its column).
+
+{STREAM_HEADER}
+{chr(10).join(rows)}
+
+Checked before the table was printed, in every run: {checked} candles, every one equal to
+candlekeep's core over the same trades ({ref.compared_1m:,} 1m windows; {ref.late_1m:,} trades are
+late for 1m in every system). Larger candles mean different things: of the compared 5m, 15m and
+1h candles, {", ".join(f"{n} {name}" for name, n in differ["independent"].items())} differ
+between candlekeep's meaning and Quix's (a trade late for its 1m window still counts in a larger
+window that is open), and {", ".join(f"{n} {name}" for name, n in differ["behind"].items())}
+between candlekeep's and bytewax's; each system's were checked against its own meaning.
+"""
+    return text, targets
+
+
+def render_aggregate(result: AggregateResult) -> tuple[str, list[str]]:
+    runs, trades = result.runs, result.trades
+    cpu_us = {n: median(1e6 * r.cpu_s / trades for r in rs) for n, rs in runs.items()}
+    cores = {AGG_CK: f"{os.cpu_count()} worker processes", AGG_CK1: "1", AGG_BW: "1"}
+    cores[AGG_DUCK] = "1"
+    rows = "\n".join(
+        f"| {name} | {cores[name]} | {trades / median(r.wall_s for r in rs):,.0f}"
+        f" | {cpu_us[name]:.2f} | {', '.join(f'{r.wall_s:.2f}' for r in rs)} |"
+        for name, rs in runs.items()
+    )
+    wall = {n: median(r.wall_s for r in rs) for n, rs in runs.items()}
+    text = f"""`aggregate`: {trades:,} Binance trades (`bench/make_trades.py`), 1m candles, each
+system a subprocess timed from start to exit, {result.rounds} round(s); all {result.windows}
+candles equal in the four outputs.
+
+| | cores | trades/s (wall) | CPU µs a trade | wall times (s) |
+|---|---|---:|---:|---|
+{rows}
+"""
+    targets = [
+        target_line(
+            "`aggregate` one core each, candlekeep / bytewax (CPU a trade)",
+            cpu_us[AGG_BW] / cpu_us[AGG_CK1],
+            3.0,
+        ),
+        f"- beside it, DuckDB / candlekeep on one core: DuckDB needs"
+        f" {cpu_us[AGG_DUCK] / cpu_us[AGG_CK1]:.2f}× candlekeep's CPU a trade; candlekeep on all"
+        f" cores takes {wall[AGG_CK] / wall[AGG_DUCK]:.2f}× DuckDB's one-thread wall time",
+    ]
+    return text, targets
+
+
+def render(stream: StreamResult | None, aggregate: AggregateResult | None, quick: bool) -> str:
+    m = machine()
+    when = datetime.now(UTC)
+    parts, targets = [], []
+    for result, renderer in ((stream, render_stream), (aggregate, render_aggregate)):
+        if result is not None:
+            text, met = renderer(result)
+            parts.append(text)
+            targets += met
+    return f"""{SECTION}
+
+How to run: `make .venv/bin/.bench-installed` (the `[bench]` extra: bytewax, Quix Streams,
+DuckDB), then `.venv/bin/python bench/peers.py [--trades N] [--rounds K] [--systems ...]
+[--only stream|aggregate] [--quick] [--no-write-docs]` (defaults: {TRADES:,} trades, 3 rounds,
+every system, about {"25" if not quick else "2"} minutes; `--quick`: {QUICK_TRADES:,} trades,
+one round, no docs). The embedded broker and PostgreSQL are started fresh (`bench/out/peers/`).
+What each system runs and how it is measured: the docstrings of `bench/peers.py`,
+`bench/peer_flows.py` (the peers' pipelines) and `bench/peer_model.py` (the check).
+
+Last run ({when:%Y-%m-%d %H:%M} UTC{", --quick" if quick else ""}): {m["cpus"]} CPUs ({m["cpu"]}),
+{m["memory"]} RAM, {m["system"]}, Python {m["python"]}; the broker, PostgreSQL and the system
+measured share the CPUs.
+
+{(chr(10) * 2).join(parts)}
+Targets of issue 15 measured here (ratios within this run):
+
+{chr(10).join(targets)}
+"""
+
+
+def write_section(text: str) -> None:
+    """Replace this section of docs/benchmarks.md (or append it); keep the rest, and the
+    hand-written analysis that follows the generated part (from ANALYSIS_MARK on)."""
+    current = DOCS.read_text(encoding="utf-8")
+    start = current.find(SECTION)
+    if start < 0:
+        DOCS.write_text(current.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+        return
+    following = current.find("\n## ", start + len(SECTION))
+    section = current[start:] if following < 0 else current[start:following]
+    rest = "" if following < 0 else current[following:]
+    kept = section[section.find(ANALYSIS_MARK) :] if ANALYSIS_MARK in section else ""
+    body = text.rstrip("\n") + "\n" + ("\n" + kept.rstrip("\n") + "\n" if kept else "")
+    DOCS.write_text(current[:start] + body + rest, encoding="utf-8")
+
+
+ANALYSIS_MARK = "### Where the time goes"
+
+
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--bare":
         bare_main(*sys.argv[2:])
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "--duckdb":
+        duckdb_main(*sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trades", type=int, default=TRADES)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--only", choices=("stream", "aggregate"))
     parser.add_argument("--quick", action="store_true", help="100k trades, 1 round, no docs")
     parser.add_argument("--no-write-docs", action="store_true")
     args = parser.parse_args()
     trades, rounds = (QUICK_TRADES, 1) if args.quick else (args.trades, args.rounds)
-    result = run_stream(trades, args.systems, rounds)
-    print(json.dumps({s: [r.rate for r in rs] for s, rs in result.runs.items()}))
+    stream = aggregate = None
+    if args.only != "aggregate":
+        stream = run_stream(trades, args.systems, rounds)
+    if args.only != "stream":
+        aggregate = run_aggregate(trades, rounds)
+    text = render(stream, aggregate, args.quick)
+    print(text)
+    if not (args.quick or args.no_write_docs):
+        write_section(text)
+        print(f"wrote {DOCS.relative_to(REPO)}")
 
 
 if __name__ == "__main__":
