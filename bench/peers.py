@@ -76,6 +76,8 @@ TRADES, QUICK_TRADES = 1_000_000, 100_000
 POLL_S = 0.1
 FOUR = "1m,5m,15m,1h"
 BATCH = 5000
+#: Where ``--profile`` writes candlekeep's workers' CPU profiles (None: no profiling).
+PROFILE_DIR: Path | None = None
 
 #: The systems, in the table's order: (label, kind, intervals).
 SYSTEMS = {
@@ -154,7 +156,13 @@ def command_for(kind: str, intervals: str, bootstrap: str, topic: str, url: str,
     if kind == "candlekeep":
         settings = stream_settings(topic_trades=topic, intervals=intervals, batch_size=BATCH)
         env = settings_env(settings, url, bootstrap)
-        return [sys.executable, "-m", "candlekeep", "stream", "--exit-when-idle", "3"], env
+        command = ["-m", "candlekeep", "stream", "--exit-when-idle", "3"]
+        if PROFILE_DIR is not None:  # yappi, CPU clock, every thread: bench/cpu_profile.py
+            profile = (
+                PROFILE_DIR / f"worker-{intervals.replace(',', '-')}-{uuid.uuid4().hex[:4]}.txt"
+            )
+            command = [str(BENCH_DIR / "cpu_profile.py"), str(profile), *command]
+        return [sys.executable, *command], env
     env = dict(os.environ)
     if kind == "bytewax":
         factory = f"bytewax_flow({bootstrap!r}, {topic!r}, {url!r}, {intervals!r})"
@@ -598,7 +606,18 @@ def main() -> None:
     parser.add_argument("--only", choices=("stream", "aggregate"))
     parser.add_argument("--quick", action="store_true", help="100k trades, 1 round, no docs")
     parser.add_argument("--no-write-docs", action="store_true")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run candlekeep's worker under yappi (pip install yappi) into DIR; writes no docs",
+    )
     args = parser.parse_args()
+    if args.profile:
+        global PROFILE_DIR
+        PROFILE_DIR = args.profile.resolve()
+        PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+        args.no_write_docs = True
     trades, rounds = (QUICK_TRADES, 1) if args.quick else (args.trades, args.rounds)
     stream = aggregate = None
     if args.only != "aggregate":
