@@ -1,7 +1,9 @@
-"""Run a Python module under yappi's CPU clock, every thread, and write where the CPU went.
+"""Run a Python module or script under yappi's CPU clock, every thread, and write where the CPU
+went.
 
-``python bench/cpu_profile.py OUT.txt -m candlekeep stream ...``: bench/peers.py's ``--profile``
-runs candlekeep's worker this way (its writers are threads, which cProfile does not see).
+``python bench/cpu_profile.py OUT.txt -m candlekeep stream ...`` (or ``OUT.txt SCRIPT ARGS``):
+bench/peers.py's ``--profile`` runs every system this way (candlekeep's writers are threads,
+which cProfile does not see).
 OUT.txt gets the functions by own CPU time and by CPU time including callees; OUT.pstats the
 whole profile for ``python -m pstats``. Needs ``pip install yappi`` (not a dependency).
 """
@@ -17,8 +19,11 @@ import sys
 def main() -> None:
     import yappi
 
-    out, flag, module, *args = sys.argv[1:]
-    assert flag == "-m", "usage: cpu_profile.py OUT.txt -m MODULE [ARGS...]"
+    out, *rest = sys.argv[1:]
+    if rest[0] == "-m":
+        module, *args = rest[1:]
+    else:
+        module, args = None, rest[1:]
     yappi.set_clock_type("cpu")
     yappi.start(builtins=True, profile_threads=True)
 
@@ -39,8 +44,12 @@ def main() -> None:
             handle.write(text.getvalue())
 
     atexit.register(dump)
-    sys.argv = [module, *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    if module is not None:
+        sys.argv = [module, *args]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = [rest[0], *args]
+        runpy.run_path(rest[0], run_name="__main__")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ TRADES, QUICK_TRADES = 1_000_000, 100_000
 POLL_S = 0.1
 FOUR = "1m,5m,15m,1h"
 BATCH = 5000
-#: Where ``--profile`` writes candlekeep's workers' CPU profiles (None: no profiling).
+#: Where ``--profile`` writes the systems' CPU profiles (None: no profiling).
 PROFILE_DIR: Path | None = None
 
 #: The systems, in the table's order: (label, kind, intervals).
@@ -152,24 +152,26 @@ def drop_database(postgres: EmbeddedPostgres, url: str) -> None:
 
 
 def command_for(kind: str, intervals: str, bootstrap: str, topic: str, url: str, scratch: Path):
-    """(argv, extra environment) of one system's process."""
+    """(argv, environment) of one system's process."""
+    env = dict(os.environ)
     if kind == "candlekeep":
         settings = stream_settings(topic_trades=topic, intervals=intervals, batch_size=BATCH)
         env = settings_env(settings, url, bootstrap)
         command = ["-m", "candlekeep", "stream", "--exit-when-idle", "3"]
-        if PROFILE_DIR is not None:  # yappi, CPU clock, every thread: bench/cpu_profile.py
-            profile = (
-                PROFILE_DIR / f"worker-{intervals.replace(',', '-')}-{uuid.uuid4().hex[:4]}.txt"
-            )
-            command = [str(BENCH_DIR / "cpu_profile.py"), str(profile), *command]
-        return [sys.executable, *command], env
-    env = dict(os.environ)
-    if kind == "bytewax":
+    elif kind == "bytewax":
         factory = f"bytewax_flow({bootstrap!r}, {topic!r}, {url!r}, {intervals!r})"
         flow = f"{BENCH_DIR / 'peer_flows.py'}:{factory}"
-        return [sys.executable, "-m", "bytewax.run", "-w", "1", flow], env
-    script = str(BENCH_DIR / "peer_flows.py")
-    return [sys.executable, script, "quix", bootstrap, topic, url, intervals, str(scratch)], env
+        # One epoch for the whole run (`-s`; default 10 s): at an epoch's end bytewax snapshots
+        # the operators' state with deepcopy, the dedupe sets included, and without recovery
+        # nothing uses the snapshots. Favours bytewax.
+        command = ["-m", "bytewax.run", "-w", "1", "-s", "86400", flow]
+    else:
+        script = str(BENCH_DIR / "peer_flows.py")
+        command = [script, "quix", bootstrap, topic, url, intervals, str(scratch)]
+    if PROFILE_DIR is not None:  # yappi, CPU clock, every thread: bench/cpu_profile.py
+        name = f"{kind}-{intervals.replace(',', '-')}-{uuid.uuid4().hex[:4]}.txt"
+        command = [str(BENCH_DIR / "cpu_profile.py"), str(PROFILE_DIR / name), *command]
+    return [sys.executable, *command], env
 
 
 def run_system(
@@ -610,7 +612,7 @@ def main() -> None:
         "--profile",
         type=Path,
         metavar="DIR",
-        help="run candlekeep's worker under yappi (pip install yappi) into DIR; writes no docs",
+        help="run each system under yappi (pip install yappi) into DIR; writes no docs",
     )
     args = parser.parse_args()
     if args.profile:
