@@ -72,7 +72,7 @@ from tests.streaming import settings_env, stream_settings  # noqa: E402
 OUT_DIR = BENCH_DIR / "out" / "peers"
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Peers side by side"
-TRADES, QUICK_TRADES = 1_000_000, 100_000
+TRADES, QUICK_TRADES = 1_000_000, 50_000
 POLL_S = 0.1
 FOUR = "1m,5m,15m,1h"
 BATCH = 5000
@@ -606,7 +606,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
     parser.add_argument("--only", choices=("stream", "aggregate"))
-    parser.add_argument("--quick", action="store_true", help="100k trades, 1 round, no docs")
+    parser.add_argument("--quick", action="store_true", help="50k trades, 1 round, no docs")
     parser.add_argument("--no-write-docs", action="store_true")
     parser.add_argument(
         "--profile",
