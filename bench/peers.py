@@ -106,7 +106,7 @@ GUARANTEES = {
 
 async def create_topic(bootstrap: str, topic: str) -> None:
     """With ``retention.ms`` set at creation: Tansu reports only the configs a topic was
-    created with, and Quix refuses a topic whose retention it cannot read."""
+    created with, and Quix stops with ``KeyError: 'retention.ms'`` on a topic without it."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
