@@ -53,6 +53,8 @@ class Reference:
     compared_1m: int = 0
     last_start_us: int = 0  # of the last compared 1m window
     span_messages: int = 0  # between the first 1m window's close and the last compared one's
+    #: Per meaning, per larger interval: how many compared candles differ from candlekeep's.
+    differ: dict = field(default_factory=dict)
 
 
 def reference(path) -> Reference:
@@ -112,6 +114,7 @@ def reference(path) -> Reference:
     index = bisect.bisect_left(times, ref.last_start_us + ONE_MINUTE_US + MAX_DELAY_US)
     last_close = closes[min(index, len(closes) - 1)][0]
     ref.span_messages = last_close - first_close
+    ref.differ = {m: meanings_differ(ref, m) for m in ("independent", "behind")}
     return ref
 
 

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
+import pickle
 import signal
 import statistics
 import subprocess
@@ -53,7 +55,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 from peer_flows import CANDLE_TABLE  # noqa: E402
-from peer_model import Reference, compare, meanings_differ, reference  # noqa: E402
+from peer_model import Reference, compare, reference  # noqa: E402
 from stream_throughput import (  # noqa: E402
     PARTITIONS,
     CpuTracker,
@@ -292,6 +294,32 @@ class StreamResult:
     load: tuple[float, float]  # load average (1 min) at the start and at the end
 
 
+LAST = OUT_DIR / "last.pickle"
+KEEP_RESULTS = True
+
+
+def save(stream: StreamResult | None = None, aggregate: AggregateResult | None = None) -> None:
+    """Keep what was measured so far (``--docs-from-last`` renders it again), the reference's
+    candles left out."""
+    if not KEEP_RESULTS:
+        return
+    saved = load_last()
+    if stream is not None:
+        stream = dataclasses.replace(
+            stream, ref=dataclasses.replace(stream.ref, candlekeep={}, independent={}, behind={})
+        )
+    saved = (stream or saved[0], aggregate or saved[1])
+    with LAST.open("wb") as handle:
+        pickle.dump(saved, handle)
+
+
+def load_last() -> tuple:
+    if not LAST.exists():
+        return None, None
+    with LAST.open("rb") as handle:
+        return pickle.load(handle)
+
+
 def run_stream(trades: int, systems: list[str], rounds: int) -> StreamResult:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     messages_path(trades).parent.mkdir(parents=True, exist_ok=True)
@@ -325,6 +353,7 @@ def run_stream(trades: int, systems: list[str], rounds: int) -> StreamResult:
                         raise SystemExit(f"{system}: candles differ: {exc}") from None
                     run.candles = {}
                 runs[system].append(run)
+                save(StreamResult(trades, ref, round_number + 1, runs, checked, (0.0, 0.0)))
                 pg = "" if run.pg_cpu_us is None else f", PostgreSQL {run.pg_cpu_us:.1f}"
                 print(
                     f"  round {round_number + 1}: {system:<14} {run.rate:>9,.0f} msgs/s,"
@@ -334,7 +363,9 @@ def run_stream(trades: int, systems: list[str], rounds: int) -> StreamResult:
     finally:
         broker.stop()
         postgres.stop()
-    return StreamResult(trades, ref, rounds, runs, checked, (load_start, os.getloadavg()[0]))
+    result = StreamResult(trades, ref, rounds, runs, checked, (load_start, os.getloadavg()[0]))
+    save(result)
+    return result
 
 
 # --- aggregate: candlekeep, bytewax and DuckDB on one trades file ------------------------------
@@ -419,7 +450,9 @@ def run_aggregate(trades: int, rounds: int) -> AggregateResult:
     ours, theirs = avb.candlekeep_candles(ck), avb.bytewax_candles(duck)
     assert ours == theirs, "DuckDB's candles differ from candlekeep's"
     print(f"  checked: {windows} 1m candles, equal in candlekeep, bytewax and DuckDB")
-    return AggregateResult(trades, rounds, runs, windows)
+    result = AggregateResult(trades, rounds, runs, windows)
+    save(aggregate=result)
+    return result
 
 
 AGG_CK, AGG_CK1 = "candlekeep (all cores)", "candlekeep --workers 1"
@@ -493,7 +526,7 @@ def render_stream(result: StreamResult) -> tuple[str, list[str]]:
         f"{SYSTEMS[s][0]}: {one:,} 1m" + (f" and {larger:,} larger" if larger else "")
         for s, (one, larger) in result.checked.items()
     )
-    differ = {m: meanings_differ(ref, m) for m in ("independent", "behind")}
+    differ = ref.differ
     text = f"""Stream: {result.trades:,} trades, {ref.messages:,} messages on 4 partitions,
 {result.rounds} round(s); load average {result.load[0]:.1f} at the start and {result.load[1]:.1f}
 at the end. Rates over the {ref.span_messages:,} messages between the first and the last compared
@@ -609,6 +642,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="50k trades, 1 round, no docs")
     parser.add_argument("--no-write-docs", action="store_true")
     parser.add_argument(
+        "--docs-from-last",
+        action="store_true",
+        help="render the section again from the last run's saved results (no measuring)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
@@ -622,10 +660,15 @@ def main() -> None:
         args.no_write_docs = True
     trades, rounds = (QUICK_TRADES, 1) if args.quick else (args.trades, args.rounds)
     stream = aggregate = None
-    if args.only != "aggregate":
-        stream = run_stream(trades, args.systems, rounds)
-    if args.only != "stream":
-        aggregate = run_aggregate(trades, rounds)
+    if args.docs_from_last:
+        stream, aggregate = load_last()
+    else:
+        global KEEP_RESULTS
+        KEEP_RESULTS = not (args.quick or args.profile)  # (only a documented run's)
+        if args.only != "aggregate":
+            stream = run_stream(trades, args.systems, rounds)
+        if args.only != "stream":
+            aggregate = run_aggregate(trades, rounds)
     text = render(stream, aggregate, args.quick)
     print(text)
     if not (args.quick or args.no_write_docs):
