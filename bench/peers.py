@@ -475,7 +475,7 @@ def target_line(label: str, value: float, target: float, more_is_better: bool = 
 
 
 STREAM_HEADER = (
-    "| system | trades/s | CPU µs a message (process) | PostgreSQL CPU µs a message"
+    "| system | msgs/s | CPU µs a message (process) | PostgreSQL CPU µs a message"
     " | peak RSS (MB) | rounds | guarantees |\n|---|---:|---:|---:|---:|---|---|"
 )
 
@@ -522,26 +522,31 @@ def render_stream(result: StreamResult) -> tuple[str, list[str]]:
             targets.append(
                 target_line(f"{label}: the same / the bare loop's", cpu / bare, 4.5, False)
             )
-    checked = "; ".join(
-        f"{SYSTEMS[s][0]}: {one:,} 1m" + (f" and {larger:,} larger" if larger else "")
+    checked = "\n".join(
+        f"- {SYSTEMS[s][0]}: {one:,} 1m candles"
+        + (f" and {larger:,} larger ones" if larger else "")
         for s, (one, larger) in result.checked.items()
     )
     differ = ref.differ
     text = f"""Stream: {result.trades:,} trades, {ref.messages:,} messages on 4 partitions,
 {result.rounds} round(s); load average {result.load[0]:.1f} at the start and {result.load[1]:.1f}
-at the end. Rates over the {ref.span_messages:,} messages between the first and the last compared
-1m window; medians of the rounds (each round's rate in its column).
+at the end. Rates are messages a second over the {ref.span_messages:,} messages between the
+first and the last compared 1m window; medians of the rounds (each round's rate in its column).
 
 {STREAM_HEADER}
 {chr(10).join(rows)}
 
-Checked before the table was printed, in every run: {checked} candles, every one equal to
-candlekeep's core over the same trades ({ref.compared_1m:,} 1m windows; {ref.late_1m:,} trades are
-late for 1m in every system). Larger candles mean different things: of the compared 5m, 15m and
-1h candles, {", ".join(f"{n} {name}" for name, n in differ["independent"].items())} differ
-between candlekeep's meaning and Quix's (a trade late for its 1m window still counts in a larger
-window that is open), and {", ".join(f"{n} {name}" for name, n in differ["behind"].items())}
-between candlekeep's and bytewax's; each system's were checked against its own meaning.
+Checked before the table was printed, in every run, every candle equal to the last digit to
+candlekeep's core over the same trades ({ref.compared_1m:,} 1m windows; {ref.late_1m:,} trades
+late for 1m by candlekeep's rule, which every system left out alike):
+
+{checked}
+
+Larger candles mean different things (see below): of the compared 5m, 15m and 1h candles,
+{", ".join(f"{n} {name}" for name, n in differ["independent"].items())} differ between
+candlekeep's meaning and Quix's, and
+{", ".join(f"{n} {name}" for name, n in differ["behind"].items())} between candlekeep's and
+bytewax's; each system's larger candles were checked against its own meaning.
 """
     return text, targets
 
@@ -592,7 +597,7 @@ def render(stream: StreamResult | None, aggregate: AggregateResult | None, quick
 How to run: `make .venv/bin/.bench-installed` (the `[bench]` extra: bytewax, Quix Streams,
 DuckDB), then `.venv/bin/python bench/peers.py [--trades N] [--rounds K] [--systems ...]
 [--only stream|aggregate] [--quick] [--no-write-docs]` (defaults: {TRADES:,} trades, 3 rounds,
-every system, about {"25" if not quick else "2"} minutes; `--quick`: {QUICK_TRADES:,} trades,
+every system: about an hour, most of it Quix Streams; `--quick`: {QUICK_TRADES:,} trades,
 one round, no docs). The embedded broker and PostgreSQL are started fresh (`bench/out/peers/`).
 What each system runs and how it is measured: the docstrings of `bench/peers.py`,
 `bench/peer_flows.py` (the peers' pipelines) and `bench/peer_model.py` (the check).

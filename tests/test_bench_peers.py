@@ -67,7 +67,8 @@ def test_quick_run_prints_the_table_after_checking_the_candles(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
-    checked = re.search(r"candlekeep stream, 1m: ([\d,]+) 1m candles, every one equal", out)
+    assert "every candle equal to the last digit to\ncandlekeep's core" in out
+    checked = re.search(r"^- candlekeep stream, 1m: ([\d,]+) 1m candles$", out, re.M)
     assert checked and int(checked.group(1).replace(",", "")) > 100
     row = re.search(r"^\| candlekeep stream, 1m \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \|", out, re.M)
     assert row, out[-3000:]
