@@ -29,7 +29,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aggregate_vs_bytewax import Ohlcv, fold_trade, merge_candles
+from peer_fold import Ohlcv, fold_trade, merge_candles
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: candlekeep's default ``max_delay``: the windows' grace in both peers.
