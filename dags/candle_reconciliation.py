@@ -21,9 +21,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Asset, Param, PokeReturnValue, Variable, dag, get_current_context, task
+from airflow.sdk import Asset, Param, PokeReturnValue, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.timetables.interval import CronDataIntervalTimetable
+from failure_notifier import notify_failure
 
 from shared.batch import batch_run
 from shared.batch.summary import ReportSummary
@@ -33,8 +34,6 @@ from shared.config import Settings
 DQ_REPORTS = Asset(name="candlekeep_dq_reports", uri="candlekeep://dq_reports")
 #: One event per run, naming the periods it certified (its own and the stale ones it redid).
 CERTIFIED = Asset(name="candlekeep_certified_periods", uri="candlekeep://certified_periods")
-#: An Airflow Variable: ``{"class": "dotted.path.Notifier", "kwargs": {...}}``.
-NOTIFIER_VARIABLE = "candlekeep_failure_notifier"
 _PARSED = Settings()  # the sensor's timing, read when the DAG is parsed
 
 
@@ -48,24 +47,9 @@ def _settings() -> tuple[Settings, str]:
     return settings, settings.database_url
 
 
-def notify_failure(context) -> None:
-    """The DAG's failure callback: the notifier configured in Airflow, none by default. The DAG
-    names no vendor: any ``BaseNotifier`` (Slack, SMTP, a webhook: Airflow's providers) is
-    named, with its arguments, by the Variable ``candlekeep_failure_notifier``."""
-    import importlib
-    import logging
-
-    spec = Variable.get(NOTIFIER_VARIABLE, default=None, deserialize_json=True)
-    if not spec:
-        logging.getLogger(__name__).info("no %s Variable: nobody to notify", NOTIFIER_VARIABLE)
-        return
-    module, _, name = spec["class"].rpartition(".")
-    notifier = getattr(importlib.import_module(module), name)(**spec.get("kwargs", {}))
-    if not hasattr(context.get("dag"), "get_template_env"):
-        # dag.test() hands DAG callbacks the serialized DAG, which cannot render a notifier's
-        # templates: this file's DAG can.
-        context = {**context, "dag": DAG}
-    notifier(context)
+def on_failure(context) -> None:
+    """The notifier named by the Airflow Variable ``candlekeep_failure_notifier``, if any."""
+    notify_failure(context, DAG)
 
 
 @dag(
@@ -81,7 +65,7 @@ def notify_failure(context) -> None:
     },
     tags=["candlekeep", "data-quality"],
     doc_md=__doc__,
-    on_failure_callback=notify_failure,
+    on_failure_callback=on_failure,
 )
 def candle_reconciliation():
     @task(retries=0)
@@ -106,24 +90,11 @@ def candle_reconciliation():
         """Step 1: wait for the stream's watermark to pass the period's end; after
         CANDLEKEEP_DQ_WAIT_TIMEOUT go on, and the report says the stream lagged."""
         settings, url = _settings()
-        position = batch_run.wait_step(url, settings, run["start"], run["end"], 0)
-        if position["passed"]:
-            return PokeReturnValue(is_done=True, xcom_value=position)
         ctx = get_current_context()
         first = ctx["ti"].get_first_reschedule_date(ctx)
         waited = 0.0 if first is None else (pendulum.now("UTC") - first).total_seconds()
-        if waited >= settings.dq_wait_timeout.total_seconds():
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "the stream's watermark (%s) has not passed %s after %.0f s: going on, the"
-                " report says the stream lagged",
-                position["watermark"],
-                run["end"],
-                waited,
-            )
-            return PokeReturnValue(is_done=True, xcom_value=position)
-        return PokeReturnValue(is_done=False)
+        position = batch_run.poke_step(url, settings, run["start"], run["end"], waited)
+        return PokeReturnValue(is_done=position is not None, xcom_value=position)
 
     @task
     def recompute(run: dict) -> dict:
@@ -185,23 +156,18 @@ def candle_reconciliation():
     @task
     def send_corrections(stale: list[dict]) -> dict:
         """The batch candles that correct the stream's, on the `candles` topic."""
-        from stream.corrections import CorrectionsNotSent, pending_count, publish_corrections
+        from stream.corrections import CorrectionsNotSent, send_corrections
 
         settings, url = _settings()
-        if not settings.kafka_bootstrap_servers:
-            return {"sent": 0, "pending": pending_count(url), "kafka": "not configured"}
         try:
-            return {"sent": publish_corrections(url, settings), "pending": 0}
+            return send_corrections(url, settings)
         except CorrectionsNotSent as exc:
             raise RuntimeError(str(exc)) from None  # retried; the next run sends them too
 
     @task(outlets=[CERTIFIED])
     def certify(summary: dict, stale: list[dict], corrections: dict) -> list[dict]:
         """An asset event naming the periods this run certified (not failed)."""
-        report = ReportSummary.from_json(summary)
-        own = {"start": report.period.start, "end": report.period.end, "status": report.status}
-        periods = [own, *stale]
-        certified = [p for p in periods if p["status"] != "fail"]
+        certified = batch_run.certified_periods(ReportSummary.from_json(summary), stale)
         get_current_context()["outlet_events"][CERTIFIED].extra = {
             "periods": certified,
             "corrections_sent": corrections["sent"],

@@ -85,3 +85,13 @@ def publish_corrections(url: str, settings: Settings, *, timeout_s: float = 30.0
             f"{bootstrap} ({type(exc).__name__}: {exc}): {pending_count(url)} stay pending and "
             "the next run sends them; check that the brokers are up"
         ) from None
+
+
+def send_corrections(url: str, settings: Settings) -> dict:
+    """What the DAG's ``send_corrections`` task does: every pending correction sent, or, where no
+    broker is configured, how many wait (the stream is then not Kafka-fed: nothing to correct).
+    A broker that does not answer raises :class:`CorrectionsNotSent`: the task is retried and
+    the next run sends them too."""
+    if not settings.kafka_bootstrap_servers:
+        return {"sent": 0, "pending": pending_count(url), "kafka": "not configured"}
+    return {"sent": publish_corrections(url, settings), "pending": 0}

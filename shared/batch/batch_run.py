@@ -8,6 +8,7 @@ step is idempotent: rerunning a period replaces its results.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 
 import msgspec
@@ -67,6 +68,32 @@ def wait_step(
     out["watermark"] = position.watermark.isoformat() if position.watermark else None
     out.pop("waited_s")  # wall time spent waiting: logged, not part of the (idempotent) report
     return out
+
+
+def poke_step(url: str, settings: Settings, start, end, waited_s: float) -> dict | None:
+    """Step 1 as a sensor's look: the stream's position once its watermark has passed ``end``,
+    or once ``waited_s`` (since the first look) reaches CANDLEKEEP_DQ_WAIT_TIMEOUT (then the
+    report says the stream lagged); ``None``: look again later."""
+    position = wait_step(url, settings, start, end, 0)
+    if position["passed"]:
+        return position
+    if waited_s >= settings.dq_wait_timeout.total_seconds():
+        logging.getLogger(__name__).warning(
+            "the stream's watermark (%s) has not passed %s after %.0f s: going on, the report"
+            " says the stream lagged",
+            position["watermark"],
+            end,
+            waited_s,
+        )
+        return position
+    return None
+
+
+def certified_periods(summary: ReportSummary, stale: list[dict]) -> list[dict]:
+    """The periods a run certified (its own and the stale ones it reconciled again), those whose
+    report did not fail: the extra of the DAG's ``candlekeep_certified_periods`` asset event."""
+    own = {"start": summary.period.start, "end": summary.period.end, "status": summary.status}
+    return [p for p in (own, *stale) if p["status"] != "fail"]
 
 
 def recompute_step(url: str, settings: Settings, start, end) -> dict:
