@@ -20,8 +20,9 @@ from shared.batch.venues import (
 )
 from shared.batch.venues import binance as binance_module
 from shared.batch.venues.binance import SPOT, BinanceVenue, Market
-from shared.batch.venues.kraken import rest_pair, stored_symbol, vwap_agrees, ws_symbol
+from shared.batch.venues.kraken import vwap_agrees
 from shared.config import Settings
+from shared.core.kraken_symbols import rest_pair, stored_symbol, ws_symbol
 from shared.store.redaction import redact
 
 DATA = Path(__file__).resolve().parent / "data" / "venues"

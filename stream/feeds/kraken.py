@@ -29,7 +29,7 @@ from decimal import Decimal
 import msgspec
 import structlog
 
-from shared.batch.venues.kraken import stored_symbol, ws_symbol
+from shared.core.kraken_symbols import stored_symbol, ws_symbol
 from shared.core.trade_messages import encode_trade, parse_trade_object
 from shared.core.trades import Rejection
 from stream.feeds.produce import FeedError, FeedMessage

@@ -4,9 +4,8 @@ Symbols. SPEC §2 symbols are 1-32 of ``A-Z 0-9 . _ -``, so a Kraken pair is sto
 WebSocket v2 name with ``-`` for ``/``: ``BTC/USD`` → ``BTC-USD``. Kraken's older spellings are
 read as the same pair (``XBT/USD`` and ``XDG`` are ``BTC`` and ``DOGE``). The REST API takes the
 pair's alternative name (``XBTUSD``: ``BTC`` → ``XBT``, ``DOGE`` → ``XDG``) and answers under
-its own key (``XXBTZUSD``), which is read whatever it is. :func:`stored_symbol`,
-:func:`ws_symbol` and :func:`rest_pair` are the only place these spellings meet: the feed, the
-candles and the trades all go through them.
+its own key (``XXBTZUSD``), which is read whatever it is. The spellings meet in one place,
+:mod:`shared.core.kraken_symbols`: the feed, the candles and the trades all go through it.
 
 - candles: ``GET /0/public/OHLC?pair&interval&since``, rows ``[time (s), open, high, low, close,
   vwap, volume, count]``. Kraken serves only its latest 720 candles of an interval; it fills
@@ -29,7 +28,7 @@ from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
 
 from shared.core.intervals import US_PER_SECOND
-from shared.core.trade_rules import normalise_symbol
+from shared.core.kraken_symbols import rest_pair
 from shared.core.trades import Trade
 from shared.core.verification import truncated_vwap
 
@@ -49,42 +48,15 @@ EXCHANGE = "kraken"
 #: candlekeep's intervals Kraken publishes, with Kraken's own name (minutes).
 KRAKEN_MINUTES = {"1m": 1, "5m": 5, "15m": 15, "1h": 60, "4h": 240, "1d": 1440}
 MAX_CANDLES = 720
-#: Kraken's older asset codes, read as the names its WebSocket v2 uses.
-_V2_NAMES = {"XBT": "BTC", "XDG": "DOGE"}
-_REST_NAMES = {v: k for k, v in _V2_NAMES.items()}
 _RETRYABLE = ("EAPI:Rate limit exceeded", "EGeneral:Too many requests", "EService:")
 _RETRIES = 3
 
 
-def stored_symbol(pair: str) -> str:
-    """A Kraken pair (``BTC/USD``, ``xbt/usd``, ``BTC-USD``) as the stored symbol ``BTC-USD``;
-    ValueError when it is not ``BASE/QUOTE``."""
-    text = pair.strip().upper().replace("-", "/")
-    parts = text.split("/")
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(f"{pair[:40]!r} is not a Kraken pair like BTC/USD")
-    base, quote = (_V2_NAMES.get(p, p) for p in parts)
-    symbol = normalise_symbol(f"{base}-{quote}")
-    if symbol is None:
-        raise ValueError(f"{pair[:40]!r} is not a Kraken pair like BTC/USD")
-    return symbol
-
-
-def ws_symbol(symbol: str) -> str:
-    """The stored ``BTC-USD`` as Kraken's WebSocket v2 names it: ``BTC/USD``."""
-    return "/".join(_split(symbol))
-
-
-def rest_pair(symbol: str) -> str:
-    """The stored ``BTC-USD`` as the REST API's pair: ``XBTUSD``."""
-    return "".join(_REST_NAMES.get(p, p) for p in _split(symbol))
-
-
-def _split(symbol: str) -> tuple[str, str]:
-    parts = symbol.split("-")
-    if len(parts) != 2 or not all(parts):
-        raise VenueRejected(f"{symbol!r} is not a stored Kraken symbol like BTC-USD")
-    return parts[0], parts[1]
+def _rest_pair(symbol: str) -> str:
+    try:
+        return rest_pair(symbol)
+    except ValueError as exc:
+        raise VenueRejected(str(exc)) from None
 
 
 def vwap_agrees(quote_volume: Decimal, volume: Decimal, vwap: Decimal) -> bool:
@@ -204,7 +176,7 @@ class KrakenVenue:
         rows, last = self._result(
             "/0/public/OHLC",
             {
-                "pair": rest_pair(symbol),
+                "pair": _rest_pair(symbol),
                 "interval": KRAKEN_MINUTES[interval],
                 "since": (start_us - length) // US_PER_SECOND,
             },
@@ -240,7 +212,7 @@ class KrakenVenue:
         first_seen: int | None = None
         while True:
             rows, last = self._result(
-                "/0/public/Trades", {"pair": rest_pair(symbol), "since": since_ns}
+                "/0/public/Trades", {"pair": _rest_pair(symbol), "since": since_ns}
             )
             trades = [trade_from_row(r, symbol) for r in rows]
             for trade in trades:
