@@ -512,7 +512,11 @@ def run_size(
 
 
 def run_all(
-    sizes: list[int], profile: str | None, batch_size: int | None, live_seconds: int
+    sizes: list[int],
+    profile: str | None,
+    batch_size: int | None,
+    live_seconds: int,
+    live_only: bool = False,
 ) -> tuple[list[SizeResult], LiveRun | None]:
     missing = [n for n in sizes if not messages_path(n).exists()]
     if missing:
@@ -526,7 +530,7 @@ def run_all(
         ).fetchall():  # left by an interrupted run
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(stale)))
     try:
-        results = [run_size(n, postgres, profile, batch_size) for n in sizes]
+        results = [] if live_only else [run_size(n, postgres, profile, batch_size) for n in sizes]
         live = None
         if live_seconds:
             path = messages_path(max(sizes))
@@ -553,6 +557,9 @@ class LiveRun:
     histogram: list[tuple[float, float]]
     commit_histogram: list[tuple[float, float]]
     worker_cpu_share: float  # of one CPU, while live
+    #: CPU µs a message committed while live: the worker's and PostgreSQL's (0: not measured).
+    worker_us: float = 0.0
+    postgres_us: float = 0.0
 
 
 async def produce_paced(bootstrap: str, topic: str, path: Path, rate: int, count: int) -> float:
@@ -623,10 +630,12 @@ def run_live(postgres: EmbeddedPostgres, path: Path, seconds: int) -> LiveRun:
         with log.open("wb") as stderr, db.connect(url) as conn:
             worker = subprocess.Popen(command, env=env, stdout=stderr, stderr=stderr, cwd=REPO)
             process = psutil.Process(worker.pid)
+            postgres_cpu = CpuTracker(psutil.Process(postgres.pid), children=True)
             producer.start()
             started = time.perf_counter()
             before = after = None
-            cpu = cpu_before = cpu_at = 0.0
+            cpu = cpu_before = cpu_at = pg_before = pg_at = 0.0
+            done_before = done_at = 0
             caught_up_at = after_at = 0.0
             try:
                 while worker.poll() is None and time.perf_counter() - started < 600:
@@ -640,10 +649,13 @@ def run_live(postgres: EmbeddedPostgres, path: Path, seconds: int) -> LiveRun:
                     with contextlib.suppress(psutil.Error):
                         times = process.cpu_times()
                         cpu = times.user + times.system
+                    postgres_cpu.sample()
                     if before is None and done and done >= expected - LIVE_RATE * 0.5:
                         before, cpu_before, caught_up_at = metrics, cpu, now
+                        pg_before, done_before = postgres_cpu.seconds, done
                     if before is not None:
                         after, cpu_at, after_at = metrics, cpu, now
+                        pg_at, done_at = postgres_cpu.seconds, done
                     if done >= count:
                         break
             finally:
@@ -664,6 +676,8 @@ def run_live(postgres: EmbeddedPostgres, path: Path, seconds: int) -> LiveRun:
             minus(after[key], before[key]),
             minus(after[commit_key], before[commit_key]),
             (cpu_at - cpu_before) / live_s,
+            (cpu_at - cpu_before) * 1e6 / max(done_at - done_before, 1),
+            (pg_at - pg_before) * 1e6 / max(done_at - done_before, 1),
         )
     finally:
         broker.stop()
@@ -675,7 +689,10 @@ def run_live(postgres: EmbeddedPostgres, path: Path, seconds: int) -> LiveRun:
     print(
         f"  produced at {result.produced_rate:,.0f} msgs/s; windows closed while live:"
         f" {result.histogram[-1][1]:,.0f}; p99 close → commit {fmt_s(low)}–{fmt_s(high)}"
-        f" (~{fmt_s(interpolated)}); worker CPU {result.worker_cpu_share:.0%} of one CPU"
+        f" (~{fmt_s(interpolated)}), p99 batch commit"
+        f" ~{fmt_s(quantile(result.commit_histogram, 0.99)[2])};"
+        f" worker CPU {result.worker_cpu_share:.0%} of one CPU;"
+        f" CPU µs a message: worker {result.worker_us:.1f}, postgres {result.postgres_us:.1f}"
     )
     return result
 
@@ -800,9 +817,10 @@ def render_live(live: LiveRun | None) -> str:
   {live.histogram[-1][1]:,.0f} windows closed;
 - p99 close → commit **{fmt_s(low)}–{fmt_s(high)} (~{fmt_s(interpolated)})**, p99 batch
   commit {fmt_s(c_low)}–{fmt_s(c_high)};
-- the worker used {live.worker_cpu_share:.0%} of one CPU: its batches are small (what arrived
-  since the last fetch), so each message carries more of a batch's fixed cost (fence, commit,
-  acknowledgements) than in a backlog.
+- the worker used {live.worker_cpu_share:.0%} of one CPU ({live.worker_us:.1f} µs a message;
+  PostgreSQL {live.postgres_us:.1f} µs): its batches are small (what arrives within
+  `CANDLEKEEP_STREAM_LINGER` of a batch's first message), so each message carries more of a
+  batch's fixed cost than in a backlog.
 """
 
 
@@ -855,7 +873,8 @@ How to run: `.venv/bin/python bench/stream_throughput.py [--trades N [N ...]] [-
 [--no-write-docs] [--batch-size N] [--profile raw|flamegraph|speedscope]` (default 1M then 5M
 trades, then a live stream of {LIVE_RATE:,} msgs/s for {LIVE_SECONDS} s, about 10 minutes;
 `--quick`: 200k and 10 s live, a smoke run that writes no docs; `--profile` runs py-spy,
-`pip install py-spy`, on the worker into `bench/out/stream/`, and skips the live stream).
+`pip install py-spy`, on the worker into `bench/out/stream/`, and skips the live stream;
+`--live-only SECONDS` runs the live stream alone, on the largest size's messages, and prints it).
 Needs only the project's own dependencies: the broker (Tansu, in memory) and PostgreSQL are the
 embedded ones, started fresh by the script (data in `bench/out/stream/`).
 
@@ -929,6 +948,12 @@ def main() -> None:
         choices=("raw", "flamegraph", "speedscope"),
         help="run py-spy (pip install py-spy) on the worker: bench/out/stream/worker-N.FORMAT",
     )
+    parser.add_argument(
+        "--live-only",
+        type=int,
+        metavar="SECONDS",
+        help="only the live stream, for SECONDS (its messages: the largest size's), no docs",
+    )
     args = parser.parse_args()
     sizes = list(QUICK_SIZES) if args.quick else args.trades
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -937,12 +962,18 @@ def main() -> None:
             results, when, quick, live = pickle.load(handle)
     else:
         when = datetime.now(UTC)
-        quick = args.quick
-        live_seconds = 0 if args.profile else (10 if quick else LIVE_SECONDS)
-        results, live = run_all(sizes, args.profile, args.batch_size, live_seconds)
+        quick = args.quick or args.live_only is not None
+        live_seconds = 0 if args.profile else (10 if args.quick else LIVE_SECONDS)
+        if args.live_only is not None:
+            live_seconds = args.live_only
+        results, live = run_all(
+            sizes, args.profile, args.batch_size, live_seconds, args.live_only is not None
+        )
         if not (quick or args.profile):  # (what --docs-from-last renders: a documented run)
             with LAST.open("wb") as handle:
                 pickle.dump((results, when, quick, live), handle)
+    if not results:  # (--live-only: its line above is the result)
+        return
     text = render(results, when, quick, live)
     print(text)
     if not (quick or args.no_write_docs):
