@@ -895,9 +895,10 @@ feed order. The symbol keys land on only two of the partitions ({spread} message
   start-up, the group join and the final idle wait are excluded.
 - **close → commit**: p99 of `candlekeep_window_close_to_commit_seconds`, from the worker's
   `/metrics` (scraped every second, the last time during its final idle wait): from the moment
-  the batch holding the message that closed a window was fetched to the commit of that batch's
-  transaction, parsing and writing included. While a backlog is read every batch closes windows,
-  so this is about the time one batch takes. The histogram's buckets are 5, 10, 25, 50, 100,
+  the batch holding the message that closed a window was fetched (its first message: a live
+  batch gathers for `CANDLEKEEP_STREAM_LINGER`) to the commit of that batch's transaction,
+  parsing and writing included. While a backlog is read every batch closes windows, so this is
+  about the time one batch takes. The histogram's buckets are 5, 10, 25, 50, 100, 150, 200,
   250, 500 ms, 1, 2.5, 5, 10 s: the p99 is only known to a bucket, and the table gives that
   bucket and a linear interpolation inside it (as Prometheus' `histogram_quantile` does). The
   p99 of `candlekeep_batch_commit_seconds` (one batch's write and commit) is shown next to it.
