@@ -108,6 +108,9 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
         #: For what the loop writes between batches (idle advances) and reads (progress).
         self._conn: psycopg.Connection | None = None
         self._writers = [Writer() for _ in range(settings.stream_writers)]
+        #: Committed batches' offsets not yet committed to Kafka (``stream.writers``), and when.
+        self._kafka_offsets: dict = {}
+        self._kafka_committed_at = float("-inf")
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._last_message_at = wall_clock()
