@@ -785,6 +785,64 @@ at 1M and 46k → 59-69k at 5M (three full runs), same rows, candles and counter
 4. A late trade's source offset is found by the trade's identity, not by building a key tuple
    for every trade of the batch (5% of the worker's CPU in the profile).
 
+Changed (2026-11-30, issue 15, live stream; `stream/worker.py`, `stream/writers.py`,
+`shared/store/trade_staging.py`, `shared/store/trade_store.py`):
+
+1. **A batch gathers for `CANDLEKEEP_STREAM_LINGER` (100 ms) while live.** At 10,000 msgs/s
+   each fetch returned what had arrived since the last one: PostgreSQL's statement log showed
+   ~90 transactions a second of ~110 messages, each paying the whole per-batch round (fence
+   and savepoint, the staging table's statements, the COPY, parts, progress and window state,
+   the outputs' acknowledgements, the commit, two thread hand-offs). A fetch that does not fill
+   a batch is now topped up with what arrives within 100 ms of its first message (a backlog
+   fills its batches at once and never waits); close → commit counts from that first message.
+   What a step costs, from the linger alone (same code, 100 → 200 ms: −3.4 µs a message): about
+   7 ms of worker CPU a step on this loaded machine, so gathering pays in proportion.
+2. The group's offsets in Kafka (for lag tools only) are committed at most once a second and
+   when the worker stops, not with every batch.
+3. The staging table is created once per writer connection (it was a `CREATE … IF NOT EXISTS`
+   and a logged notice per batch), and emptied with `DELETE` instead of `TRUNCATE`, which gives
+   a temporary table a new file and a catalogue update each time: 0.45–0.6 ms of server time a
+   batch in the statement log, the largest after the COPY.
+4. `prepare_trades` makes one pass over a batch instead of three (1.45–1.50 → 1.34–1.35 µs a
+   message in `bench/stream_parts.py`).
+
+Measured with `bench/stream_throughput.py --trades 200000 --live-only 20` (20 s at 10,000
+msgs/s; the live run now reports the worker's and PostgreSQL's CPU a message), main and this
+change alternating, 2 CPUs shared with other sessions' test suites (load average 1.4 to 6):
+
+| round | main: worker / PostgreSQL CPU µs a message, p99 close → commit | changed |
+|---|---|---|
+| 1 | 32.0 / 24.6, ~235 ms | 16.5 / 7.0, ~195 ms |
+| 2 | 29.6 / 28.5, ~237 ms | 16.7 / 7.0, ~194 ms |
+| 3 | 19.4 / 14.0, ~648 ms | 15.0 / 6.8, ~430 ms |
+| 4 | 41.8 / 37.4, ~95 ms | 17.3 / 7.5, ~150 ms |
+| 5 | 32.3 / 22.4, ~114 ms | 14.1 / 6.4, ~194 ms |
+| 6 | 23.8 / 18.7, ~90 ms | 13.4 / 6.2, ~342 ms |
+
+(Rounds 1–3 before change 4. The p99 is interpolated in its bucket; 150 and 200 ms buckets
+were added to `candlekeep_window_close_to_commit_seconds` for it.) Worker CPU a message
+−45 to −60%, PostgreSQL's −55 to −80%; main's figures move with the load more (its batches
+grow when it falls behind). The delay is the linger plus one batch's write: 150–200 ms in most
+rounds, above 250 ms in the two rounds with a load average near 5 (where main's was 648 ms
+once). With `CANDLEKEEP_STREAM_LINGER=75ms`: 13.5–15.3 µs, p99 ~149–196 ms (four rounds,
+alternating with 100 ms: 13.7–14.5 µs, ~195–210 ms): the setting trades one for the other.
+The full 30 s live run of the 1M-trade runs below: main 26.8 / 17.1 µs, changed 15.4 / 6.7 µs
+(load average 5–6, p99 ~424 and ~657 ms).
+
+Backlog, 1,000,000 trades (`--trades 1000000 --no-write-docs`, one round each, load average
+5–6): main 51,104 trades/s, worker 10.4 µs and PostgreSQL 4.4 µs a message; changed 72,654
+trades/s, 8.3 and 3.5 µs (the staging statements and prepare_trades; a backlog's batches were
+full already). `--quick` (200k): 56.6k → 69.5k trades/s.
+
+Where a live message's CPU goes now (one run instrumented with `time.thread_time`, not
+committed): the event loop's thread 7.7 µs (aiokafka's fetch and record decoding, parse,
+`prepare_trades`, gathering, the outputs), the writer threads 4.1 µs (2.8 in the fence,
+staging, COPY, fold and continuity; 1.4 in the parts, late and invalid rows, progress, merge
+and commit), ~150 steps of ~1,300 messages for 200k. Not done: one transaction a step while
+no batch is in flight (tried: a partition's next batch must then go to the writer its batch in
+flight is on, or two transactions hold its progress row at once, which deadlocked; doing it
+without pinning a backlog to one writer needs more than a routing rule), and item 2 below.
+
 Before (session 2: msgspec parser, parse while the batch before is written, fewer round trips,
 `gc.freeze`): 32k → 46-49k trades/s.
 
