@@ -512,7 +512,11 @@ def run_size(
 
 
 def run_all(
-    sizes: list[int], profile: str | None, batch_size: int | None, live_seconds: int
+    sizes: list[int],
+    profile: str | None,
+    batch_size: int | None,
+    live_seconds: int,
+    live_only: bool = False,
 ) -> tuple[list[SizeResult], LiveRun | None]:
     missing = [n for n in sizes if not messages_path(n).exists()]
     if missing:
@@ -526,7 +530,7 @@ def run_all(
         ).fetchall():  # left by an interrupted run
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(stale)))
     try:
-        results = [run_size(n, postgres, profile, batch_size) for n in sizes]
+        results = [] if live_only else [run_size(n, postgres, profile, batch_size) for n in sizes]
         live = None
         if live_seconds:
             path = messages_path(max(sizes))
@@ -553,6 +557,9 @@ class LiveRun:
     histogram: list[tuple[float, float]]
     commit_histogram: list[tuple[float, float]]
     worker_cpu_share: float  # of one CPU, while live
+    #: CPU µs a message committed while live: the worker's and PostgreSQL's (0: not measured).
+    worker_us: float = 0.0
+    postgres_us: float = 0.0
 
 
 async def produce_paced(bootstrap: str, topic: str, path: Path, rate: int, count: int) -> float:
@@ -623,10 +630,12 @@ def run_live(postgres: EmbeddedPostgres, path: Path, seconds: int) -> LiveRun:
         with log.open("wb") as stderr, db.connect(url) as conn:
             worker = subprocess.Popen(command, env=env, stdout=stderr, stderr=stderr, cwd=REPO)
             process = psutil.Process(worker.pid)
+            postgres_cpu = CpuTracker(psutil.Process(postgres.pid), children=True)
             producer.start()
             started = time.perf_counter()
             before = after = None
-            cpu = cpu_before = cpu_at = 0.0
+            cpu = cpu_before = cpu_at = pg_before = pg_at = 0.0
+            done_before = done_at = 0
             caught_up_at = after_at = 0.0
             try:
                 while worker.poll() is None and time.perf_counter() - started < 600:
@@ -640,10 +649,13 @@ def run_live(postgres: EmbeddedPostgres, path: Path, seconds: int) -> LiveRun:
                     with contextlib.suppress(psutil.Error):
                         times = process.cpu_times()
                         cpu = times.user + times.system
+                    postgres_cpu.sample()
                     if before is None and done and done >= expected - LIVE_RATE * 0.5:
                         before, cpu_before, caught_up_at = metrics, cpu, now
+                        pg_before, done_before = postgres_cpu.seconds, done
                     if before is not None:
                         after, cpu_at, after_at = metrics, cpu, now
+                        pg_at, done_at = postgres_cpu.seconds, done
                     if done >= count:
                         break
             finally:
@@ -664,6 +676,8 @@ def run_live(postgres: EmbeddedPostgres, path: Path, seconds: int) -> LiveRun:
             minus(after[key], before[key]),
             minus(after[commit_key], before[commit_key]),
             (cpu_at - cpu_before) / live_s,
+            (cpu_at - cpu_before) * 1e6 / max(done_at - done_before, 1),
+            (pg_at - pg_before) * 1e6 / max(done_at - done_before, 1),
         )
     finally:
         broker.stop()
@@ -675,7 +689,10 @@ def run_live(postgres: EmbeddedPostgres, path: Path, seconds: int) -> LiveRun:
     print(
         f"  produced at {result.produced_rate:,.0f} msgs/s; windows closed while live:"
         f" {result.histogram[-1][1]:,.0f}; p99 close → commit {fmt_s(low)}–{fmt_s(high)}"
-        f" (~{fmt_s(interpolated)}); worker CPU {result.worker_cpu_share:.0%} of one CPU"
+        f" (~{fmt_s(interpolated)}), p99 batch commit"
+        f" ~{fmt_s(quantile(result.commit_histogram, 0.99)[2])};"
+        f" worker CPU {result.worker_cpu_share:.0%} of one CPU;"
+        f" CPU µs a message: worker {result.worker_us:.1f}, postgres {result.postgres_us:.1f}"
     )
     return result
 
@@ -768,6 +785,68 @@ at 1M and 46k → 59-69k at 5M (three full runs), same rows, candles and counter
 4. A late trade's source offset is found by the trade's identity, not by building a key tuple
    for every trade of the batch (5% of the worker's CPU in the profile).
 
+Changed (2026-11-30, issue 15, live stream; `stream/worker.py`, `stream/writers.py`,
+`shared/store/trade_staging.py`, `shared/store/trade_store.py`):
+
+1. **A batch gathers for `CANDLEKEEP_STREAM_LINGER` (100 ms) while live.** At 10,000 msgs/s
+   each fetch returned what had arrived since the last one: PostgreSQL's statement log showed
+   ~90 transactions a second of ~110 messages, each paying the whole per-batch round (fence
+   and savepoint, the staging table's statements, the COPY, parts, progress and window state,
+   the outputs' acknowledgements, the commit, two thread hand-offs). A fetch that does not fill
+   a batch is now topped up with what arrives within 100 ms of its first message (a backlog
+   fills its batches at once and never waits); close → commit counts from that first message.
+   What a step costs, from the linger alone (same code, 100 → 200 ms: −3.4 µs a message): about
+   7 ms of worker CPU a step on this loaded machine, so gathering pays in proportion.
+2. The group's offsets in Kafka (for lag tools only) are committed at most once a second and
+   when the worker stops, not with every batch.
+3. The staging table is created once per writer connection (it was a `CREATE … IF NOT EXISTS`
+   and a logged notice per batch), and emptied with `DELETE` instead of `TRUNCATE`, which gives
+   a temporary table a new file and a catalogue update each time: 0.45–0.6 ms of server time a
+   batch in the statement log, the largest after the COPY.
+4. `prepare_trades` makes one pass over a batch instead of three (1.45–1.50 → 1.34–1.35 µs a
+   message in `bench/stream_parts.py`).
+
+Measured with `bench/stream_throughput.py --trades 200000 --live-only 20` (20 s at 10,000
+msgs/s; the live run now reports the worker's and PostgreSQL's CPU a message), main and this
+change alternating, 2 CPUs shared with other sessions' test suites (load average 1.4 to 6):
+
+| round | main: worker / PostgreSQL CPU µs a message, p99 close → commit | changed |
+|---|---|---|
+| 1 | 32.0 / 24.6, ~235 ms | 16.5 / 7.0, ~195 ms |
+| 2 | 29.6 / 28.5, ~237 ms | 16.7 / 7.0, ~194 ms |
+| 3 | 19.4 / 14.0, ~648 ms | 15.0 / 6.8, ~430 ms |
+| 4 | 41.8 / 37.4, ~95 ms | 17.3 / 7.5, ~150 ms |
+| 5 | 32.3 / 22.4, ~114 ms | 14.1 / 6.4, ~194 ms |
+| 6 | 23.8 / 18.7, ~90 ms | 13.4 / 6.2, ~342 ms |
+
+(Rounds 1–3 before change 4. The p99 is interpolated in its bucket; 150 and 200 ms buckets
+were added to `candlekeep_window_close_to_commit_seconds` for it.) Worker CPU a message
+−45 to −60%, PostgreSQL's −55 to −80%; main's figures move with the load more (its batches
+grow when it falls behind). The delay is the linger plus one batch's write: 150–200 ms in most
+rounds, above 250 ms in the two rounds with a load average near 5 (where main's was 648 ms
+once). With `CANDLEKEEP_STREAM_LINGER=75ms`: 13.5–15.3 µs, p99 ~149–196 ms (four rounds,
+alternating with 100 ms: 13.7–14.5 µs, ~195–210 ms): the setting trades one for the other.
+The full 30 s live run of the 1M-trade runs below: main 26.8 / 17.1 µs, changed 15.4 / 6.7 µs
+(load average 5–6, p99 ~424 and ~657 ms).
+
+Backlog, 1,000,000 trades (`--trades 1000000 --no-write-docs`, one round each, load average
+5–6): main 51,104 trades/s, worker 10.4 µs and PostgreSQL 4.4 µs a message; changed 72,654
+trades/s, 8.3 and 3.5 µs (the staging statements and prepare_trades; a backlog's batches were
+full already). `--quick` (200k): 56.6k → 69.5k trades/s.
+
+Where a live message's CPU goes now (one run instrumented with `time.thread_time`, not
+committed): the event loop's thread 7.7 µs (aiokafka's fetch and record decoding, parse,
+`prepare_trades`, gathering, the outputs), the writer threads 4.1 µs (2.8 in the fence,
+staging, COPY, fold and continuity; 1.4 in the parts, late and invalid rows, progress, merge
+and commit), ~150 steps of ~1,300 messages for 200k. Not done: one transaction a step while
+no batch is in flight (tried: a partition's next batch must then go to the writer its batch in
+flight is on, or two transactions hold its progress row at once, which deadlocked; doing it
+without pinning a backlog to one writer needs more than a routing rule). Item 2 below was
+tried (the ids a symbol skipped, kept per worker, so that a disordered trade never tried goes in
+with the COPY): it saved nothing measurable (live 15.2 and 14.2 µs against 14.6 and 13.7,
+alternating; a backlog's batches of 5,000 left only 341 of 200k first copies to the staging
+table anyway, 82 with it) and the batch commit's p99 doubled, so it was not kept.
+
 Before (session 2: msgspec parser, parse while the batch before is written, fewer round trips,
 `gc.freeze`): 32k → 46-49k trades/s.
 
@@ -800,9 +879,10 @@ def render_live(live: LiveRun | None) -> str:
   {live.histogram[-1][1]:,.0f} windows closed;
 - p99 close → commit **{fmt_s(low)}–{fmt_s(high)} (~{fmt_s(interpolated)})**, p99 batch
   commit {fmt_s(c_low)}–{fmt_s(c_high)};
-- the worker used {live.worker_cpu_share:.0%} of one CPU: its batches are small (what arrived
-  since the last fetch), so each message carries more of a batch's fixed cost (fence, commit,
-  acknowledgements) than in a backlog.
+- the worker used {live.worker_cpu_share:.0%} of one CPU ({live.worker_us:.1f} µs a message;
+  PostgreSQL {live.postgres_us:.1f} µs): its batches are small (what arrives within
+  `CANDLEKEEP_STREAM_LINGER` of a batch's first message), so each message carries more of a
+  batch's fixed cost than in a backlog.
 """
 
 
@@ -855,7 +935,8 @@ How to run: `.venv/bin/python bench/stream_throughput.py [--trades N [N ...]] [-
 [--no-write-docs] [--batch-size N] [--profile raw|flamegraph|speedscope]` (default 1M then 5M
 trades, then a live stream of {LIVE_RATE:,} msgs/s for {LIVE_SECONDS} s, about 10 minutes;
 `--quick`: 200k and 10 s live, a smoke run that writes no docs; `--profile` runs py-spy,
-`pip install py-spy`, on the worker into `bench/out/stream/`, and skips the live stream).
+`pip install py-spy`, on the worker into `bench/out/stream/`, and skips the live stream;
+`--live-only SECONDS` runs the live stream alone, on the largest size's messages, and prints it).
 Needs only the project's own dependencies: the broker (Tansu, in memory) and PostgreSQL are the
 embedded ones, started fresh by the script (data in `bench/out/stream/`).
 
@@ -876,9 +957,10 @@ feed order. The symbol keys land on only two of the partitions ({spread} message
   start-up, the group join and the final idle wait are excluded.
 - **close → commit**: p99 of `candlekeep_window_close_to_commit_seconds`, from the worker's
   `/metrics` (scraped every second, the last time during its final idle wait): from the moment
-  the batch holding the message that closed a window was fetched to the commit of that batch's
-  transaction, parsing and writing included. While a backlog is read every batch closes windows,
-  so this is about the time one batch takes. The histogram's buckets are 5, 10, 25, 50, 100,
+  the batch holding the message that closed a window was fetched (its first message: a live
+  batch gathers for `CANDLEKEEP_STREAM_LINGER`) to the commit of that batch's transaction,
+  parsing and writing included. While a backlog is read every batch closes windows, so this is
+  about the time one batch takes. The histogram's buckets are 5, 10, 25, 50, 100, 150, 200,
   250, 500 ms, 1, 2.5, 5, 10 s: the p99 is only known to a bucket, and the table gives that
   bucket and a linear interpolation inside it (as Prometheus' `histogram_quantile` does). The
   p99 of `candlekeep_batch_commit_seconds` (one batch's write and commit) is shown next to it.
@@ -929,6 +1011,12 @@ def main() -> None:
         choices=("raw", "flamegraph", "speedscope"),
         help="run py-spy (pip install py-spy) on the worker: bench/out/stream/worker-N.FORMAT",
     )
+    parser.add_argument(
+        "--live-only",
+        type=int,
+        metavar="SECONDS",
+        help="only the live stream, for SECONDS (its messages: the largest size's), no docs",
+    )
     args = parser.parse_args()
     sizes = list(QUICK_SIZES) if args.quick else args.trades
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -937,12 +1025,18 @@ def main() -> None:
             results, when, quick, live = pickle.load(handle)
     else:
         when = datetime.now(UTC)
-        quick = args.quick
-        live_seconds = 0 if args.profile else (10 if quick else LIVE_SECONDS)
-        results, live = run_all(sizes, args.profile, args.batch_size, live_seconds)
+        quick = args.quick or args.live_only is not None
+        live_seconds = 0 if args.profile else (10 if args.quick else LIVE_SECONDS)
+        if args.live_only is not None:
+            live_seconds = args.live_only
+        results, live = run_all(
+            sizes, args.profile, args.batch_size, live_seconds, args.live_only is not None
+        )
         if not (quick or args.profile):  # (what --docs-from-last renders: a documented run)
             with LAST.open("wb") as handle:
                 pickle.dump((results, when, quick, live), handle)
+    if not results:  # (--live-only: its line above is the result)
+        return
     text = render(results, when, quick, live)
     print(text)
     if not (quick or args.no_write_docs):

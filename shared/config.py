@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     #: PostgreSQL connections that write batches side by side (a partition always uses the same
     #: one, so each partition's batches still commit one at a time, in order).
     stream_writers: int = Field(2, ge=1, le=64)
+    #: How long the worker gathers a batch that is not full (a live stream: what arrived since
+    #: the last fetch), from its first message: each batch carries fixed costs (a transaction,
+    #: its statements, the outputs' acknowledgements), which small batches pay per message.
+    stream_linger: timedelta = timedelta(milliseconds=100)
     #: What the worker does when a partition's stored position is no longer in its log (SPEC §4
     #: "Offset resets"): ``earliest`` goes on from the log's start, ``fail`` stops. Either way
     #: the reset is recorded in ``offset_resets`` first.
@@ -156,6 +160,7 @@ class Settings(BaseSettings):
         "venue_max_retry_after",
         "expected_lookback",
         "dq_wait_poke_interval",
+        "stream_linger",
         mode="before",
     )
     @classmethod
@@ -170,7 +175,12 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "max_delay", "allowed_lateness", "idle_timeout", "max_future_skew", "venue_max_retry_after"
+        "max_delay",
+        "allowed_lateness",
+        "idle_timeout",
+        "max_future_skew",
+        "venue_max_retry_after",
+        "stream_linger",
     )
     @classmethod
     def _non_negative(cls, value: timedelta) -> timedelta:

@@ -23,6 +23,7 @@ from shared.core.windows import PartitionWindows, StateMismatch
 from shared.errors import CandlekeepError
 from shared.store import db
 from shared.store.progress import Fenced, OffsetReset, load_progress, record_reset
+from shared.store.trade_staging import keep_staging_table
 from stream import metrics
 from stream.state import PartitionState
 
@@ -224,6 +225,7 @@ class Recovery:
             if not usable(writer.conn):
                 writer.conn = closed(writer.conn)
                 writer.conn = await asyncio.to_thread(db.connect, self.database_url)
+                await asyncio.to_thread(keep_staging_table, writer.conn)
         if restored:
             log.info("database connection restored")
 

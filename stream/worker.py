@@ -94,6 +94,9 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
         self.exit_when_idle_s = exit_when_idle_s
         self.wall_clock = wall_clock
         self.max_records = settings.batch_size
+        self.linger_s = settings.stream_linger.total_seconds()
+        #: A fetch error met while gathering (``_gather``), raised by the next fetch instead.
+        self._fetch_error: Exception | None = None
         self.topic = settings.topic_trades
         self.group = settings.consumer_group
         self.partitions: dict[int, PartitionState] = {}
@@ -105,6 +108,9 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
         #: For what the loop writes between batches (idle advances) and reads (progress).
         self._conn: psycopg.Connection | None = None
         self._writers = [Writer() for _ in range(settings.stream_writers)]
+        #: Committed batches' offsets not yet committed to Kafka (``stream.writers``), and when.
+        self._kafka_offsets: dict = {}
+        self._kafka_committed_at = float("-inf")
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._last_message_at = wall_clock()
@@ -255,14 +261,18 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
                     self._pending.discard(partition)
                 log.info("partitions loaded", partitions=sorted(self.partitions))
         try:
+            if self._fetch_error is not None:
+                error, self._fetch_error = self._fetch_error, None
+                raise error
             fetched = await self._consumer.getmany(timeout_ms=200, max_records=self.max_records)
+            fetched_at = self.wall_clock()
+            await self._gather(fetched)
         except OffsetOutOfRangeError as exc:
             await self._out_of_range(exc.args[0] if exc.args else {})
             return
         except NoOffsetForPartitionError:
             await asyncio.sleep(0.05)  # assigned, not yet positioned by on_assigned
             return
-        fetched_at = self.wall_clock()
         async with self._lock:  # parse, check the logs, tick the quiet ones, hand out to write
             replaced: list[int] = []
             parsed = await self._parser.parse(fetched, self.partitions, self.wall_clock(), replaced)
@@ -275,6 +285,30 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
             if parsed:
                 self._last_message_at = self.wall_clock()
             await self._hand_out(parsed, fetched_at)  # written and committed in order
+
+    async def _gather(self, fetched: dict) -> None:
+        """Add to a batch that is not full what arrives within ``linger_s`` of its first
+        message (a live stream; a backlog fills its batches at once).
+
+        An error met meanwhile is raised by the next fetch: what was fetched before it is
+        written first (the consumer's position is past it already).
+        """
+        count = sum(map(len, fetched.values()))
+        deadline = time.monotonic() + self.linger_s
+        while count and count < self.max_records and not self.stopping.is_set():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return
+            try:
+                more = await self._consumer.getmany(  # type: ignore[union-attr]
+                    timeout_ms=left_ms, max_records=self.max_records - count
+                )
+            except (OffsetOutOfRangeError, NoOffsetForPartitionError) as exc:
+                self._fetch_error = exc
+                return
+            for tp, records in more.items():
+                fetched[tp] = fetched[tp] + records if tp in fetched else records
+                count += len(records)
 
     async def on_assigned(self, assigned) -> None:
         """Only note the partitions: the loop loads their progress before its next fetch.

@@ -51,6 +51,10 @@ log = structlog.get_logger("candlekeep.stream")
 #: waiting its turn, so that parsing goes on while the writer waits on PostgreSQL. (3 was no
 #: faster in the benchmark, and a batch read from a backlog waited twice as long to commit.)
 PIPELINE_DEPTH = 2
+#: The group's offsets in Kafka (for lag tools only: the worker resumes from PostgreSQL) are
+#: committed at most this often, and when the batches in flight are drained (a stop): one
+#: commit per batch cost a live stream's small batches a broker round trip each.
+KAFKA_COMMIT_INTERVAL_S = 1.0
 
 
 @dataclass(eq=False)
@@ -240,13 +244,11 @@ class BatchWriting(GapWatch):
         return [task for writer in self._writers for task in writer.inflight]
 
     async def _drain(self) -> None:
-        """Wait for every batch in flight to be committed; the first failure is raised here
-        (the batches behind a failed one are not written)."""
+        """Wait for every batch in flight to be committed, then send their offsets to Kafka;
+        the first failure is raised here (the batches behind a failed one are not written)."""
         tasks = self._inflight()
         for writer in self._writers:
             writer.inflight = []
-        if not tasks:
-            return
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         for failure in failures:
@@ -254,6 +256,7 @@ class BatchWriting(GapWatch):
                 raise failure
         if failures:
             raise failures[0]
+        await self._commit_kafka_offsets([], force=True)
 
     async def _commit(
         self,
@@ -372,9 +375,22 @@ class BatchWriting(GapWatch):
         conn.commit()
         return results
 
-    async def _commit_kafka_offsets(self, batches: list[PartitionBatch]) -> None:
-        """Best effort, for lag monitoring only: the truth is in stream_progress."""
+    async def _commit_kafka_offsets(
+        self, batches: list[PartitionBatch], force: bool = False
+    ) -> None:
+        """Best effort, for lag monitoring only: the truth is in stream_progress. Committed
+        batches' offsets are kept and sent every ``KAFKA_COMMIT_INTERVAL_S`` (``force``: now),
+        those of the partitions still assigned."""
         assert self._consumer is not None
-        offsets = {TopicPartition(self.topic, b.partition): b.next_offset for b in batches}
-        with contextlib.suppress(KafkaError):
-            await self._consumer.commit(offsets)
+        pending = self._kafka_offsets
+        pending.update({TopicPartition(self.topic, b.partition): b.next_offset for b in batches})
+        now = time.monotonic()
+        if not pending or (not force and now - self._kafka_committed_at < KAFKA_COMMIT_INTERVAL_S):
+            return
+        assigned = self._consumer.assignment()
+        offsets = {tp: offset for tp, offset in pending.items() if tp in assigned}
+        pending.clear()
+        self._kafka_committed_at = now
+        if offsets:
+            with contextlib.suppress(KafkaError):
+                await self._consumer.commit(offsets)

@@ -77,6 +77,7 @@ def settings_env(settings: Settings, database_url: str, bootstrap: str) -> dict[
         CANDLEKEEP_IDLE_TIMEOUT=str(settings.idle_timeout.total_seconds()),
         CANDLEKEEP_BATCH_SIZE=str(settings.batch_size),
         CANDLEKEEP_STREAM_WRITERS=str(settings.stream_writers),
+        CANDLEKEEP_STREAM_LINGER=str(settings.stream_linger.total_seconds()),
         CANDLEKEEP_INTERVALS=settings.intervals,
         CANDLEKEEP_MAX_DELAY=str(settings.max_delay.total_seconds()),
         CANDLEKEEP_ALLOWED_LATENESS=str(settings.allowed_lateness.total_seconds()),

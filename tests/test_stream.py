@@ -261,3 +261,54 @@ def test_sigkill_at_random_moments_loses_nothing_and_counts_nothing_twice(
     assert {r[:3] for r in crashed["late"]} == {r[:3] for r in reference["late"]}
     strip = {k: (v[0], *v[2:]) for k, v in crashed["progress"].items()}
     assert strip == {k: (v[0], *v[2:]) for k, v in reference["progress"].items()}
+
+
+async def _trickle(settings, url, bootstrap, count: int, spacing_s: float) -> tuple[int, float]:
+    """Run a worker, send ``count`` trades of one symbol ``spacing_s`` apart once it has its
+    partitions; return its batches written (``candlekeep_batch_commit_seconds``) and consumed."""
+    from aiokafka import AIOKafkaProducer
+    from prometheus_client import REGISTRY
+
+    from stream.feeds.produce import ensure_topic
+
+    await ensure_topic(bootstrap, settings.topic_trades, 4)
+    worker = StreamWorker(settings, url, bootstrap, exit_when_idle_s=2)
+    running = asyncio.create_task(worker.run())
+    async with asyncio.timeout(30):
+        while not worker.partitions or worker._pending:
+            await asyncio.sleep(0.05)
+    batches = "candlekeep_batch_commit_seconds_count"
+    before = REGISTRY.get_sample_value(batches) or 0.0
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        now_ms = int(time.time() * 1000)
+        for n in range(count):
+            value = (
+                f'{{"symbol": "BTCUSDT", "trade_id": {n}, "price": "100.5", "quantity": "0.1",'
+                f' "timestamp": {now_ms + n}}}'
+            )
+            await producer.send_and_wait(settings.topic_trades, value.encode(), key=b"BTCUSDT")
+            await asyncio.sleep(spacing_s)
+    finally:
+        await producer.stop()
+    summary = await running
+    return int((REGISTRY.get_sample_value(batches) or 0.0) - before), summary.consumed
+
+
+def test_a_live_trickle_is_written_in_batches_gathered_for_the_linger(
+    database_url, kafka_bootstrap
+):
+    """Trades arriving one by one are gathered for CANDLEKEEP_STREAM_LINGER from the first
+    one, then written together in one transaction (each transaction has fixed costs); with no
+    linger each fetch is written as it comes."""
+    reset_tables(database_url)
+    gathered = stream_settings(stream_linger="2s")
+    written, consumed = asyncio.run(_trickle(gathered, database_url, kafka_bootstrap, 5, 0.2))
+    assert consumed == 5
+    assert written == 1
+    reset_tables(database_url)
+    each = stream_settings(stream_linger="0")
+    written, consumed = asyncio.run(_trickle(each, database_url, kafka_bootstrap, 5, 0.2))
+    assert consumed == 5
+    assert written >= 3

@@ -62,6 +62,8 @@ class PreparedTrades:
     #: Later copies of ids in ``unique`` (whatever their ts or price): duplicates, never folded;
     #: compared with the stored first copy once that is stored, to count conflicting ones.
     repeats: list[Trade] = field(default_factory=list)
+    #: The first copy of each trade, by its key (the repeats' are compared with it).
+    firsts: dict[tuple[str, str, int], Trade] = field(default_factory=dict)
 
 
 def prepare_trades(
@@ -76,30 +78,32 @@ def prepare_trades(
     another process wrote the store: those are *fresh*. A hint only, never the authority on what
     is stored (None: nothing tried, every first copy is fresh).
     """
+    # One pass: a trade is a repeat or a first copy, and a first copy fresh or not.
     firsts: dict[tuple[str, str, int], Trade] = {}
-    keep = firsts.setdefault
-    for t in trades:
-        keep((t.exchange, t.symbol, t.trade_id), t)
-    unique = list(firsts.values())
     repeats: list[Trade] = []
-    if len(unique) != len(trades):
-        first_ids = set(map(id, unique))
-        repeats = [t for t in trades if id(t) not in first_ids]
-    if tried is None:
-        return PreparedTrades(unique, unique, [], copy_rows(unique), repeats)
     fresh: list[Trade] = []
     others: list[Trade] = []
-    before = dict(tried)
-    for t in unique:
-        symbol = (t.exchange, t.symbol)
+    before = dict(tried) if tried is not None else None
+    for t in trades:
         trade_id = t.trade_id
+        key = (t.exchange, t.symbol, trade_id)
+        if key in firsts:
+            repeats.append(t)
+            continue
+        firsts[key] = t
+        if before is None:
+            continue
+        symbol = (t.exchange, t.symbol)
         if trade_id > before.get(symbol, -1):
             fresh.append(t)
-            if trade_id > tried.get(symbol, -1):
-                tried[symbol] = trade_id
+            if trade_id > tried.get(symbol, -1):  # type: ignore[union-attr]
+                tried[symbol] = trade_id  # type: ignore[index]
         else:
             others.append(t)
-    return PreparedTrades(unique, fresh, others, copy_rows(fresh), repeats)
+    unique = list(firsts.values())
+    if before is None:
+        fresh = unique
+    return PreparedTrades(unique, fresh, others, copy_rows(fresh), repeats, firsts)
 
 
 _COPY_BOOL = {True: "t", False: "f", None: "\\N"}
@@ -279,7 +283,7 @@ def _repeats_conflicting(
     if not repeats:
         return 0
     stored_here = set(map(id, new))
-    first_of = {t.key: t for t in prepared.unique}
+    first_of = prepared.firsts
     firsts = [first_of[r.key] for r in repeats]
     known = [f if id(f) in stored_here else None for f in firsts]
     return count_conflicts(conn, repeats, of(repeats), known)
