@@ -312,3 +312,41 @@ def test_a_live_trickle_is_written_in_batches_gathered_for_the_linger(
     written, consumed = asyncio.run(_trickle(each, database_url, kafka_bootstrap, 5, 0.2))
     assert consumed == 5
     assert written >= 3
+
+
+def test_a_fetch_error_while_gathering_is_handled_after_the_gathered_trades_are_written(
+    database_url, kafka_bootstrap, monkeypatch
+):
+    """A fetch error met while a batch gathers (here the broker's "offset out of range" for a
+    position it does have: a fault injected once, into the real consumer) does not lose what was
+    fetched before it: those trades are written, the error is handled by the next fetch (the
+    position is checked against the log, found valid, and reading goes on), nothing is skipped,
+    no reset is recorded."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import OffsetOutOfRangeError
+
+    settings = stream_settings(stream_linger="2s")
+    real_getmany = AIOKafkaConsumer.getmany
+    injected = []
+
+    async def getmany(self, *partitions, timeout_ms=0, max_records=None):
+        gathering = max_records is not None and max_records < settings.batch_size
+        if gathering and not injected:  # (raised before fetching, as aiokafka does)
+            tp = next(iter(sorted(self.assignment())))
+            position = await self.position(tp)
+            injected.append((tp, position))
+            raise OffsetOutOfRangeError({tp: position})
+        return await real_getmany(self, *partitions, timeout_ms=timeout_ms, max_records=max_records)
+
+    reset_tables(database_url)
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany)
+    written, consumed = asyncio.run(_trickle(settings, database_url, kafka_bootstrap, 5, 0.2))
+    assert injected, "the fault was never injected: no batch gathered"
+    assert consumed == 5
+    with db.connect(database_url) as conn:
+        stored = conn.execute("SELECT count(*), count(DISTINCT trade_id) FROM trades").fetchone()
+        resets = conn.execute("SELECT count(*) FROM offset_resets").fetchone()[0]
+        skipped = conn.execute("SELECT coalesce(sum(skipped), 0) FROM stream_progress").fetchone()
+    assert stored == (5, 5)
+    assert resets == 0 and skipped[0] == 0
+    assert written >= 2  # what was gathered before the error, then the rest
