@@ -73,14 +73,19 @@ def base_fold(*, scan: str = "", kept: str = "") -> str:
     least and greatest ``ts`` and ``trade_id``; ``first`` and ``last`` then come from one probe
     each of the primary key (``_PROBE``) instead of a comparison on every row (``min``/``max``
     of an ``ARRAY[epoch, id, price]`` built per trade took twice the time for a day of 10M
-    trades).
+    trades). The probes go in key order (``exchange, symbol, window_start``: the windows sorted
+    after the hash aggregate, which emits them in hash order): consecutive probes then read
+    neighbouring index and heap pages, which are in ``shared_buffers`` already, instead of
+    pages all over the table (a day of 1M trades: 0.25 s of probes instead of 0.45 s). The
+    aggregate is ``MATERIALIZED`` so that the sort applies to its 1,440 rows a symbol-day, and
+    the planner does not turn it into a sort of every trade for a group aggregate.
     """
     where = " AND ".join(
         w for w in ("t.ts >= %(scan_start)s AND t.ts < %(scan_end)s", MARKET_ONLY, scan, kept) if w
     )
     probe_kept = f" AND {MARKET_ONLY}" + (f" AND {kept}" if kept else "")
     return f"""
-aggregate AS (
+aggregate AS MATERIALIZED (
     SELECT t.exchange, t.symbol,
            date_bin(%(base_len)s, t.ts, timestamptz 'epoch') AS window_start,
            max(t.price) AS high,
@@ -103,7 +108,7 @@ base AS MATERIALIZED (
            ARRAY[extract(epoch FROM l.ts), l.trade_id, l.price] AS last,
            a.high, a.low, a.volume, a.quote_volume, a.trade_count, a.sided, a.taker_volume,
            a.taker_quote
-    FROM aggregate AS a
+    FROM (SELECT * FROM aggregate ORDER BY exchange, symbol, window_start) AS a
     {_PROBE.format(order="ASC", ts="first_ts", name="f", kept=probe_kept)}
     {_PROBE.format(order="DESC", ts="last_ts", name="l", kept=probe_kept)}
 )"""
