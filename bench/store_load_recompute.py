@@ -484,6 +484,13 @@ class SizeResult:
         return a / b if a is not None and b else None
 
 
+def checkpoint(server_url: str) -> None:
+    """Write out the previous step's dirty pages first, so that neither side of a comparison
+    pays for the other's checkpoint (a 10M-trade COPY leaves gigabytes of WAL behind it)."""
+    with psycopg.connect(with_database(server_url, "postgres"), autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+
+
 def bench_load(
     server_url: str, files: list[Path], trades: int, rounds: int
 ) -> tuple[str, list[Load], list[Timing]]:
@@ -496,6 +503,7 @@ def bench_load(
         for what in ("copy", "load") if n % 2 == 0 else ("load", "copy"):
             if what == "load":
                 url = fresh_database(server_url, f"candlekeep_bench_{trades}")
+                checkpoint(server_url)
                 print(f"{trades:,} trades: loading {len(files)} files ...", flush=True)
                 load = run_load(files, url)
                 loads.append(load)
@@ -505,6 +513,7 @@ def bench_load(
                 )
             else:
                 copy_url = fresh_database(server_url, f"candlekeep_bench_copy_{trades}")
+                checkpoint(server_url)
                 timing = run_copy(rows_files, copy_url)
                 copies.append(timing)
                 cpu = "" if timing.cpu_s is None else f", server CPU {timing.cpu_s:.1f}s"
@@ -529,6 +538,7 @@ def bench_size(
         stored = conn.execute("SELECT count(*) FROM trades").fetchone()[0]
         conn.execute("VACUUM ANALYZE trades")
         size = conn.execute("SELECT pg_total_relation_size('trades')").fetchone()[0]
+        conn.execute("CHECKPOINT")
     if stored != trades:
         raise SystemExit(f"expected {trades:,} trades in the table, found {stored:,}")
     result = SizeResult(trades, loads, copies, size / 2**20)
@@ -723,7 +733,7 @@ Where the time goes ({largest.trades:,} trades, medians, `work_mem` {WORK_MEM} f
 
 How to run: `.venv/bin/python bench/store_load_recompute.py [--trades N ...] [--rounds K]
 [--load-rounds L] [--no-breakdown] [--no-write-docs]` (defaults: 1,000,000 then 10,000,000
-trades, 3 rounds, 1 load round). Without `DATABASE_URL` it starts the embedded PostgreSQL with
+trades, 3 rounds, 2 load rounds). Without `DATABASE_URL` it starts the embedded PostgreSQL with
 its data in `bench/out/pg`; with it, it creates databases `candlekeep_bench_<N>` and
 `candlekeep_bench_copy_<N>` on that server (dropped and re-created at each run). Schema and
 indexes: [storage.md](storage.md).
@@ -807,7 +817,7 @@ def main() -> None:
         help="sizes to run, smallest first (default: 1000000 10000000)",
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--load-rounds", type=int, default=1, help="load and COPY rounds")
+    parser.add_argument("--load-rounds", type=int, default=2, help="load and COPY rounds")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument(
         "--no-breakdown", action="store_true", help="skip timing the aggregates one group at a time"
