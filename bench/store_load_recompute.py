@@ -807,6 +807,28 @@ def write_section(text: str) -> None:
     DOCS.write_text(current[:start] + text.rstrip("\n") + "\n" + rest, encoding="utf-8")
 
 
+def results_of(record: dict) -> list[SizeResult]:
+    """The results of a saved run (``--docs-from-last``)."""
+
+    def timings(rows: list[dict]) -> list[Timing]:
+        return [Timing(**row) for row in rows]
+
+    return [
+        SizeResult(
+            r["trades"],
+            [Load(**row) for row in r["loads"]],
+            timings(r["copies"]),
+            r["table_mb"],
+            timings(r["recompute"]),
+            timings(r["reference"]),
+            timings(r["count_only"]),
+            {k: timings(v) for k, v in r["breakdown"].items()},
+            r["candles"],
+        )
+        for r in record["results"]
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -823,7 +845,18 @@ def main() -> None:
         "--no-breakdown", action="store_true", help="skip timing the aggregates one group at a time"
     )
     parser.add_argument("--no-write-docs", action="store_true")
+    parser.add_argument(
+        "--docs-from-last",
+        action="store_true",
+        help="write the docs section from the saved results of the last run of these sizes",
+    )
     args = parser.parse_args()
+    name = "store_load_recompute-" + "-".join(map(str, args.trades)) + ".json"
+    if args.docs_from_last:
+        record = json.loads((OUT_DIR / name).read_text())
+        write_section(section(record, results_of(record), args.rounds, args.load_rounds))
+        print(f"wrote the results of {OUT_DIR / name} to {DOCS}")
+        return
 
     load_at_start = os.getloadavg()[0]
     server = None
@@ -870,7 +903,6 @@ def main() -> None:
             for r in results
         ],
     }
-    name = "store_load_recompute-" + "-".join(map(str, args.trades)) + ".json"
     (OUT_DIR / name).write_text(json.dumps(record, indent=2))
     (OUT_DIR / "store_explain.txt").write_text(plans + "\n")
     print(f"wrote {OUT_DIR / name} and {OUT_DIR / 'store_explain.txt'}")
