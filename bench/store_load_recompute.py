@@ -662,7 +662,68 @@ _RECOMPUTE_HEAD = (
 )
 
 #: What the runs showed, written by hand after them (the tables above it are the script's).
-NOTES = ""
+NOTES = """
+**Before and after this branch** (`store`, 2026-11-30; the code before it is commit `c700059`,
+run with this same script from an export of that commit; the same embedded PostgreSQL 18, the
+same cached files; before and after runs alternated; the machine was shared with other helpers'
+builds and tests, load average 1.5–6, so wall times jumped by up to 2× from one round to the
+next: the server CPU times are the figures to compare). Recompute / the issue's reference,
+median server CPU of the three rounds:
+
+| run | 1M | 3M | 10M |
+|---|---:|---:|---:|
+| before, first baseline (1 load round) | 1.14 / 0.44 s = 2.59× | 2.16 / 1.18 s = 1.83× | |
+| before | 1.35 / 0.44 s = 3.07× | 2.27 / 1.18 s = 1.92× | |
+| after, run 1 | 0.90 / 0.43 s = 2.09× | 1.68 / 1.14 s = 1.47× | |
+| after, run 2 | 0.95 / 0.44 s = 2.16× | 1.83 / 1.20 s = 1.53× | |
+| after, run 3 (loaded) | 0.88 / 0.42 s = 2.10× | 1.71 / 1.12 s = 1.53× | 4.32 / 3.64 s = 1.19× |
+| after, the run above | 0.91 / 0.43 s = 2.12× | 1.71 / 1.11 s = 1.54× | 4.20 / 3.61 s = 1.16× |
+
+In wall time (medians): before 2.58×, 2.69× at 1M and 1.82×, 2.04× at 3M; after 2.07×, 2.31×,
+2.13×, 2.04× at 1M, 1.61×, 2.14×, 2.13×, 1.50× at 3M, and 1.48× (a loaded run) and 1.17× at 10M.
+What changed, all in the one SQL fold (`shared/batch/candle_sql.py`) that recompute, reconcile
+and the checks build from: the windows are probed in key order (the hash aggregate emits them in
+hash order, and consecutive probes then read pages all over the table); each window's open is
+first looked up by its least id and kept when that trade is at the window's first time, exact
+(the walk through the id range only otherwise), the close likewise by its greatest id; each
+larger interval is rolled up from the next smaller one (1h from 15m from 5m) instead of from the
+base windows. Measured one by one: the probes went from 0.44 s to 0.25 s on the 1M day
+(sorted) and from 0.48 s to 0.30 s on the 3M day (the lookup by id); the rollups merge
+28,800 + 5,760 + 1,920 states instead of 3 × 28,800.
+
+**Recompute: 10M meets 1.3× (1.16–1.19× in server CPU, 1.17× wall on a quiet run); 1M and 3M
+do not.** What is left over the reference is per window, not per trade: 57,600 key lookups for
+open and close (≈ 3–5 µs each: an index descent and a heap page, 0.2 s at 1M), the insert of
+the 36,960 candles with the delete of the previous round's (≈ 0.1–0.15 s), the rollups
+(≈ 0.05 s); the aggregate pass itself, with the reference's aggregates plus the least and
+greatest time, takes the reference's time (0.51 s against 0.48 s at 1M). At 1M (35 trades a
+window) those ~0.4 s are as much as the reference; at 3M about half of it; at 10M 15%. Meeting
+1.3× on a day with fewer than ~300 trades a window would need open and close at no cost per
+window, i.e. inside the aggregate pass: PostgreSQL has no `min_by`/`arg_min`, an
+`ARRAY[epoch, id, price]` built per trade cost twice these lookups (the design before migration
+0002), and index-only lookups would need `ts` and `price` in the key's index (`INCLUDE`), which
+costs every writer what a second index costs (+50% on the COPY, [storage.md](storage.md)). A C
+aggregate (an extension) is not available in the embedded server.
+
+**Load: met at 1M and 3M in the run above (0.75×, 0.83×), not at 10M (0.65×).** The loader is
+bound by its own CPU: 2.45 µs a trade (measured in-process on 1M: reading, validating and
+making the `Trade`s 1.21 µs, psycopg's `write_row` encoding and sending 1.23 µs; 2.7 µs in the
+table's runs, with the interpreter's start and the migrations check), against the server's
+2.0 µs a row for the same COPY. Until this branch each 100,000-trade chunk was read into a list
+before its COPY, so the server sat idle while the next chunk was parsed; now the chunk is read
+as it is sent (`candlekeep/load.py`, `StreamedChunk`), and parsing overlaps the inserts. Before
+that change, in the runs above this one: 0.50×, 0.54× at 1M; 0.39×, 0.48×, 0.43×, 0.58× at 3M;
+0.62× at 10M (the load alone: 3M in 11.0–12.8 s before, 9.6–11.0 s after, on quiet moments).
+What is left: the loader and the server need both cores, the plain COPY one, so the ratio falls
+as soon as other work takes a core; and the client's 2.45 µs a trade exceed the server's 2.0.
+Halving the client's CPU would take encoding the `COPY` text straight from the validated CSV
+fields (the price and quantity as written, no `Decimal` → text round trip, no object per line):
+a second encoder next to the one the stream and the staging path share, with a test that both
+store the same rows; not done here. Peak RSS: 115 MB from 1M to 10M in the run above; before
+the chunk was read as it was sent, 171 MB at 10M and once 167 MB at 3M, in runs on a loaded
+machine; the old code run in-process on the same 10M files stayed at 107 MB from the first
+chunk to the last, so it was not held per trade (not explained further).
+"""
 
 
 def section(record: dict, results: list[SizeResult], rounds: int, load_rounds: int) -> str:
