@@ -93,3 +93,23 @@ def test_invalid_lines_land_in_invalid_trades_once(url, tmp_path):
     assert [(r[1], r[2]) for r in rows] == [(2, "wrong_type"), (5, "not_positive")]
     assert rows[0][0] == str(path) and rows[0][4] == b"1,abc,1,1,1,1570752011620,True,True"
     assert rows[1][3] == "quantity: must be greater than 0, got 0"
+
+
+def test_chunks_read_as_they_are_sent_store_every_trade_once_when_some_are_stored(url, tmp_path):
+    """``load`` reads each chunk while it sends it: chunks that meet stored trades (all of them,
+    some of them) take the exact path with every trade of the chunk, none skipped, none twice,
+    and the next chunk starts where the last one ended."""
+    from candlekeep.load import load_trades
+    from candlekeep.trade_input import TradeInput
+
+    lines = AGG.read_text().splitlines()
+    part = tmp_path / "XRPETH-aggTrades-part.csv"
+    part.write_text("\n".join(lines[1_000:1_500] + lines[2_600:2_700]) + "\n")
+    assert load_trades(url, TradeInput([str(part)]), chunk=1_000)["stored"] == 600
+    totals = load_trades(url, TradeInput([str(AGG)]), chunk=1_000)
+    assert totals["read"] == len(lines) == 12_477
+    assert (totals["stored"], totals["duplicates"]) == (12_477 - 600, 600)
+    with db.connect(url) as conn:
+        stored = conn.execute("SELECT count(*), count(DISTINCT trade_id) FROM trades").fetchone()
+    assert stored == (12_477, 12_477)
+    assert load_trades(url, TradeInput([str(AGG)]), chunk=1_000)["stored"] == 0

@@ -12,6 +12,7 @@ from decimal import Decimal
 
 import pytest
 
+from shared.batch.candle_sql import CANDLE_COLUMNS
 from shared.batch.recompute import recompute_batch_candles
 from shared.batch.reconcile import classify
 from shared.batch.summary import ByTable
@@ -238,3 +239,22 @@ def test_a_stream_that_lags_is_a_warning_not_a_broken_rollup(conn, database_url,
     summary = run_period(database_url, settings, "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z")
     assert summary.rollup_violations.stream == 1
     assert summary.status == "fail"
+
+
+def test_a_stream_that_agrees_everywhere_is_all_match_and_a_rerun_clears_old_mismatches(conn):
+    """Where no key differs, the fold without late trades reads no trade (its table is made
+    empty), and the run's earlier mismatch rows are gone."""
+    late = simulate_stream(conn)
+    assert run(conn).counts["late"] > 0 and mismatches(conn)
+    for lt in late:  # the stream's candles as if nothing had been late
+        conn.execute(
+            "DELETE FROM late_trades WHERE exchange = %s AND symbol = %s AND trade_id = %s",
+            (lt.trade.exchange, lt.trade.symbol, lt.trade.trade_id),
+        )
+    conn.execute("DELETE FROM stream_candles")
+    columns = ", ".join(CANDLE_COLUMNS)
+    conn.execute(f"INSERT INTO stream_candles ({columns}) SELECT {columns} FROM batch_candles")
+    conn.commit()
+    result = run(conn)
+    assert result.counts["match"] == result.compared > 50
+    assert mismatches(conn) == {}

@@ -214,6 +214,25 @@ def test_sql_candles_equal_the_core_candles(store_url, trades, rnd, with_duplica
         assert batch_candles(conn) == {c.key: c.values() for c in aggregate(trades, INTERVALS)}
 
 
+@settings(max_examples=25)
+@given(trade_lists(min_size=1, max_size=80, span_us=30 * HOUR))
+def test_every_interval_merged_from_the_next_smaller_one_equals_the_core_candles(store_url, trades):
+    """Each larger interval is rolled up from the next smaller one's states (1d from 4h from
+    1h ...), not from the base: the candles are still the core's, on a run of three days."""
+    intervals = IntervalSet.parse("1m,5m,15m,1h,4h,1d")
+    with db.connect(store_url) as conn:
+        conn.execute("TRUNCATE trades, batch_candles")
+        store_trades(conn, trades)
+        start = ts_to_datetime(T0_US - T0_US % (24 * HOUR))
+        counts = recompute_batch_candles(conn, start, start + timedelta(days=3), intervals)
+        conn.commit()
+        expected = {c.key: c.values() for c in aggregate(trades, intervals)}
+        assert batch_candles(conn) == expected
+        assert counts == {
+            i.name: sum(k[2] == i.name for k in expected) for i in intervals.intervals
+        }
+
+
 def test_a_run_owns_the_windows_that_end_in_its_interval(conn):
     day = 1_700_006_400_000_000  # 2023-11-15T00:00Z
     from shared.core.trades import Trade

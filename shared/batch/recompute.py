@@ -3,7 +3,11 @@
 The trades never travel into Python: one set-based statement folds them into base candles and
 merges those into the larger intervals, with the fold and rollup of ``shared.batch.candle_sql``
 (open and close come from one probe each of the primary key ``(exchange, symbol, trade_id)``:
-see ``candle_sql.base_fold``).
+see ``candle_sql.base_fold``). Each larger interval is merged from the states of the largest
+smaller interval that divides it (1h from 15m from 5m from 1m), not from the base states again:
+merging is associative and windows are aligned to the epoch, so the candles are the same, and
+each rollup reads a fifth or a third of the rows (the array comparisons of ``first`` and
+``last`` cost per state merged).
 
 The run for ``[start, end)`` owns every window that *ends* in ``(start, end]``: with the default
 intervals and hourly runs, exactly the windows inside the hour; a ``1d`` window is computed by the
@@ -18,6 +22,8 @@ for the statement, and puts it back afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -58,6 +64,21 @@ def _pg_interval(interval: Interval) -> timedelta:
     return timedelta(microseconds=interval.length_us)
 
 
+@contextmanager
+def fold_work_mem(conn: psycopg.Connection) -> Iterator[None]:
+    """Raise ``work_mem`` to :data:`WORK_MEM` (never lower it) for the statements inside, in
+    the open transaction, and put it back afterwards: a fold hashes every window of its period
+    (see the module's docstring)."""
+    previous = conn.execute(
+        "SELECT current_setting('work_mem'), set_config('work_mem', %(wm)s, true)"
+        " WHERE pg_size_bytes(current_setting('work_mem')) < pg_size_bytes(%(wm)s)",
+        {"wm": WORK_MEM},
+    ).fetchone()
+    yield
+    if previous is not None:
+        conn.execute("SELECT set_config('work_mem', %s, true)", (previous[0],))
+
+
 _SELECT = """
 SELECT exchange, symbol, {name}, window_start, window_start + {length}, {columns}
 FROM ({source}) AS c
@@ -78,19 +99,27 @@ def recompute_batch_candles(
         "scan_end": ranges[0].last_end,  # whole base windows only
     }
     selects = []
+    states = {base: "base"}  # each interval's fold states: a CTE's name
+    rollups = []
     for n, window_range in enumerate(ranges):
         interval = window_range.interval
         params[f"name{n}"] = interval.name
         params[f"len{n}"] = _pg_interval(interval)
         params[f"first{n}"] = window_range.first_start
         params[f"end{n}"] = window_range.last_end
-        source = "SELECT * FROM base" if interval == base else rollup(f"%(len{n})s")
+        if interval != base:
+            finer = max(
+                (i for i in states if interval.length_us % i.length_us == 0),
+                key=lambda i: i.length_us,
+            )
+            states[interval] = f"states{n}"
+            rollups.append(f"states{n} AS ({rollup(f'%(len{n})s', states[finer])})")
         selects.append(
             _SELECT.format(
                 name=f"%(name{n})s::text",
                 length=f"%(len{n})s",
                 columns=candle_columns(),
-                source=source,
+                source=f"SELECT * FROM {states[interval]}",
                 first=f"%(first{n})s",
                 last_end=f"%(end{n})s",
             )
@@ -106,18 +135,12 @@ def recompute_batch_candles(
                     "end": params[f"end{n}"],
                 },
             )
-        previous = conn.execute(
-            "SELECT current_setting('work_mem'), set_config('work_mem', %(wm)s, true)"
-            " WHERE pg_size_bytes(current_setting('work_mem')) < pg_size_bytes(%(wm)s)",
-            {"wm": WORK_MEM},
-        ).fetchone()
-        conn.execute(
-            f"INSERT INTO batch_candles ({', '.join(CANDLE_COLUMNS)})"
-            f" WITH {base_fold()} " + " UNION ALL ".join(selects),
-            params,
-        )
-        if previous is not None:
-            conn.execute("SELECT set_config('work_mem', %s, true)", (previous[0],))
+        with fold_work_mem(conn):
+            conn.execute(
+                f"INSERT INTO batch_candles ({', '.join(CANDLE_COLUMNS)})"
+                f" WITH {', '.join([base_fold(), *rollups])} " + " UNION ALL ".join(selects),
+                params,
+            )
         rows = conn.execute(
             "SELECT interval, count(*) FROM batch_candles WHERE "
             + " OR ".join(
