@@ -68,6 +68,7 @@ from stream_throughput import (  # noqa: E402
 )
 
 from candlekeep.embedded import EmbeddedBroker, EmbeddedPostgres  # noqa: E402
+from shared.config import Settings  # noqa: E402
 from shared.store import db  # noqa: E402
 from tests.streaming import settings_env, stream_settings  # noqa: E402
 
@@ -77,7 +78,8 @@ SECTION = "## Peers side by side"
 TRADES, QUICK_TRADES = 1_000_000, 50_000
 POLL_S = 0.1
 FOUR = "1m,5m,15m,1h"
-BATCH = 5000
+#: The worker's batch size: the setting's default (the bare loop fetches as many at a time).
+BATCH = Settings().batch_size
 #: Where ``--profile`` writes the systems' CPU profiles (None: no profiling).
 PROFILE_DIR: Path | None = None
 

@@ -1004,7 +1004,7 @@ def main() -> None:
         help="render the section again from the last run's saved results (no measuring)",
     )
     parser.add_argument(
-        "--batch-size", type=int, help="the worker's batch size (default: the setting's, 5000)"
+        "--batch-size", type=int, help="the worker's batch size (default: CANDLEKEEP_BATCH_SIZE's)"
     )
     parser.add_argument(
         "--profile",

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     topic_late: str = "trades.late"
     topic_invalid: str = "trades.invalid"
     consumer_group: str = "candlekeep-stream"
-    batch_size: int = Field(5000, ge=1)
+    batch_size: int = Field(10_000, ge=1)
     #: PostgreSQL connections that write batches side by side (a partition always uses the same
     #: one, so each partition's batches still commit one at a time, in order).
     stream_writers: int = Field(2, ge=1, le=64)
