@@ -65,18 +65,29 @@ def _pg_interval(interval: Interval) -> timedelta:
 
 
 @contextmanager
-def fold_work_mem(conn: psycopg.Connection) -> Iterator[None]:
-    """Raise ``work_mem`` to :data:`WORK_MEM` (never lower it) for the statements inside, in
-    the open transaction, and put it back afterwards: a fold hashes every window of its period
-    (see the module's docstring)."""
+def fold_settings(conn: psycopg.Connection) -> Iterator[None]:
+    """For the statements inside, in the open transaction: ``work_mem`` raised to
+    :data:`WORK_MEM` (never lowered; a fold hashes every window of its period, see the module's
+    docstring) and JIT off; both put back afterwards.
+
+    JIT: on a server built with LLVM (Debian's and most packaged PostgreSQL; not the embedded
+    one), the fold's cost estimate passes ``jit_above_cost`` and the server compiles its many
+    numeric expressions for each run: on PostgreSQL 15, an hour of 1M trades recomputed in
+    1.31-1.33 s with JIT and 0.44-0.46 s without (docs/benchmarks.md); the compiled code never
+    won that back on these statements.
+    """
     previous = conn.execute(
-        "SELECT current_setting('work_mem'), set_config('work_mem', %(wm)s, true)"
-        " WHERE pg_size_bytes(current_setting('work_mem')) < pg_size_bytes(%(wm)s)",
+        "SELECT current_setting('work_mem'), current_setting('jit'),"
+        " CASE WHEN pg_size_bytes(current_setting('work_mem')) < pg_size_bytes(%(wm)s)"
+        " THEN set_config('work_mem', %(wm)s, true) END, set_config('jit', 'off', true)",
         {"wm": WORK_MEM},
     ).fetchone()
+    assert previous is not None
     yield
-    if previous is not None:
-        conn.execute("SELECT set_config('work_mem', %s, true)", (previous[0],))
+    conn.execute(
+        "SELECT set_config('work_mem', %s, true), set_config('jit', %s, true)",
+        (previous[0], previous[1]),
+    )
 
 
 _SELECT = """
@@ -135,7 +146,7 @@ def recompute_batch_candles(
                     "end": params[f"end{n}"],
                 },
             )
-        with fold_work_mem(conn):
+        with fold_settings(conn):
             conn.execute(
                 f"INSERT INTO batch_candles ({', '.join(CANDLE_COLUMNS)})"
                 f" WITH {', '.join([base_fold(), *rollups])} " + " UNION ALL ".join(selects),

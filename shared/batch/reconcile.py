@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from shared.batch.candle_sql import STATE, base_fold, candle_columns, rollup, same
-from shared.batch.recompute import fold_work_mem, owned_windows
+from shared.batch.recompute import fold_settings, owned_windows
 from shared.core.candles import CANDLE_FIELDS
 from shared.core.intervals import IntervalSet
 from shared.store.schema import MISMATCH_KINDS
@@ -229,7 +229,7 @@ def classify(
         # 0.9 s of work on an hour of 500k trades. The setting is put back afterwards. Where
         # no key differs, the table is made empty without reading a trade.
         jit = conn.execute("SELECT current_setting('jit'), set_config('jit', 'off', true)")
-        with fold_work_mem(conn):
+        with fold_settings(conn):
             conn.execute(
                 _WITHOUT_LATE.format(windows=windows, no_data="" if symbols else "WITH NO DATA"),
                 scan,
