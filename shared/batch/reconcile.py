@@ -224,17 +224,15 @@ def classify(
         conn.execute(_EXCLUDED, scan)
         conn.execute("ALTER TABLE reconcile_excluded ADD PRIMARY KEY (exchange, symbol, trade_id)")
         conn.execute("ANALYZE reconcile_excluded")
-        # The planner cannot count a fold's windows (it takes every trade for a window), so
-        # the key probes look costly and JIT compiles the statement: 5.5 s of compiling for
-        # 0.9 s of work on an hour of 500k trades. The setting is put back afterwards. Where
-        # no key differs, the table is made empty without reading a trade.
-        jit = conn.execute("SELECT current_setting('jit'), set_config('jit', 'off', true)")
+        # JIT off (fold_settings): the planner cannot count a fold's windows (it takes every
+        # trade for a window), so the key probes look costly and JIT would compile the
+        # statement: 5.5 s of compiling for 0.9 s of work on an hour of 500k trades. Where no
+        # key differs, the table is made empty without reading a trade.
         with fold_settings(conn):
             conn.execute(
                 _WITHOUT_LATE.format(windows=windows, no_data="" if symbols else "WITH NO DATA"),
                 scan,
             )
-        conn.execute("SELECT set_config('jit', %s, true)", (jit.fetchone()[0],))
         same_ws = " AND ".join(f"w.{f} IS NOT DISTINCT FROM p.s_{f}" for f in FIELDS)
         conn.execute(_CLASSIFY.format(same_ws=same_ws))
         conn.execute(
