@@ -285,6 +285,7 @@ class StreamWorker(BatchWriting, IdleTick, Recovery):
             if parsed:
                 self._last_message_at = self.wall_clock()
             await self._hand_out(parsed, fetched_at)  # written and committed in order
+        await self._commit_kafka_offsets([])  # a quiet stream's last ones, after the interval
 
     async def _gather(self, fetched: dict) -> None:
         """Add to a batch that is not full what arrives within ``linger_s`` of its first

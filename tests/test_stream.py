@@ -350,3 +350,59 @@ def test_a_fetch_error_while_gathering_is_handled_after_the_gathered_trades_are_
     assert stored == (5, 5)
     assert resets == 0 and skipped[0] == 0
     assert written >= 2  # what was gathered before the error, then the rest
+
+
+def test_a_quiet_stream_commits_its_last_offsets_to_kafka_for_lag_tools(
+    database_url, kafka_bootstrap
+):
+    """The group's offsets in Kafka (what lag tools read; the worker resumes from PostgreSQL)
+    are sent at most once a second; when the stream goes quiet the last ones still go out
+    within about that second, while the worker runs, so a quiet stream shows no lag."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    from stream.feeds.produce import ensure_topic
+
+    reset_tables(database_url)
+    settings = stream_settings()
+
+    async def run() -> tuple[dict, dict]:
+        await ensure_topic(kafka_bootstrap, settings.topic_trades, 4)
+        worker = StreamWorker(settings, database_url, kafka_bootstrap, exit_when_idle_s=6)
+        running = asyncio.create_task(worker.run())
+        async with asyncio.timeout(30):
+            while not worker.partitions or worker._pending:
+                await asyncio.sleep(0.05)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        now_ms = int(time.time() * 1000)
+        try:
+            for n in range(3):
+                value = (
+                    f'{{"symbol": "BTCUSDT", "trade_id": {n}, "price": "100.5",'
+                    f' "quantity": "0.1", "timestamp": {now_ms + n}}}'
+                )
+                await producer.send_and_wait(settings.topic_trades, value.encode(), key=b"BTCUSDT")
+                await asyncio.sleep(0.3)
+        finally:
+            await producer.stop()
+        await asyncio.sleep(2.5)  # quiet: no batch since, the worker still running
+        assert not running.done()
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=kafka_bootstrap,
+            group_id=settings.consumer_group,
+            enable_auto_commit=False,
+        )
+        await reader.start()
+        try:
+            tps = [TopicPartition(settings.topic_trades, p) for p in range(4)]
+            ends = await reader.end_offsets(tps)
+            committed = {tp: await reader.committed(tp) for tp in tps}
+        finally:
+            await reader.stop()
+        await running
+        return ends, committed
+
+    ends, committed = asyncio.run(run())
+    busy = [tp for tp, end in ends.items() if end]
+    assert sum(ends[tp] for tp in busy) == 3
+    assert {tp: committed[tp] for tp in busy} == {tp: ends[tp] for tp in busy}
