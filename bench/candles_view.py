@@ -34,6 +34,32 @@ FROM generate_series(1, 20) AS s,
 WHERE {keep}
 """
 HASH = "abs(hashtext(s || w::text)) %% 100"
+READ_DAY = (
+    "SELECT * FROM candles WHERE exchange = 'binance' AND symbol = 'SYM7' AND interval = '1m'"
+    " AND window_start >= '2026-01-01' AND window_start < '2026-01-02'"
+)
+
+
+def fill_day(conn: psycopg.Connection) -> None:
+    """A day of 20 symbols' candles in both tables, their mismatch rows, analysed and committed.
+
+    The test of the view's plan uses it too: a plan read from empty tables depends on whatever
+    statistics earlier writers left, so it is read from a realistic day instead.
+    """
+    for interval, length in LENGTHS.items():
+        params = {"name": interval, "len": length}
+        conn.execute(FILL.format(table="batch_candles", differs=f"{HASH} = 1", keep="true"), params)
+        conn.execute(
+            FILL.format(table="stream_candles", differs="false", keep=f"{HASH} <> 2"), params
+        )
+    conn.execute(
+        "INSERT INTO candle_mismatches (exchange, symbol, interval, window_start, kind,"
+        " differences) SELECT b.exchange, b.symbol, b.interval, b.window_start, 'late',"
+        " '{}' FROM batch_candles b JOIN stream_candles s USING (exchange, symbol,"
+        " interval, window_start) WHERE b.close <> s.close"
+    )
+    conn.execute("ANALYZE stream_candles, batch_candles, candle_mismatches")
+    conn.commit()
 
 
 def main() -> None:
@@ -45,34 +71,14 @@ def main() -> None:
     try:
         db.upgrade(url)
         with db.connect(url) as conn:
-            for interval, length in LENGTHS.items():
-                params = {"name": interval, "len": length}
-                conn.execute(
-                    FILL.format(table="batch_candles", differs=f"{HASH} = 1", keep="true"), params
-                )
-                conn.execute(
-                    FILL.format(table="stream_candles", differs="false", keep=f"{HASH} <> 2"),
-                    params,
-                )
-            conn.execute(
-                "INSERT INTO candle_mismatches (exchange, symbol, interval, window_start, kind,"
-                " differences) SELECT b.exchange, b.symbol, b.interval, b.window_start, 'late',"
-                " '{}' FROM batch_candles b JOIN stream_candles s USING (exchange, symbol,"
-                " interval, window_start) WHERE b.close <> s.close"
-            )
-            conn.commit()
-            conn.execute("ANALYZE")
+            fill_day(conn)
             counts = conn.execute(
                 "SELECT (SELECT count(*) FROM stream_candles), (SELECT count(*) FROM"
                 " batch_candles), (SELECT count(*) FROM candle_mismatches)"
             ).fetchone()
             print(f"stream_candles {counts[0]}, batch_candles {counts[1]}, mismatches {counts[2]}")
             for _ in range(3):  # warm
-                plan = conn.execute(
-                    "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) SELECT * FROM candles"
-                    " WHERE exchange = 'binance' AND symbol = 'SYM7' AND interval = '1m'"
-                    " AND window_start >= '2026-01-01' AND window_start < '2026-01-02'"
-                ).fetchall()
+                plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + READ_DAY).fetchall()
             print("\n".join(r[0] for r in plan))
     finally:
         with psycopg.connect(server, autocommit=True) as admin:
