@@ -178,6 +178,38 @@ def test_statuses_corrections_and_stale_periods(database_url, kafka_bootstrap, t
     )
     assert summary.statuses["corrected"] == len(late)
     assert summary.lateness_advice and all(a.late for a in summary.lateness_advice)
+    # The late-trade rate, its buckets and each symbol's advice count what the tables hold.
+    period = "ts >= %s AND ts < %s"
+    stored = dict(
+        (r[0], r[1])
+        for r in rows(
+            database_url,
+            f"SELECT symbol, count(*) FROM trades WHERE {period} GROUP BY 1",
+            START,
+            END,
+        )
+    )
+    lateness_s = [
+        r[1].total_seconds()
+        for r in rows(
+            database_url, f"SELECT symbol, lateness FROM late_trades WHERE {period}", START, END
+        )
+    ]
+    assert summary.late_trades.trades == sum(stored.values())
+    assert summary.late_trades.late == len(lateness_s) > 0
+    assert [b.count for b in summary.late_trades.lateness] == [
+        sum(1 for s in lateness_s if low <= s and (high is None or s < high))
+        for low, high in ((0, 1), (1, 5), (5, 30), (30, 60), (60, 300), (300, 900), (900, None))
+    ]
+    assert {a.symbol: (a.trades, a.late) for a in summary.lateness_advice} == {
+        symbol: (stored[symbol], late)
+        for symbol, late in rows(
+            database_url,
+            f"SELECT symbol, count(*) FROM late_trades WHERE {period} GROUP BY 1",
+            START,
+            END,
+        )
+    }
 
     # 3. The corrections reach a consumer of the candles topic: it ends with the batch candles.
     assert publish_corrections(database_url, settings) == len(late)

@@ -34,6 +34,7 @@ from shared.batch.quality import (
     offset_resets,
     ohlc_violations,
     rollup_violations,
+    stored_trades_by_symbol,
     verdict,
 )
 from shared.batch.recompute import recompute_batch_candles
@@ -183,6 +184,7 @@ def checks_step(
         recount(conn, start, end, intervals)  # a trade the recomputation just missed
         conn.commit()
         gap_counts = gaps(conn, start, end, intervals)
+        stored = stored_trades_by_symbol(conn, start, end)
         base_windows = conn.execute(
             "SELECT count(DISTINCT (exchange, symbol)) FROM batch_candles WHERE interval = %s"
             " AND window_start >= %s AND window_end <= %s",
@@ -211,7 +213,7 @@ def checks_step(
             gaps=gap_counts,
             gaps_total=sum(gap_counts.values()),
             base_windows=base_windows,
-            late_trades=late_stats(conn, start, end),
+            late_trades=late_stats(conn, start, end, stored),
             invalid_messages=invalid_stats(conn),
             stream=msgspec.convert(stream, StreamProgress),
             offset_resets=offset_resets(
@@ -224,6 +226,7 @@ def checks_step(
                 conn,
                 start,
                 end,
+                stored,
                 max_rate=settings.dq_max_late_rate,
                 max_delay_us=_us(settings.max_delay),
                 allowed_lateness_us=_us(settings.allowed_lateness),

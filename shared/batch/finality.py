@@ -163,22 +163,23 @@ def lateness_advice(
     conn: psycopg.Connection,
     start: datetime,
     end: datetime,
+    stored: dict[tuple[str, str], int],
     *,
     max_rate: float,
     max_delay_us: int,
     allowed_lateness_us: int,
 ) -> list[SymbolLateness]:
     """Per symbol with late trades in ``[start, end)``: how late they were, and the
-    ``max_delay``/``allowed_lateness`` that would have kept them under ``max_rate``."""
+    ``max_delay``/``allowed_lateness`` that would have kept them under ``max_rate`` of its
+    ``stored`` trades (``shared.batch.quality.stored_trades_by_symbol``)."""
     rows = conn.execute(
-        "SELECT l.exchange, l.symbol, array_agg((extract(epoch FROM l.lateness) * 1000000)::int8),"
-        "  (SELECT count(*) FROM trades t WHERE t.exchange = l.exchange AND t.symbol = l.symbol"
-        "   AND t.ts >= %s AND t.ts < %s)"
-        " FROM late_trades l WHERE l.ts >= %s AND l.ts < %s GROUP BY 1, 2 ORDER BY 1, 2",
-        (start, end, start, end),
+        "SELECT exchange, symbol, array_agg((extract(epoch FROM lateness) * 1000000)::int8)"
+        " FROM late_trades WHERE ts >= %s AND ts < %s GROUP BY 1, 2 ORDER BY 1, 2",
+        (start, end),
     ).fetchall()
     out = []
-    for exchange, symbol, lateness_us, trades in rows:
+    for exchange, symbol, lateness_us in rows:
+        trades = stored.get((exchange, symbol), 0)
         a = advise(lateness_us, trades, max_rate, max_delay_us, allowed_lateness_us)
         out.append(
             SymbolLateness(

@@ -129,30 +129,48 @@ def gaps(
     return {name: int(span) - count for name, count, span in rows}
 
 
-def late_stats(conn: psycopg.Connection, start: datetime, end: datetime) -> LateTrades:
-    trades = conn.execute(
-        "SELECT count(*) FROM trades WHERE ts >= %s AND ts < %s", (start, end)
-    ).fetchone()[0]
-    late = conn.execute(
-        "SELECT count(*), coalesce(max(extract(epoch FROM lateness)), 0)"
+def stored_trades_by_symbol(
+    conn: psycopg.Connection, start: datetime, end: datetime
+) -> dict[tuple[str, str], int]:
+    """How many trades each (exchange, symbol) stored in ``[start, end)``: one grouped pass over
+    the period's time range (the BRIN on ``ts``), shared by the late-trade rate and the lateness
+    advice, which both divide by it."""
+    return {
+        (exchange, symbol): count
+        for exchange, symbol, count in conn.execute(
+            "SELECT exchange, symbol, count(*) FROM trades WHERE ts >= %s AND ts < %s"
+            " GROUP BY 1, 2",
+            (start, end),
+        ).fetchall()
+    }
+
+
+def late_stats(
+    conn: psycopg.Connection, start: datetime, end: datetime, stored: dict[tuple[str, str], int]
+) -> LateTrades:
+    """The period's late trades against its ``stored`` trades (:func:`stored_trades_by_symbol`),
+    with how late they were, in :data:`LATENESS_BUCKETS`."""
+    trades = sum(stored.values())
+    buckets_sql = ", ".join(
+        "count(*) FILTER (WHERE extract(epoch FROM lateness) >= %s"
+        + (" AND extract(epoch FROM lateness) < %s)" if high is not None else ")")
+        for _, high in LATENESS_BUCKETS
+    )
+    bounds = [b for low, high in LATENESS_BUCKETS for b in (low, high) if b is not None]
+    late, max_lateness, *counts = conn.execute(
+        f"SELECT count(*), coalesce(max(extract(epoch FROM lateness)), 0), {buckets_sql}"
         " FROM late_trades WHERE ts >= %s AND ts < %s",
-        (start, end),
+        (*bounds, start, end),
     ).fetchone()
-    buckets = []
-    for low, high in LATENESS_BUCKETS:
-        count = conn.execute(
-            "SELECT count(*) FROM late_trades WHERE ts >= %s AND ts < %s"
-            " AND extract(epoch FROM lateness) >= %s"
-            + (" AND extract(epoch FROM lateness) < %s" if high is not None else ""),
-            (start, end, low, *([high] if high is not None else [])),
-        ).fetchone()[0]
-        label = f"{low}-{high}s" if high is not None else f"≥{low}s"
-        buckets.append(LatenessBucket(label, count))
+    buckets = [
+        LatenessBucket(f"{low}-{high}s" if high is not None else f"≥{low}s", count)
+        for (low, high), count in zip(LATENESS_BUCKETS, counts, strict=True)
+    ]
     return LateTrades(
         trades=trades,
-        late=late[0],
-        rate=late[0] / trades if trades else 0.0,
-        max_lateness_s=float(late[1]),
+        late=late,
+        rate=late / trades if trades else 0.0,
+        max_lateness_s=float(max_lateness),
         lateness=buckets,
     )
 
