@@ -19,6 +19,7 @@ from candlekeep.venue_replay import Faults, VenueReplay, load_recordings
 from shared.batch import batch_run
 from shared.batch.venues.kraken import trade_from_row
 from shared.config import Settings
+from shared.core.trades import Trade, parse_timestamp
 from shared.store import db
 from shared.store.trade_store import store_trades
 
@@ -225,6 +226,19 @@ def test_an_hour_without_a_trade_of_a_symbol_that_traded_before_is_not_pass(url,
     [silent] = quiet.silent_symbols
     assert (silent.exchange, silent.symbol) == ("kraken", "BTC-USDT")
     assert any("kraken:BTC-USDT expected but has no trade" in r for r in quiet.reasons)
+    # A trade of another kind makes no candle, but the symbol traded: it is not silent.
+    other = Trade(
+        "kraken",
+        "BTC-USDT",
+        10**9,
+        parse_timestamp("2025-11-11T01:30:00Z"),
+        Decimal("1"),
+        Decimal("1"),
+        kind="adl",
+    )
+    store(url, [other])
+    again = batch_run.run_period(url, settings, "2025-11-11T01:00:00Z", "2025-11-11T02:00:00Z")
+    assert again.silent_symbols == [] and again.venue.counts["verified"] == 0
 
 
 def test_a_configured_symbol_with_no_trade_is_not_pass(url, settings, monkeypatch):

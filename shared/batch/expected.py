@@ -8,7 +8,8 @@ venue about its windows (a venue candle with trades there is a lost window).
 
 "Traded before" is read from the base candles of both candle tables (an hour has 60 rows per
 symbol, not thousands of trades); "no trade in the period" from ``trades`` itself, for the few
-symbols without a batch candle in it.
+symbols without a batch candle in it, in one pass over the period's time range whatever the
+history holds.
 """
 
 from __future__ import annotations
@@ -46,15 +47,23 @@ def silent_symbols(
             (base, start, end),
         ).fetchall()
     )
-    silent = []
-    for (exchange, symbol), last_seen in sorted(seen.items()):
-        if (exchange, symbol) in traded:
-            continue
-        if conn.execute(
-            "SELECT 1 FROM trades WHERE exchange = %s AND symbol = %s AND ts >= %s AND ts < %s"
-            " LIMIT 1",
-            (exchange, symbol, start, end),
-        ).fetchone():
-            continue  # only trades of other kinds (no candle), but trades
-        silent.append({"exchange": exchange, "symbol": symbol, "last_seen": last_seen})
-    return silent
+    candidates = [key for key in sorted(seen) if key not in traded]
+    if not candidates:
+        return []
+    # One pass over the period's time range (the BRIN on ``ts``) for every candidate: a probe of
+    # the primary key by symbol and time reads the symbol's whole history when it has no trade
+    # in the period (270 ms at 500k trades a symbol, and growing). The key is compared as text
+    # so that the planner cannot use the primary key (``:`` is in no exchange or symbol name).
+    with_trades = {
+        tuple(key.split(":", 1))
+        for (key,) in conn.execute(
+            "SELECT DISTINCT exchange || ':' || symbol FROM trades WHERE ts >= %s AND ts < %s"
+            " AND exchange || ':' || symbol = ANY(%s)",
+            (start, end, [f"{exchange}:{symbol}" for exchange, symbol in candidates]),
+        ).fetchall()
+    }  # only trades of other kinds (no candle), but trades
+    return [
+        {"exchange": exchange, "symbol": symbol, "last_seen": seen[(exchange, symbol)]}
+        for exchange, symbol in candidates
+        if (exchange, symbol) not in with_trades
+    ]
