@@ -146,10 +146,11 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version()}
 
 
-def write_docs(text: str) -> None:
+def write_docs(text: str, section: str = SECTION) -> None:
+    """Put ``text`` in docs/benchmarks.md in place of its ``section`` (or at the end)."""
     current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if SECTION in current:
-        head, _, rest = current.partition(SECTION)
+    if section in current:
+        head, _, rest = current.partition(section)
         tail = rest.split("\n## ", 1)
         current = head.rstrip() + "\n\n" + text + ("\n## " + tail[1] if len(tail) > 1 else "")
     else:
