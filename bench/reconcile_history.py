@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from reconcile_hour import machine, write_docs  # noqa: E402
+from reconcile_hour import machine, postgres_server, write_docs  # noqa: E402
 
 from shared.batch import batch_run  # noqa: E402
 from shared.batch.recompute import recompute_batch_candles  # noqa: E402
@@ -187,13 +187,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-write-docs", action="store_true")
     args = parser.parse_args()
-    server = None
-    server_url = os.environ.get("DATABASE_URL")
-    if not server_url:
-        from candlekeep.embedded import EmbeddedPostgres
-
-        server = EmbeddedPostgres(str(ROOT / "bench" / "out" / "reconcile")).start()
-        server_url = server.url_for("postgres")
+    server_url, server = postgres_server()
     settings = Settings(
         report_dir=str(ROOT / "bench" / "out" / "reports"),
         consecutive_id_exchanges="bench",

@@ -44,6 +44,17 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Reconcile one hour vs recompute it"
 
 
+def postgres_server():
+    """``(server URL, embedded server or None)``: DATABASE_URL's server if set, else an embedded
+    PostgreSQL under bench/out/ (the caller stops it)."""
+    if os.environ.get("DATABASE_URL"):
+        return os.environ["DATABASE_URL"], None
+    from candlekeep.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(str(ROOT / "bench" / "out" / "reconcile")).start()
+    return server.url_for("postgres"), server
+
+
 def database(server_url: str) -> str:
     name = "candlekeep_bench_reconcile"
     with db.connect(server_url, autocommit=True) as conn:
@@ -189,13 +200,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-write-docs", action="store_true")
     args = parser.parse_args()
-    server = None
-    server_url = os.environ.get("DATABASE_URL")
-    if not server_url:
-        from candlekeep.embedded import EmbeddedPostgres
-
-        server = EmbeddedPostgres(str(ROOT / "bench" / "out" / "reconcile")).start()
-        server_url = server.url_for("postgres")
+    server_url, server = postgres_server()
     try:
         url = database(server_url)
         print(f"preparing {args.trades:,} trades in {START:%Y-%m-%d %H:%M}Z ...", flush=True)
