@@ -221,7 +221,7 @@ def checks_step(
             ),
             venue=msgspec.convert(verification, VenueCheck) if verification else None,
             repair=msgspec.convert(repair, Repair) if repair else None,
-            **period_facts(conn, settings, start, end),
+            **period_facts(conn, settings, start, end, stored),
             lateness_advice=lateness_advice(
                 conn,
                 start,

@@ -14,6 +14,7 @@ history holds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
 import psycopg
@@ -22,11 +23,17 @@ from shared.config import Settings
 
 
 def silent_symbols(
-    conn: psycopg.Connection, settings: Settings, start: datetime, end: datetime
+    conn: psycopg.Connection,
+    settings: Settings,
+    start: datetime,
+    end: datetime,
+    stored: Mapping[tuple[str, str], int] | None = None,
 ) -> list[dict]:
     """``[{exchange, symbol, last_seen}]`` of the expected symbols with no trade in
     ``[start, end)`` (``last_seen``: the end of the last base window with a candle before the
-    period, ``None`` for a configured symbol never seen in the lookback)."""
+    period, ``None`` for a configured symbol never seen in the lookback). ``stored``: the
+    period's trades by symbol where the caller counted them already (the checks do), else they
+    are looked up here."""
     base = settings.interval_set.base.name
     seen = dict.fromkeys(settings.expected)
     for exchange, symbol, last_seen in conn.execute(
@@ -50,20 +57,30 @@ def silent_symbols(
     candidates = [key for key in sorted(seen) if key not in traded]
     if not candidates:
         return []
-    # One pass over the period's time range (the BRIN on ``ts``) for every candidate: a probe of
-    # the primary key by symbol and time reads the symbol's whole history when it has no trade
-    # in the period (270 ms at 500k trades a symbol, and growing). The key is compared as text
-    # so that the planner cannot use the primary key (``:`` is in no exchange or symbol name).
-    with_trades = {
+    if stored is not None:
+        with_trades = {key for key in candidates if stored.get(key)}
+    else:
+        with_trades = _with_trades(conn, start, end, candidates)
+    return [
+        {"exchange": exchange, "symbol": symbol, "last_seen": seen[(exchange, symbol)]}
+        for exchange, symbol in candidates
+        if (exchange, symbol) not in with_trades
+    ]
+
+
+def _with_trades(
+    conn: psycopg.Connection, start: datetime, end: datetime, candidates: list[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    """Which ``candidates`` have a trade in ``[start, end)`` (only trades of other kinds, no
+    candle, but trades). One pass over the period's time range (the BRIN on ``ts``) for all of
+    them: a probe of the primary key by symbol and time reads the symbol's whole history when it
+    has no trade in the period (270 ms at 500k trades a symbol, and growing). The key is compared
+    as text so that the planner cannot use the primary key (``:`` is in no exchange or symbol)."""
+    return {
         tuple(key.split(":", 1))
         for (key,) in conn.execute(
             "SELECT DISTINCT exchange || ':' || symbol FROM trades WHERE ts >= %s AND ts < %s"
             " AND exchange || ':' || symbol = ANY(%s)",
             (start, end, [f"{exchange}:{symbol}" for exchange, symbol in candidates]),
         ).fetchall()
-    }  # only trades of other kinds (no candle), but trades
-    return [
-        {"exchange": exchange, "symbol": symbol, "last_seen": seen[(exchange, symbol)]}
-        for exchange, symbol in candidates
-        if (exchange, symbol) not in with_trades
-    ]
+    }

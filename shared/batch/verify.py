@@ -20,7 +20,7 @@ runs with ``CANDLEKEEP_VENUE_CHECKS=false`` are ``unverified`` with the reason, 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 import psycopg
@@ -282,9 +282,16 @@ def _first_trade_ts(conn: psycopg.Connection) -> Callable[[str, str], datetime |
     return first
 
 
-def period_facts(conn: psycopg.Connection, settings: Settings, start, end) -> dict:
+def period_facts(
+    conn: psycopg.Connection,
+    settings: Settings,
+    start,
+    end,
+    stored: Mapping[tuple[str, str], int] | None = None,
+) -> dict:
     """The report's lists of the check against the venue: the gaps meeting the period, the
-    silent expected symbols, the feeds' reconnects."""
+    silent expected symbols, the feeds' reconnects (``stored``: the period's trades by symbol,
+    where the caller has counted them)."""
 
     def iso(row: dict) -> dict:
         return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
@@ -299,7 +306,7 @@ def period_facts(conn: psycopg.Connection, settings: Settings, start, end) -> di
     return {
         "trade_gaps": gaps,
         "silent_symbols": [
-            SilentSymbol(**iso(s)) for s in silent_symbols(conn, settings, start, end)
+            SilentSymbol(**iso(s)) for s in silent_symbols(conn, settings, start, end, stored)
         ],
         "reconnects": [Reconnect(**iso(r)) for r in reconnects_between(conn, start, end)],
     }
