@@ -17,20 +17,25 @@ def bar_chart(
     if not items:
         return '<p class="empty">nothing to show</p>'
     top = max(v for _, v in items) or 1
-    pad_l, pad_b, pad_t = 10, 40, 24
+    pad_l, pad_t = 10, 24
     slot = (width - pad_l * 2) / len(items)
+    # Labels wider than their slot (~6.5 px a character at the page's label size) alternate
+    # between two rows, so that neighbours do not print over each other.
+    staggered = max(len(label) for label, _ in items) * 6.5 > slot
+    pad_b = 54 if staggered else 40
     bars = []
     for n, (label, value) in enumerate(items):
         h = (height - pad_b - pad_t) * value / top
         x = pad_l + n * slot + slot * 0.15
         y = height - pad_b - h
+        label_y = height - pad_b + 16 + (14 if staggered and n % 2 else 0)
         bars.append(
             f'<rect class="bar" x="{x:.1f}" y="{y:.1f}" width="{slot * 0.7:.1f}" '
             f'height="{h:.1f}" fill="{PALETTE["bar"]}"><title>{escape(label)}: {value:g}'
             f"</title></rect>"
             f'<text x="{x + slot * 0.35:.1f}" y="{y - 4:.1f}" text-anchor="middle">{value:g}'
             f"</text>"
-            f'<text x="{x + slot * 0.35:.1f}" y="{height - pad_b + 16}" text-anchor="middle" '
+            f'<text x="{x + slot * 0.35:.1f}" y="{label_y}" text-anchor="middle" '
             f'class="label">{escape(label)}</text>'
         )
     return (
