@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from reconcile_hour import machine, postgres_server, write_docs  # noqa: E402
+from reconcile_hour import database, machine, postgres_server, write_docs  # noqa: E402
 
 from shared.batch import batch_run  # noqa: E402
 from shared.batch.recompute import recompute_batch_candles  # noqa: E402
@@ -83,13 +83,6 @@ between rounds on this machine: the fastest rounds are compared. Hence blocks as
 steps' times in the two databases differ by what is in shared buffers (128 MB here) when a step
 starts, not by what it reads. What the steps read is listed in
 [storage.md](storage.md#an-hours-run-reads-the-hour-not-the-history)."""
-
-
-def database(server_url: str, name: str) -> str:
-    with db.connect(server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    return server_url.rsplit("/", 1)[0] + "/" + name
 
 
 def prepared(server_url: str, url: str, name: str) -> dict | None:

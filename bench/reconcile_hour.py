@@ -55,8 +55,8 @@ def postgres_server():
     return server.url_for("postgres"), server
 
 
-def database(server_url: str) -> str:
-    name = "candlekeep_bench_reconcile"
+def database(server_url: str, name: str = "candlekeep_bench_reconcile") -> str:
+    """A fresh database ``name`` on the server (dropped first if there), and its URL."""
     with db.connect(server_url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {name}")
